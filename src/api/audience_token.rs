@@ -1,0 +1,207 @@
+//! AudienceToken: one access token, for one audience, in one Secret.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::Condition;
+
+/// Annotation on an AudienceToken that forces one renewal for each new value (RFC 3339 time).
+pub const RENEW_REQUESTED_AT_ANNOTATION: &str = "audiencetoken.io/renew-requested-at";
+
+/// A request for one narrowly scoped access token: one audience, the scopes asked for, kept
+/// fresh in a Secret.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "audiencetoken.io",
+    version = "v1alpha1",
+    kind = "AudienceToken",
+    namespaced,
+    status = "AudienceTokenStatus",
+    shortname = "audtoken",
+    category = "audiencetoken",
+    doc = "A single-audience OAuth 2.0 access token, issued into a Secret and renewed before it expires.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Resource", type_ = "string", json_path = ".spec.resource"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renewal", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.renewBefore) && has(self.renewBeforePercentage))").message("set renewBefore or renewBeforePercentage, not both"))]
+pub struct AudienceTokenSpec {
+    /// The issuer to ask for the token.
+    pub issuer_ref: IssuerRef,
+
+    /// The one API the token is for: an absolute URI without fragment (RFC 8707 §2), such as
+    /// `https://orders.example.com` or `urn:api:orders`.
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9+.-]*:[^#\\\\s]+$')").message("resource must be an absolute URI (with a scheme), such as https://api.example.com or urn:example:api"))]
+    #[x_kube(validation = Rule::new("!self.contains('#')").message("resource must not contain a fragment (RFC 8707 §2)"))]
+    pub resource: String,
+
+    /// The `aud` the token must carry when the server maps the resource to another
+    /// identifier; sent as `audience=` when the issuer's audienceParameter is Audience.
+    /// Default: `resource`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("size(self) > 0").message("audience must not be empty; omit it to use resource"))]
+    pub audience: Option<String>,
+
+    /// The scopes to ask for (RFC 6749 §3.3 scope tokens, no spaces).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.all(s, s.matches('^[!#-\\\\[\\\\]-~]+$'))").message("each scope must be a non-empty RFC 6749 scope token: printable ASCII without spaces, quotes or backslashes"))]
+    pub scopes: Vec<ScopeToken>,
+
+    /// Name of the Secret to write. Default: the AudienceToken's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("secretName must be a DNS subdomain name"))]
+    pub secret_name: Option<String>,
+
+    /// Renew this long before expiry, a duration such as `5m`. Exclusive with
+    /// renewBeforePercentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')").message("renewBefore must be a duration such as 5m or 1h30m"))]
+    pub renew_before: Option<String>,
+
+    /// Renew when this percentage of the lifetime remains (1–90). Default 33: renewal at two
+    /// thirds of the lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 90").message("renewBeforePercentage must be between 1 and 90"))]
+    pub renew_before_percentage: Option<i32>,
+
+    /// Labels and annotations added to the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+
+    /// What happens to the Secret when the AudienceToken is deleted: `Delete` (default; the
+    /// Secret is owned by the AudienceToken) or `Retain`.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// An RFC 6749 scope token.
+pub type ScopeToken = String;
+
+/// Which issuer an AudienceToken uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("size(self.name) > 0").message("issuerRef.name must not be empty"))]
+pub struct IssuerRef {
+    /// Name of the TokenIssuer (same namespace) or ClusterTokenIssuer.
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// `TokenIssuer` (default) or `ClusterTokenIssuer`.
+    #[serde(default)]
+    pub kind: IssuerKind,
+}
+
+/// The kinds of issuer an AudienceToken can reference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum IssuerKind {
+    /// A TokenIssuer in the AudienceToken's namespace.
+    #[default]
+    TokenIssuer,
+    /// A ClusterTokenIssuer that allows the AudienceToken's namespace and resource.
+    ClusterTokenIssuer,
+}
+
+/// Extra metadata for the written Secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+pub struct SecretTemplate {
+    /// Labels added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What happens to the Secret when its AudienceToken is deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// The Secret carries an owner reference and is garbage-collected with the AudienceToken.
+    #[default]
+    Delete,
+    /// The Secret is left in place (and stops being renewed).
+    Retain,
+}
+
+/// Observed state of an AudienceToken. Never holds a token.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AudienceTokenStatus {
+    /// `Ready` with reason Issued, Renewed, IssuerNotReady, TokenRequestFailed,
+    /// AudienceMismatch, SecretConflict, Expired or NotAllowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The `aud` of the current token (JWT access tokens only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audience: Vec<String>,
+    /// The scopes granted, as the server reported them (or as requested when it did not).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// The token type, usually `Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    /// When the current token was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// When the current token expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the operator will renew the current token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_time: Option<Time>,
+    /// Failed token requests since the last success.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: i32,
+    /// When the last token request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Why the last token request failed (the server's error, never a token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_message: Option<String>,
+    /// When the operator will try again after a failure (backoff or `Retry-After`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+    /// The last `audiencetoken.io/renew-requested-at` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renew_requested_at: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+impl AudienceToken {
+    /// The Secret this AudienceToken writes.
+    pub fn secret_name(&self) -> &str {
+        self.spec
+            .secret_name
+            .as_deref()
+            .or(self.metadata.name.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// The `aud` the token must carry: `audience` when set, else `resource`.
+    pub fn expected_audience(&self) -> &str {
+        self.spec.audience.as_deref().unwrap_or(&self.spec.resource)
+    }
+}

@@ -1,0 +1,304 @@
+//! TokenIssuer and ClusterTokenIssuer: who the operator is at an authorization server and
+//! how it asks that server for tokens.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, SecretKeySelector};
+
+/// How to reach an authorization server and authenticate to it. Shared by TokenIssuer and
+/// ClusterTokenIssuer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.issuerURL) || has(self.tokenEndpoint)").message("set issuerURL (discovery) or tokenEndpoint"))]
+#[x_kube(validation = Rule::new("size(self.clientID) > 0").message("clientID must not be empty"))]
+pub struct IssuerSpec {
+    /// The authorization server's issuer identifier. The token endpoint is discovered from
+    /// RFC 8414 metadata (`/.well-known/oauth-authorization-server`), then OpenID Connect
+    /// discovery (`/.well-known/openid-configuration`).
+    #[serde(rename = "issuerURL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^?#\\\\s]+$')").message("issuerURL must be an http(s) URL without query or fragment"))]
+    pub issuer_url: Option<String>,
+
+    /// The token endpoint. When set, discovery is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^#\\\\s]+$')").message("tokenEndpoint must be an http(s) URL without fragment"))]
+    pub token_endpoint: Option<String>,
+
+    /// The OAuth client identifier the operator authenticates as.
+    #[serde(rename = "clientID")]
+    #[schemars(length(max = 1024))]
+    pub client_id: String,
+
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+
+    /// How the wanted audience is named in the token request.
+    #[serde(default)]
+    pub audience_parameter: AudienceParameter,
+
+    /// The grant used to obtain tokens. Default: client credentials.
+    #[serde(default)]
+    pub grant: Grant,
+
+    /// PEM-encoded CA certificates that sign the server's TLS certificate. Default: the
+    /// system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+
+    /// Allow plain `http://` endpoints that are not on a loopback address. Only for tests.
+    #[serde(rename = "allowInsecureHTTP", default)]
+    pub allow_insecure_http: bool,
+
+    /// Lifetime assumed when the response has neither `expires_in` nor a JWT `exp`.
+    /// A duration such as `5m`. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')").message("defaultTokenLifetime must be a duration such as 5m or 1h30m"))]
+    pub default_token_lifetime: Option<String>,
+
+    /// Timeout of one request to the server (discovery or token). Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')").message("requestTimeout must be a duration such as 10s"))]
+    pub request_timeout: Option<String>,
+
+    /// Client-side limit on token requests to this server. Absent: only the operator's
+    /// `--concurrency` limits them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 §2.3, RFC 7523).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.method == 'ClientSecretBasic' || self.method == 'ClientSecretPost') || has(self.clientSecretRef)").message("ClientSecretBasic and ClientSecretPost need clientSecretRef"))]
+#[x_kube(validation = Rule::new("self.method != 'PrivateKeyJWT' || has(self.privateKeyRef)").message("PrivateKeyJWT needs privateKeyRef"))]
+pub struct ClientAuth {
+    /// The authentication method. Default `ClientSecretBasic`.
+    #[serde(default)]
+    pub method: ClientAuthMethod,
+    /// The client secret, for ClientSecretBasic and ClientSecretPost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<SecretKeySelector>,
+    /// The private key (PEM: PKCS#1, PKCS#8, SEC1; or a JWK), for PrivateKeyJWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_ref: Option<SecretKeySelector>,
+    /// JWS algorithm of the client assertion. Default: derived from the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_algorithm: Option<SigningAlgorithm>,
+    /// Optional `kid` header of the client assertion.
+    #[serde(rename = "keyID", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub key_id: Option<String>,
+    /// The `aud` of the client assertion: the issuer identifier (default, RFC 7523 as
+    /// updated) or the token endpoint URL.
+    #[serde(default)]
+    pub assertion_audience: AssertionAudience,
+}
+
+/// Client authentication methods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the form-encoded client ID and secret (RFC 6749 §2.3.1).
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the request body.
+    ClientSecretPost,
+    /// A signed JWT assertion (RFC 7523 §2.2).
+    #[serde(rename = "PrivateKeyJWT")]
+    PrivateKeyJwt,
+    /// No client authentication: `client_id` only (public clients).
+    #[serde(rename = "None")]
+    NoAuth,
+}
+
+/// JWS algorithms for client assertions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum SigningAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PSS with SHA-256.
+    PS256,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+}
+
+/// What a client assertion's `aud` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AssertionAudience {
+    /// The issuer identifier.
+    #[default]
+    Issuer,
+    /// The token endpoint URL.
+    TokenEndpoint,
+}
+
+/// How the token request names the one API the token is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AudienceParameter {
+    /// `resource=<resource>` (RFC 8707 resource indicators). HelseID, Duende, oidc-provider,
+    /// Keycloak (with the resource-indicator feature).
+    #[default]
+    Resource,
+    /// `audience=<audience>` (Auth0, Ory Hydra).
+    Audience,
+    /// No parameter: the scopes select the API (Entra ID `api://…/.default`, BankID, Cognito).
+    #[serde(rename = "None")]
+    ScopeOnly,
+}
+
+/// The OAuth grant used for token requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(self.type == 'RefreshToken') == has(self.refreshToken)").message("refreshToken is required with, and only allowed with, type RefreshToken"))]
+pub struct Grant {
+    /// `ClientCredentials` (default) or `RefreshToken`.
+    #[serde(rename = "type", default)]
+    pub type_: GrantType,
+    /// The refresh-token chain, with type RefreshToken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<RefreshTokenGrant>,
+}
+
+/// Grant types.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum GrantType {
+    /// `grant_type=client_credentials` (RFC 6749 §4.4).
+    #[default]
+    ClientCredentials,
+    /// `grant_type=refresh_token` with a rotating refresh token (RFC 6749 §6).
+    RefreshToken,
+}
+
+/// A refresh-token chain shared by every AudienceToken of the issuer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshTokenGrant {
+    /// The Secret holding the initial refresh token. Adopted when the operator has no state
+    /// yet or when its value changes.
+    pub bootstrap_secret_ref: SecretKeySelector,
+    /// The resources the bootstrap grant covers. A token for any other resource is refused
+    /// without asking the server.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub resources: Vec<String>,
+}
+
+/// A token-bucket limit on requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.requestsPerSecond > 0.0").message("requestsPerSecond must be positive"))]
+#[x_kube(validation = Rule::new("self.burst >= 1").message("burst must be at least 1"))]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub requests_per_second: f64,
+    /// Requests allowed at once above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub burst: i32,
+}
+
+fn default_burst() -> i32 {
+    1
+}
+
+/// Observed state of an issuer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerStatus {
+    /// `Ready`: discovery reachable and credentials readable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The token endpoint as resolved by discovery or configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_endpoint: Option<String>,
+    /// The generation the status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A namespaced authorization-server configuration. AudienceTokens in the same namespace
+/// use it; its Secrets are read from the same namespace.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "audiencetoken.io",
+    version = "v1alpha1",
+    kind = "TokenIssuer",
+    namespaced,
+    status = "IssuerStatus",
+    category = "audiencetoken",
+    doc = "An OAuth 2.0 authorization server and the client the operator is there, for AudienceTokens in this namespace.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientID"),
+    printcolumn(
+        name = "Token Endpoint",
+        type_ = "string",
+        json_path = ".status.tokenEndpoint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct TokenIssuerSpec {
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub issuer: IssuerSpec,
+}
+
+/// A cluster-wide authorization-server configuration. Its Secrets live in the operator's
+/// cluster resource namespace; which namespaces and resources may use it is explicit.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "audiencetoken.io",
+    version = "v1alpha1",
+    kind = "ClusterTokenIssuer",
+    status = "IssuerStatus",
+    category = "audiencetoken",
+    doc = "A cluster-wide OAuth 2.0 authorization server and client, usable by the namespaces it allows.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientID"),
+    printcolumn(
+        name = "Token Endpoint",
+        type_ = "string",
+        json_path = ".status.tokenEndpoint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTokenIssuerSpec {
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub issuer: IssuerSpec,
+    /// Namespaces whose AudienceTokens may use this issuer. Absent: none (deny by default);
+    /// `{}`: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<LabelSelector>,
+    /// Glob patterns (`*` matches any run of characters) of resources that may be requested.
+    /// Absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub allowed_resources: Option<Vec<String>>,
+}

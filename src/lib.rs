@@ -1,0 +1,14 @@
+//! audience-token-operator: turns `AudienceToken` resources into Secrets holding one
+//! single-audience OAuth 2.0 access token each, and renews them before they expire.
+//!
+//! Where things are:
+//! - [`api`]: the CRDs (the user-facing contract).
+//! - [`oauth`]: the token client (discovery, request building, client authentication,
+//!   response parsing, the audience check). Knows nothing of Kubernetes.
+//! - [`renewal`]: pure time maths: when to renew, how long to back off.
+//! - [`secret`]: the desired Secret for an issued token, and reading one back.
+//! - [`controller`]: the reconcile loop and its wiring.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod redact;
