@@ -11,4 +11,6 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod oauth;
 pub mod redact;
+pub mod renewal;

@@ -1,0 +1,212 @@
+//! The HTTP side of the token client: discovery and token requests over one keep-alive
+//! connection pool (plus one per custom CA bundle).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use url::Url;
+
+use super::discovery::{ServerMetadata, metadata_urls, parse_metadata};
+use super::request::{Endpoint, TokenRequest, prepare};
+use super::response::parse_token_response;
+use super::{TokenError, TokenResponse};
+
+const USER_AGENT: &str = concat!("audience-token-operator/", env!("CARGO_PKG_VERSION"));
+/// Largest response body read; token and metadata documents are a few KiB.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Makes discovery and token requests. Cheap to share: clone the `Arc` it lives in.
+pub struct TokenClient {
+    system_roots: reqwest::Client,
+    /// Clients for issuers with their own `caBundle`, keyed by the bundle text.
+    custom_roots: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+impl TokenClient {
+    /// A client trusting the system roots.
+    pub fn new() -> Result<Self, TokenError> {
+        Ok(Self {
+            system_roots: build_http(None)?,
+            custom_roots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn http(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
+        let Some(bundle) = ca_bundle.filter(|b| !b.trim().is_empty()) else {
+            return Ok(self.system_roots.clone());
+        };
+        let mut clients = self
+            .custom_roots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = clients.get(bundle) {
+            return Ok(client.clone());
+        }
+        let client = build_http(Some(bundle))?;
+        clients.insert(bundle.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Fetches the server metadata for `issuer`: RFC 8414 first, then OpenID discovery.
+    pub async fn discover(
+        &self,
+        issuer: &Url,
+        ca_bundle: Option<&str>,
+        timeout: Duration,
+        allow_insecure_http: bool,
+    ) -> Result<ServerMetadata, TokenError> {
+        check_transport_security(issuer, allow_insecure_http)?;
+        let http = self.http(ca_bundle)?;
+        let mut failures = Vec::new();
+        for url in metadata_urls(issuer) {
+            match fetch_metadata(&http, &url, issuer.as_str(), timeout).await {
+                Ok(metadata) => {
+                    check_transport_security(&metadata.token_endpoint, allow_insecure_http)?;
+                    return Ok(metadata);
+                }
+                Err(reason) => failures.push(format!("{url}: {reason}")),
+            }
+        }
+        Err(TokenError::Discovery {
+            url: issuer.to_string(),
+            reason: failures.join("; "),
+        })
+    }
+
+    /// Sends one token request and parses the answer.
+    pub async fn request(
+        &self,
+        endpoint: &Endpoint,
+        request: &TokenRequest,
+    ) -> Result<TokenResponse, TokenError> {
+        let http = self.http(endpoint.ca_bundle.as_deref())?;
+        let prepared = prepare(endpoint, request);
+        let url = endpoint.token_endpoint.clone();
+        let mut builder = http
+            .post(url.clone())
+            .timeout(endpoint.timeout)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&prepared.form);
+        if let Some(authorization) = &prepared.authorization {
+            builder = builder.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        let transport = |source| TokenError::Transport {
+            url: url.to_string(),
+            source,
+        };
+        let response = builder.send().await.map_err(transport)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = read_body(response).await.map_err(transport)?;
+        parse_token_response(status, retry_after.as_deref(), &body, Timestamp::now())
+    }
+}
+
+async fn fetch_metadata(
+    http: &reqwest::Client,
+    url: &Url,
+    issuer: &str,
+    timeout: Duration,
+) -> Result<ServerMetadata, String> {
+    let response = http
+        .get(url.clone())
+        .timeout(timeout)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {}", status.as_u16()));
+    }
+    let body = read_body(response).await.map_err(|e| e.to_string())?;
+    parse_metadata(&body, issuer)
+}
+
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_BODY_BYTES.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+fn build_http(ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        // A token endpoint that redirects would make us re-send credentials elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90));
+    if let Some(bundle) = ca_bundle {
+        let certs = reqwest::Certificate::from_pem_bundle(bundle.as_bytes())
+            .map_err(|e| TokenError::Config(format!("caBundle is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(TokenError::Config("caBundle holds no certificate".into()));
+        }
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| TokenError::Config(format!("cannot build the HTTP client: {e}")))
+}
+
+/// Credentials only travel over TLS, except to loopback addresses (local development and
+/// tests) or when the issuer explicitly sets `allowInsecureHTTP`.
+pub fn check_transport_security(url: &Url, allow_insecure_http: bool) -> Result<(), TokenError> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if allow_insecure_http || is_loopback(url) => Ok(()),
+        "http" => Err(TokenError::Config(format!(
+            "{url} is plain http and not on a loopback address; use https or set allowInsecureHTTP"
+        ))),
+        other => Err(TokenError::Config(format!(
+            "{url}: unsupported scheme {other:?}"
+        ))),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_on_loopback_unless_allowed() {
+        let ok = |u: &str, allow| check_transport_security(&Url::parse(u).unwrap(), allow).is_ok();
+        assert!(ok("https://idp.example.com/token", false));
+        assert!(ok("http://127.0.0.1:8080/token", false));
+        assert!(ok("http://localhost/token", false));
+        assert!(ok("http://[::1]:9/token", false));
+        assert!(!ok("http://idp.example.com/token", false));
+        assert!(!ok("http://10.0.0.1/token", false));
+        assert!(ok("http://idp.example.com/token", true));
+        assert!(!ok("ftp://idp.example.com/token", true));
+    }
+
+    #[test]
+    fn a_bad_ca_bundle_is_a_config_error() {
+        let client = TokenClient::new().unwrap();
+        let err = client.http(Some("not pem")).unwrap_err();
+        assert!(matches!(err, TokenError::Config(_)), "{err}");
+    }
+}

@@ -1,0 +1,106 @@
+//! Authorization server metadata: RFC 8414 first, then OpenID Connect discovery.
+
+use serde::Deserialize;
+use url::Url;
+
+/// The parts of the server metadata the operator uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerMetadata {
+    /// The `issuer` the document declares.
+    pub issuer: String,
+    /// The token endpoint.
+    pub token_endpoint: Url,
+}
+
+#[derive(Deserialize)]
+struct RawMetadata {
+    issuer: Option<String>,
+    token_endpoint: Option<String>,
+}
+
+/// The metadata URLs to try, in order: RFC 8414 §3 inserts
+/// `/.well-known/oauth-authorization-server` between the host and the issuer's path; OpenID
+/// Connect Discovery appends `/.well-known/openid-configuration` to the issuer.
+pub fn metadata_urls(issuer: &Url) -> Vec<Url> {
+    let path = issuer.path().trim_end_matches('/');
+    let mut rfc8414 = issuer.clone();
+    rfc8414.set_path(&format!("/.well-known/oauth-authorization-server{path}"));
+    let mut oidc = issuer.clone();
+    oidc.set_path(&format!("{path}/.well-known/openid-configuration"));
+    vec![rfc8414, oidc]
+}
+
+/// Reads a metadata document and checks that it belongs to `expected_issuer` (RFC 8414 §3.3;
+/// a trailing `/` difference is tolerated because users copy issuers both ways).
+pub fn parse_metadata(body: &[u8], expected_issuer: &str) -> Result<ServerMetadata, String> {
+    let raw: RawMetadata =
+        serde_json::from_slice(body).map_err(|e| format!("not a JSON metadata document ({e})"))?;
+    let issuer = raw.issuer.ok_or("the document has no issuer")?;
+    if issuer.trim_end_matches('/') != expected_issuer.trim_end_matches('/') {
+        return Err(format!(
+            "the document is for issuer {issuer:?}, not {expected_issuer:?}"
+        ));
+    }
+    let token_endpoint = raw
+        .token_endpoint
+        .ok_or("the document has no token_endpoint")?;
+    let token_endpoint = Url::parse(&token_endpoint)
+        .map_err(|e| format!("token_endpoint {token_endpoint:?} is not a URL ({e})"))?;
+    Ok(ServerMetadata {
+        issuer,
+        token_endpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(issuer: &str) -> Vec<String> {
+        metadata_urls(&Url::parse(issuer).unwrap())
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn metadata_urls_follow_rfc8414_and_oidc() {
+        assert_eq!(
+            urls("https://idp.example.com"),
+            vec![
+                "https://idp.example.com/.well-known/oauth-authorization-server",
+                "https://idp.example.com/.well-known/openid-configuration"
+            ]
+        );
+        assert_eq!(
+            urls("https://login.example.com/tenant1/v2.0/"),
+            vec![
+                "https://login.example.com/.well-known/oauth-authorization-server/tenant1/v2.0",
+                "https://login.example.com/tenant1/v2.0/.well-known/openid-configuration"
+            ]
+        );
+    }
+
+    #[test]
+    fn metadata_must_name_the_same_issuer() {
+        let body = br#"{"issuer":"https://idp.example.com/","token_endpoint":"https://idp.example.com/connect/token"}"#;
+        let meta = parse_metadata(body, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.token_endpoint.as_str(),
+            "https://idp.example.com/connect/token"
+        );
+        assert!(
+            parse_metadata(body, "https://evil.example.com")
+                .unwrap_err()
+                .contains("not")
+        );
+        assert!(
+            parse_metadata(
+                br#"{"issuer":"https://idp.example.com"}"#,
+                "https://idp.example.com"
+            )
+            .is_err()
+        );
+        assert!(parse_metadata(b"<html>", "https://idp.example.com").is_err());
+    }
+}

@@ -1,0 +1,83 @@
+use std::time::Duration;
+
+/// Why a token (or discovery) request did not produce a usable token. Messages carry the
+/// server's error code and description, never a token or credential.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The server answered with an OAuth error (RFC 6749 §5.2) or an HTTP error status.
+    #[error("{}", server_message(*.status, .error, .description.as_deref()))]
+    Server {
+        /// HTTP status code.
+        status: u16,
+        /// The `error` code, e.g. `invalid_target`, or `http_<status>` when the body had none.
+        error: String,
+        /// The `error_description`, if any.
+        description: Option<String>,
+        /// The `Retry-After` delay, on 429 and 503.
+        retry_after: Option<Duration>,
+    },
+    /// The request did not reach the server or no complete answer came back.
+    #[error("request to {url} failed: {source}")]
+    Transport {
+        /// The URL that was called (without credentials).
+        url: String,
+        /// The underlying error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered 200 but the body is not a usable token response.
+    #[error("invalid token response: {0}")]
+    InvalidResponse(String),
+    /// The token's `aud` is not exactly the one expected audience.
+    #[error(
+        "token audience {actual:?} is not exactly [{expected:?}]; refusing a token that is not single-audience"
+    )]
+    AudienceMismatch {
+        /// The audience the AudienceToken asked for.
+        expected: String,
+        /// The `aud` the token carries.
+        actual: Vec<String>,
+    },
+    /// The issuer configuration cannot be used as it is.
+    #[error("{0}")]
+    Config(String),
+    /// Discovery failed or returned unusable metadata.
+    #[error("discovery at {url} failed: {reason}")]
+    Discovery {
+        /// The metadata URL(s) tried.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl TokenError {
+    /// The OAuth error code, when the server sent one.
+    pub fn oauth_error(&self) -> Option<&str> {
+        match self {
+            TokenError::Server { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// The server's requested wait before retrying, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether the client's credentials were refused, so cached credentials should be
+    /// re-read before the next attempt.
+    pub fn is_client_auth_failure(&self) -> bool {
+        matches!(self, TokenError::Server { error, status, .. } if error == "invalid_client" || *status == 401)
+    }
+}
+
+fn server_message(status: u16, error: &str, description: Option<&str>) -> String {
+    match description {
+        Some(d) if !d.is_empty() => format!("token endpoint answered {status} {error}: {d}"),
+        _ => format!("token endpoint answered {status} {error}"),
+    }
+}

@@ -1,0 +1,19 @@
+//! The OAuth 2.0 token client. It knows nothing of Kubernetes: it turns an [`Endpoint`]
+//! and a [`TokenRequest`] into an [`IssuedToken`] or a [`TokenError`].
+//!
+//! Pure parts (request building, response parsing, JWT claims, the audience check,
+//! discovery URL rules) are separate from the HTTP calls in [`client`].
+
+pub mod client;
+pub mod discovery;
+mod error;
+pub mod jwt;
+pub mod request;
+pub mod response;
+mod token;
+
+pub use client::TokenClient;
+pub use error::TokenError;
+pub use request::{AudienceParam, ClientCredentials, Endpoint, Grant, TokenRequest};
+pub use response::TokenResponse;
+pub use token::{IssuedToken, issue};

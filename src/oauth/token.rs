@@ -1,0 +1,206 @@
+//! From a token response to a token the operator may publish: lifetime, granted scopes,
+//! and the single-audience check. Pure, no I/O.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::jwt::{check_audience, decode_claims};
+use super::{TokenError, TokenResponse};
+use crate::redact::SecretString;
+
+/// A token that passed every check and may be written to a Secret. `Debug` redacts it.
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    /// The access token.
+    pub access_token: SecretString,
+    /// `Bearer`, usually.
+    pub token_type: String,
+    /// When the operator received it.
+    pub issued_at: Timestamp,
+    /// When it expires: `expires_in`, else the JWT `exp`, else the default lifetime; the
+    /// earlier of the first two when both are present.
+    pub expires_at: Timestamp,
+    /// The JWT `aud` (empty for opaque tokens).
+    pub audience: Vec<String>,
+    /// The granted scopes: the response's `scope`, else the JWT's, else those requested.
+    pub scopes: Vec<String>,
+    /// A refresh token, if the server sent one (only kept for the refresh-token grant).
+    pub refresh_token: Option<SecretString>,
+}
+
+/// Checks a token response and works out its lifetime and scopes.
+///
+/// JWT access tokens must carry exactly `expected_audience`; opaque tokens cannot be
+/// checked and pass.
+pub fn issue(
+    response: TokenResponse,
+    now: Timestamp,
+    default_lifetime: Duration,
+    expected_audience: &str,
+    requested_scopes: &[String],
+) -> Result<IssuedToken, TokenError> {
+    let claims = decode_claims(response.access_token.expose());
+    if let Some(claims) = &claims {
+        check_audience(claims, expected_audience)?;
+    }
+    let from_expires_in = response.expires_in.and_then(|d| add(now, d));
+    let from_exp = claims
+        .as_ref()
+        .and_then(|c| c.exp)
+        .and_then(|exp| Timestamp::from_second(exp).ok());
+    let expires_at = match (from_expires_in, from_exp) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => add(now, default_lifetime).unwrap_or(now),
+    };
+    if expires_at <= now {
+        return Err(TokenError::InvalidResponse(
+            "the token is already expired".into(),
+        ));
+    }
+    let scopes = match (
+        &response.scope,
+        claims.as_ref().and_then(|c| c.scopes.clone()),
+    ) {
+        (Some(scope), _) => scope.split_whitespace().map(str::to_string).collect(),
+        (None, Some(scopes)) => scopes,
+        (None, None) => requested_scopes.to_vec(),
+    };
+    Ok(IssuedToken {
+        access_token: response.access_token,
+        token_type: response.token_type,
+        issued_at: now,
+        expires_at,
+        audience: claims.map(|c| c.aud).unwrap_or_default(),
+        scopes,
+        refresh_token: response.refresh_token,
+    })
+}
+
+fn add(at: Timestamp, duration: Duration) -> Option<Timestamp> {
+    at.checked_add(SignedDuration::try_from(duration).ok()?)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::jwt::tests::jwt;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn response(token: String, expires_in: Option<u64>, scope: Option<&str>) -> TokenResponse {
+        TokenResponse {
+            access_token: SecretString::new(token),
+            token_type: "Bearer".into(),
+            expires_in: expires_in.map(Duration::from_secs),
+            scope: scope.map(str::to_string),
+            refresh_token: None,
+        }
+    }
+
+    const FIVE_MIN: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn lifetime_prefers_expires_in_then_exp_then_default() {
+        let token = jwt(serde_json::json!({"aud":"urn:a","exp": 1_800_000_000 + 1000}));
+        let issued = issue(
+            response(token.clone(), Some(600), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(issued.expires_at.as_second(), 1_800_000_600);
+        let issued = issue(
+            response(token.clone(), Some(5000), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            issued.expires_at.as_second(),
+            1_800_001_000,
+            "the earlier of expires_in and exp wins"
+        );
+        let issued = issue(response(token, None, None), now(), FIVE_MIN, "urn:a", &[]).unwrap();
+        assert_eq!(issued.expires_at.as_second(), 1_800_001_000);
+        let issued = issue(
+            response("opaque".into(), None, None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(issued.expires_at.as_second(), 1_800_000_300);
+    }
+
+    #[test]
+    fn multi_audience_jwt_is_refused_and_opaque_passes() {
+        let token = jwt(serde_json::json!({"aud":["urn:a","urn:b"]}));
+        let err = issue(
+            response(token, Some(60), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, TokenError::AudienceMismatch { .. }), "{err}");
+        let issued = issue(
+            response("opaque".into(), Some(60), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+        )
+        .unwrap();
+        assert!(issued.audience.is_empty());
+    }
+
+    #[test]
+    fn scopes_from_response_then_jwt_then_request() {
+        let requested = vec!["r".to_string()];
+        let token = jwt(serde_json::json!({"aud":"urn:a","scope":"j1 j2"}));
+        let s = issue(
+            response(token.clone(), Some(60), Some("s1")),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &requested,
+        )
+        .unwrap();
+        assert_eq!(s.scopes, vec!["s1"]);
+        let s = issue(
+            response(token, Some(60), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &requested,
+        )
+        .unwrap();
+        assert_eq!(s.scopes, vec!["j1", "j2"]);
+        let s = issue(
+            response("opaque".into(), Some(60), None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &requested,
+        )
+        .unwrap();
+        assert_eq!(s.scopes, vec!["r"]);
+    }
+
+    #[test]
+    fn an_already_expired_token_is_refused() {
+        let token = jwt(serde_json::json!({"aud":"urn:a","exp": 1_800_000_000 - 5}));
+        assert!(issue(response(token, None, None), now(), FIVE_MIN, "urn:a", &[]).is_err());
+    }
+}
