@@ -11,6 +11,8 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod controller;
 pub mod oauth;
 pub mod redact;
 pub mod renewal;
+pub mod secret;

@@ -1,4 +1,6 @@
 //! AudienceToken: one access token, for one audience, in one Secret.
+// kube's `printcolumn(...)` repeats attribute names by design.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 
@@ -47,7 +49,7 @@ pub struct AudienceTokenSpec {
     /// The one API the token is for: an absolute URI without fragment (RFC 8707 §2), such as
     /// `https://orders.example.com` or `urn:api:orders`.
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9+.-]*:[^#\\\\s]+$')").message("resource must be an absolute URI (with a scheme), such as https://api.example.com or urn:example:api"))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9+.-]*:[^\\\\s]+$')").message("resource must be an absolute URI (with a scheme), such as https://api.example.com or urn:example:api"))]
     #[x_kube(validation = Rule::new("!self.contains('#')").message("resource must not contain a fragment (RFC 8707 §2)"))]
     pub resource: String,
 
@@ -61,7 +63,7 @@ pub struct AudienceTokenSpec {
 
     /// The scopes to ask for (RFC 6749 §3.3 scope tokens, no spaces).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
     #[x_kube(validation = Rule::new("self.all(s, s.matches('^[!#-\\\\[\\\\]-~]+$'))").message("each scope must be a non-empty RFC 6749 scope token: printable ASCII without spaces, quotes or backslashes"))]
     pub scopes: Vec<ScopeToken>,
 

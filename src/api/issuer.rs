@@ -1,5 +1,7 @@
 //! TokenIssuer and ClusterTokenIssuer: who the operator is at an authorization server and
 //! how it asks that server for tokens.
+// kube's `printcolumn(...)` repeats attribute names by design.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{CustomResource, KubeSchema};
@@ -14,6 +16,7 @@ use super::common::{Condition, SecretKeySelector};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.issuerURL) || has(self.tokenEndpoint)").message("set issuerURL (discovery) or tokenEndpoint"))]
 #[x_kube(validation = Rule::new("size(self.clientID) > 0").message("clientID must not be empty"))]
+#[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef or privateKeyRef), or method None"))]
 pub struct IssuerSpec {
     /// The authorization server's issuer identifier. The token endpoint is discovered from
     /// RFC 8414 metadata (`/.well-known/oauth-authorization-server`), then OpenID Connect
@@ -34,8 +37,13 @@ pub struct IssuerSpec {
     #[schemars(length(max = 1024))]
     pub client_id: String,
 
-    /// How the client authenticates at the token endpoint.
+    /// How the client authenticates at the token endpoint. Required: the default method,
+    /// ClientSecretBasic, needs clientSecretRef; a public client sets method None.
     #[serde(default)]
+    // No schema default: the API server refuses a CRD whose default breaks a CEL rule, and
+    // `{method: ClientSecretBasic}` without clientSecretRef would. The rule on IssuerSpec
+    // requires the field instead.
+    #[schemars(transform = |s: &mut schemars::Schema| { s.remove("default"); })]
     pub client_auth: ClientAuth,
 
     /// How the wanted audience is named in the token request.
@@ -118,7 +126,9 @@ pub enum ClientAuthMethod {
     NoAuth,
 }
 
-/// JWS algorithms for client assertions.
+/// JWS algorithm of the client assertion. Default: derived from the key.
+// This text is also the `signingAlgorithm` field's description in the CRD: kube's
+// Option<enum> rewrite replaces the field's doc with the enum's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum SigningAlgorithm {
     /// RSASSA-PKCS1-v1_5 with SHA-256.

@@ -1,0 +1,359 @@
+//! The controller: caches, the shared [`Context`], and the kube-runtime wiring around
+//! [`reconcile::reconcile`].
+//!
+//! Caches are kept small on purpose (10,000 tokens on one replica): owned Secrets are
+//! watched metadata-only by label; namespaces metadata-only; `managedFields` and the
+//! last-applied annotation are dropped from everything cached.
+
+pub mod issuer;
+pub mod plan;
+pub mod reconcile;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{
+    AudienceToken, ClusterTokenIssuer, IssuerKind, RENEW_REQUESTED_AT_ANNOTATION, TokenIssuer,
+};
+use crate::oauth::{TokenClient, TokenError};
+use crate::secret::{NAME_LABEL, managed_selector};
+
+use issuer::IssuerCaches;
+
+/// Errors that make a reconcile retry: Kubernetes API failures and malformed objects.
+/// Token-request failures are not errors here; they are recorded in status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks a field the API server always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// The token client could not be built.
+    #[error(transparent)]
+    TokenClient(#[from] TokenError),
+}
+
+/// Operator-wide settings (the `run` flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch only this namespace; `None` watches all.
+    pub namespace: Option<String>,
+    /// Where ClusterTokenIssuers' Secrets live.
+    pub cluster_resource_namespace: String,
+    /// How many AudienceTokens are reconciled at once.
+    pub concurrency: u16,
+    /// Reporter instance name for Events (the pod name).
+    pub instance: Option<String>,
+}
+
+/// What every reconcile shares: the API client, the token client, the caches.
+pub struct Context {
+    /// Kubernetes API client.
+    pub client: Client,
+    /// OAuth token client.
+    pub tokens: TokenClient,
+    /// Operator settings.
+    pub settings: Settings,
+    /// TokenIssuers.
+    pub issuers: Store<TokenIssuer>,
+    /// ClusterTokenIssuers.
+    pub cluster_issuers: Store<ClusterTokenIssuer>,
+    /// Namespaces, metadata only (labels for ClusterTokenIssuer tenancy).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Secrets the operator manages, metadata only.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Client secrets and discovery documents.
+    pub issuer_caches: IssuerCaches,
+    recorder: Recorder,
+    /// For AudienceTokens whose last request failed: the issuer generation at that time. A
+    /// new generation (the issuer was fixed) waives the backoff.
+    failures: Mutex<HashMap<ObjectRef<AudienceToken>, i64>>,
+}
+
+impl Context {
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AudienceToken>, i64>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The issuer generation recorded at this token's last failure.
+    pub fn failed_with_issuer_generation(&self, token: &AudienceToken) -> Option<i64> {
+        self.failures().get(&ObjectRef::from_obj(token)).copied()
+    }
+
+    /// Remembers a failure against the issuer generation it happened with.
+    pub fn record_failure(&self, token: &AudienceToken, issuer_generation: i64) {
+        self.failures()
+            .insert(ObjectRef::from_obj(token), issuer_generation);
+    }
+
+    /// Forgets a failure after success.
+    pub fn forget_failure(&self, token: &AudienceToken) {
+        self.failures().remove(&ObjectRef::from_obj(token));
+    }
+
+    /// Publishes a Warning Event on an AudienceToken. Event failures are logged, not fatal.
+    pub async fn warn(&self, token: &AudienceToken, reason: &str, note: String) {
+        self.event(token, EventType::Warning, reason, note).await;
+    }
+
+    /// Publishes an Event on an AudienceToken.
+    pub async fn event(&self, token: &AudienceToken, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &token.object_ref(&())).await {
+            warn!(name = token.name_any(), error = %e, "cannot publish event");
+        }
+    }
+}
+
+/// Drops what caches do not need: `managedFields` and the last-applied annotation can be
+/// larger than the rest of the object.
+fn strip<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+    if let Some(annotations) = obj.meta_mut().annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+type Trigger<K> = mpsc::UnboundedSender<Result<K, watcher::Error>>;
+
+/// Runs a reflector in its own task so its cache fills before the controller starts, and
+/// forwards the events `select` picks to the controller as triggers.
+fn spawn_reflector<K, S>(
+    stream: S,
+    select: impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static,
+) -> (Store<K>, mpsc::UnboundedReceiver<Result<K, watcher::Error>>)
+where
+    K: Resource + Clone + Send + Sync + std::fmt::Debug + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let (tx, rx): (Trigger<K>, _) = mpsc::unbounded();
+    let stream = stream.default_backoff().modify(strip).reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if let Some(obj) = select(&event) {
+                        // The controller may have stopped; then nobody needs the trigger.
+                        let _ = tx.unbounded_send(Ok(obj));
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying")
+                }
+            }
+        }
+    });
+    (reader, rx)
+}
+
+/// Triggers on changes after the initial list: those objects get reconciled anyway.
+fn changed<K: Clone>(event: &watcher::Event<K>) -> Option<K> {
+    match event {
+        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => Some(obj.clone()),
+        _ => None,
+    }
+}
+
+fn deleted<K: Clone>(event: &watcher::Event<K>) -> Option<K> {
+    match event {
+        watcher::Event::Delete(obj) => Some(obj.clone()),
+        _ => None,
+    }
+}
+
+/// Reconcile triggers for an AudienceToken: a new generation, or a new forced-renewal value.
+/// Status writes (including our own) do not trigger.
+fn token_trigger_hash(token: &AudienceToken) -> Option<u64> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    token.meta().generation.hash(&mut hasher);
+    token
+        .annotations()
+        .get(RENEW_REQUESTED_AT_ANNOTATION)
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// Builds the caches and runs the AudienceToken controller until shutdown.
+pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+    let (tokens_api, issuers_api, secrets_api): (
+        Api<AudienceToken>,
+        Api<TokenIssuer>,
+        Api<PartialObjectMeta<Secret>>,
+    ) = match &settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let cluster_issuers_api: Api<ClusterTokenIssuer> = Api::all(client.clone());
+    let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+
+    let (issuers, issuer_triggers) =
+        spawn_reflector(watcher(issuers_api, watcher::Config::default()), changed);
+    let (cluster_issuers, cluster_issuer_triggers) = spawn_reflector(
+        watcher(cluster_issuers_api, watcher::Config::default()),
+        changed,
+    );
+    let (namespaces, namespace_triggers) =
+        spawn_reflector(watcher(namespaces_api, watcher::Config::default()), changed);
+    let (secrets, secret_triggers) = spawn_reflector(
+        watcher(
+            secrets_api,
+            watcher::Config::default().labels(&managed_selector()),
+        ),
+        deleted,
+    );
+
+    info!("waiting for caches to sync");
+    let ready = futures::future::join4(
+        issuers.wait_until_ready(),
+        cluster_issuers.wait_until_ready(),
+        namespaces.wait_until_ready(),
+        secrets.wait_until_ready(),
+    )
+    .await;
+    if let (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) = ready {
+        warn!(error = %e, "a cache stopped before it was ready");
+    }
+    info!(
+        secrets = secrets.len(),
+        issuers = issuers.len(),
+        "caches synced"
+    );
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: crate::secret::MANAGER.into(),
+            instance: settings.instance.clone(),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client,
+        tokens: TokenClient::new()?,
+        settings: settings.clone(),
+        issuers,
+        cluster_issuers,
+        namespaces,
+        secrets,
+        issuer_caches: IssuerCaches::default(),
+        recorder,
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let (reader, writer) = reflector::store::<AudienceToken>();
+    let token_stream = watcher(tokens_api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(token_trigger_hash, Default::default());
+
+    let by_issuer = {
+        let reader = reader.clone();
+        move |kind: IssuerKind, namespace: Option<String>, name: String| {
+            reader
+                .state()
+                .into_iter()
+                .filter(|t| {
+                    t.spec.issuer_ref.kind == kind
+                        && t.spec.issuer_ref.name == name
+                        && (namespace.is_none() || t.namespace() == namespace)
+                })
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        }
+    };
+    let issuer_mapper = {
+        let by_issuer = by_issuer.clone();
+        move |issuer: TokenIssuer| {
+            by_issuer(
+                IssuerKind::TokenIssuer,
+                issuer.namespace(),
+                issuer.name_any(),
+            )
+        }
+    };
+    let cluster_issuer_mapper = move |issuer: ClusterTokenIssuer| {
+        by_issuer(IssuerKind::ClusterTokenIssuer, None, issuer.name_any())
+    };
+    let namespace_mapper = {
+        let reader = reader.clone();
+        move |ns: PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            reader
+                .state()
+                .into_iter()
+                .filter(|t| {
+                    t.spec.issuer_ref.kind == IssuerKind::ClusterTokenIssuer
+                        && t.namespace().as_deref() == Some(&name)
+                })
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        }
+    };
+    let secret_mapper = |secret: PartialObjectMeta<Secret>| {
+        let owner: Option<String> = secret.labels().get(NAME_LABEL).cloned();
+        let namespace: Option<String> = secret.namespace();
+        owner
+            .zip(namespace)
+            .map(|(name, ns)| ObjectRef::<AudienceToken>::new(&name).within(&ns))
+    };
+
+    info!(concurrency = settings.concurrency, namespace = ?settings.namespace, "starting AudienceToken controller");
+    Controller::for_stream(token_stream, reader)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .watches_stream(issuer_triggers, issuer_mapper)
+        .watches_stream(cluster_issuer_triggers, cluster_issuer_mapper)
+        .watches_stream(namespace_triggers, namespace_mapper)
+        .watches_stream(secret_triggers, secret_mapper)
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+/// Kubernetes API failures: retry soon. Token failures never get here.
+fn error_policy(token: Arc<AudienceToken>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(namespace = token.namespace(), name = token.name_any(), error = %error, "reconcile error; retrying");
+    Action::requeue(Duration::from_secs(5))
+}

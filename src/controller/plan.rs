@@ -1,0 +1,630 @@
+//! What the reconciler should do for an AudienceToken, and the status that results. Pure:
+//! everything it needs is passed in, so every rule is table-tested without a cluster.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{AudienceTokenStatus, Condition, READY};
+use crate::oauth::IssuedToken;
+use crate::renewal::{RenewBefore, RenewalPlan, renewal_time, stable_jitter};
+use crate::secret::{PublishedToken, rfc3339};
+
+/// Condition reasons (DESIGN.md).
+pub mod reason {
+    /// A first token was issued.
+    pub const ISSUED: &str = "Issued";
+    /// A token was replaced by a newer one.
+    pub const RENEWED: &str = "Renewed";
+    /// The issuer is missing, or its credentials or metadata cannot be read.
+    pub const ISSUER_NOT_READY: &str = "IssuerNotReady";
+    /// The authorization server refused or failed the token request.
+    pub const TOKEN_REQUEST_FAILED: &str = "TokenRequestFailed";
+    /// The token's `aud` is not exactly the expected audience.
+    pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
+    /// A Secret of that name exists and is not ours.
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    /// The last token expired and no new one could be obtained.
+    pub const EXPIRED: &str = "Expired";
+    /// The ClusterTokenIssuer does not allow this namespace or resource.
+    pub const NOT_ALLOWED: &str = "NotAllowed";
+}
+
+/// What the reconciler knows when it decides.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    /// The current time.
+    pub now: Timestamp,
+    /// `metadata.generation` of the AudienceToken.
+    pub generation: Option<i64>,
+    /// The spec hash of the AudienceToken as it is now.
+    pub spec_hash: &'a str,
+    /// What the owned Secret holds, if there is one.
+    pub published: Option<&'a PublishedToken>,
+    /// The AudienceToken's status.
+    pub status: &'a AudienceTokenStatus,
+    /// The `audiencetoken.io/renew-requested-at` annotation.
+    pub renew_requested_at: Option<&'a str>,
+    /// How long before expiry to renew.
+    pub policy: RenewBefore,
+    /// Stable per-object seed for renewal jitter (the UID).
+    pub jitter_seed: &'a str,
+}
+
+/// Why a token is requested now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestReason {
+    /// There is no token yet.
+    Initial,
+    /// The spec asks for another token (resource, audience, scopes or issuer changed).
+    SpecChanged,
+    /// The renewal time has come.
+    Due,
+    /// The published token has expired.
+    Expired,
+    /// A new `renew-requested-at` value asks for it.
+    Forced,
+}
+
+/// The reconciler's next step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    /// The published token is current; nothing to request before the plan's renewal time.
+    Keep(RenewalPlan),
+    /// A token is wanted, but the last attempt failed: wait for the backoff to pass.
+    Wait {
+        /// When to try again.
+        until: Timestamp,
+    },
+    /// Request a token now.
+    Request(RequestReason),
+}
+
+impl Observed<'_> {
+    /// Whether the renew-requested-at annotation carries a value not yet acted on.
+    pub fn forced(&self) -> bool {
+        match self.renew_requested_at {
+            Some(value) if !value.is_empty() => {
+                self.status.last_renew_requested_at.as_deref() != Some(value)
+            }
+            _ => false,
+        }
+    }
+
+    /// The renewal plan for a published token.
+    pub fn renewal_plan(&self, issued_at: Timestamp, expires_at: Timestamp) -> RenewalPlan {
+        let seed = format!("{}/{}", self.jitter_seed, issued_at.as_second());
+        renewal_time(issued_at, expires_at, self.policy, stable_jitter(&seed))
+    }
+}
+
+/// Decides what to do. `backoff_waived` is set when something that may fix a failure (the
+/// issuer's spec) changed since the last failed attempt.
+pub fn decide(o: &Observed, backoff_waived: bool) -> Decision {
+    let want = match o.published {
+        None => Some(RequestReason::Initial),
+        Some(p) if p.spec_hash != o.spec_hash => Some(RequestReason::SpecChanged),
+        Some(p) if p.expires_at <= o.now => Some(RequestReason::Expired),
+        Some(_) if o.forced() => Some(RequestReason::Forced),
+        Some(p) => {
+            let plan = o.renewal_plan(p.issued_at, p.expires_at);
+            if plan.renewal_time > o.now {
+                return Decision::Keep(plan);
+            }
+            Some(RequestReason::Due)
+        }
+    };
+    let reason = want.unwrap_or(RequestReason::Due);
+    let spec_changed_since_failure = o.status.observed_generation != o.generation;
+    if o.status.failed_attempts > 0
+        && !backoff_waived
+        && !spec_changed_since_failure
+        && !o.forced()
+        && let Some(next) = o.status.next_attempt_time.as_ref()
+        && next.0 > o.now
+    {
+        return Decision::Wait { until: next.0 };
+    }
+    Decision::Request(reason)
+}
+
+/// A failed attempt (or a reason not to attempt), for status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Condition reason, from [`reason`].
+    pub reason: &'static str,
+    /// Human-readable detail, never a secret.
+    pub message: String,
+}
+
+fn time(at: Timestamp) -> Time {
+    Time(Timestamp::from_second(at.as_second()).unwrap_or(at))
+}
+
+/// Sets the Ready condition, keeping `lastTransitionTime` when the status did not flip.
+pub fn set_ready(
+    conditions: &mut Vec<Condition>,
+    ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let status = if ready { "True" } else { "False" };
+    let previous = conditions.iter().find(|c| c.type_ == READY);
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Some(time(now)),
+    };
+    let condition = Condition {
+        type_: READY.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    };
+    conditions.retain(|c| c.type_ != READY);
+    conditions.insert(0, condition);
+}
+
+fn ready_message(audience: &str, expires_at: Timestamp, plan: &RenewalPlan) -> String {
+    format!(
+        "token for {audience} valid until {}; renewal at {}",
+        rfc3339(expires_at),
+        rfc3339(plan.renewal_time)
+    )
+}
+
+/// Status after a token was issued and published.
+pub fn status_issued(
+    prev: &AudienceTokenStatus,
+    token: &IssuedToken,
+    plan: &RenewalPlan,
+    audience: &str,
+    o: &Observed,
+) -> AudienceTokenStatus {
+    let renewed = o.published.is_some() || prev.issued_at.is_some();
+    let mut status = AudienceTokenStatus {
+        conditions: prev.conditions.clone(),
+        observed_generation: o.generation,
+        audience: token.audience.clone(),
+        scopes: token.scopes.clone(),
+        token_type: Some(token.token_type.clone()),
+        issued_at: Some(time(token.issued_at)),
+        expires_at: Some(time(token.expires_at)),
+        renewal_time: Some(time(plan.renewal_time)),
+        failed_attempts: 0,
+        last_failure_time: None,
+        last_failure_message: None,
+        next_attempt_time: None,
+        last_renew_requested_at: o
+            .renew_requested_at
+            .map(str::to_string)
+            .or_else(|| prev.last_renew_requested_at.clone()),
+    };
+    let why = if renewed {
+        reason::RENEWED
+    } else {
+        reason::ISSUED
+    };
+    set_ready(
+        &mut status.conditions,
+        true,
+        why,
+        ready_message(audience, token.expires_at, plan),
+        o.generation,
+        o.now,
+    );
+    status
+}
+
+/// Status while the published token is current and nothing needs doing. Equal to `prev`
+/// when `prev` already says so, so a restart writes nothing.
+pub fn status_current(
+    prev: &AudienceTokenStatus,
+    published: &PublishedToken,
+    plan: &RenewalPlan,
+    audience: &str,
+    o: &Observed,
+) -> AudienceTokenStatus {
+    let mut status = prev.clone();
+    status.observed_generation = o.generation;
+    status.issued_at = Some(time(published.issued_at));
+    status.expires_at = Some(time(published.expires_at));
+    status.renewal_time = Some(time(plan.renewal_time));
+    let reason = match prev.conditions.iter().find(|c| c.type_ == READY) {
+        Some(c)
+            if c.status == "True"
+                && (c.reason == reason::RENEWED || c.reason == reason::ISSUED) =>
+        {
+            c.reason.clone()
+        }
+        _ => reason::ISSUED.to_string(),
+    };
+    let message = if status.failed_attempts > 0 {
+        prev.conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    } else {
+        ready_message(audience, published.expires_at, plan)
+    };
+    set_ready(
+        &mut status.conditions,
+        true,
+        &reason,
+        message,
+        o.generation,
+        o.now,
+    );
+    status
+}
+
+/// Status after a failed attempt (or a refusal to attempt). The published token, while
+/// valid, keeps Ready true: workloads still have a good token.
+pub fn status_failed(
+    prev: &AudienceTokenStatus,
+    failure: &Failure,
+    next_attempt: Option<Timestamp>,
+    counts_as_attempt: bool,
+    o: &Observed,
+) -> AudienceTokenStatus {
+    let mut status = prev.clone();
+    status.observed_generation = o.generation;
+    if counts_as_attempt {
+        status.failed_attempts = prev.failed_attempts.saturating_add(1);
+        status.last_failure_time = Some(time(o.now));
+    }
+    status.last_failure_message = Some(format!("{}: {}", failure.reason, failure.message));
+    status.next_attempt_time = next_attempt.map(time);
+    if o.forced() {
+        status.last_renew_requested_at = o.renew_requested_at.map(str::to_string);
+    }
+    let retry = next_attempt
+        .map(|t| format!("; next attempt at {}", rfc3339(t)))
+        .unwrap_or_default();
+    let valid = o
+        .published
+        .filter(|p| p.expires_at > o.now && p.spec_hash == o.spec_hash);
+    match valid {
+        Some(p) if failure.reason != reason::SECRET_CONFLICT => {
+            let keep = match prev.conditions.iter().find(|c| c.type_ == READY) {
+                Some(c) if c.status == "True" && c.reason == reason::RENEWED => reason::RENEWED,
+                _ => reason::ISSUED,
+            };
+            let message = format!(
+                "token valid until {}; renewal failing ({}: {}){retry}",
+                rfc3339(p.expires_at),
+                failure.reason,
+                failure.message
+            );
+            set_ready(
+                &mut status.conditions,
+                true,
+                keep,
+                message,
+                o.generation,
+                o.now,
+            );
+        }
+        _ => {
+            let expired = o.published.is_some_and(|p| p.expires_at <= o.now)
+                && failure.reason != reason::SECRET_CONFLICT;
+            let (why, message) = if expired {
+                (
+                    reason::EXPIRED,
+                    format!(
+                        "the token expired and renewal fails ({}: {}){retry}",
+                        failure.reason, failure.message
+                    ),
+                )
+            } else {
+                (failure.reason, format!("{}{retry}", failure.message))
+            };
+            set_ready(
+                &mut status.conditions,
+                false,
+                why,
+                message,
+                o.generation,
+                o.now,
+            );
+        }
+    }
+    status
+}
+
+/// Every field of [`AudienceTokenStatus`] as serialised; a unit test keeps it complete.
+const STATUS_FIELDS: [&str; 13] = [
+    "conditions",
+    "observedGeneration",
+    "audience",
+    "scopes",
+    "tokenType",
+    "issuedAt",
+    "expiresAt",
+    "renewalTime",
+    "failedAttempts",
+    "lastFailureTime",
+    "lastFailureMessage",
+    "nextAttemptTime",
+    "lastRenewRequestedAt",
+];
+
+/// The JSON merge patch that makes the stored status equal `status`: fields the new status
+/// leaves out are set to `null` so stale values (an old failure message) are removed.
+pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(object) = value.as_object_mut() {
+        for field in STATUS_FIELDS {
+            object.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    serde_json::json!({ "status": value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn published(issued: i64, expires: i64, hash: &str) -> PublishedToken {
+        PublishedToken {
+            issued_at: ts(issued),
+            expires_at: ts(expires),
+            spec_hash: hash.into(),
+        }
+    }
+
+    fn observed<'a>(
+        now: i64,
+        published: Option<&'a PublishedToken>,
+        status: &'a AudienceTokenStatus,
+    ) -> Observed<'a> {
+        Observed {
+            now: ts(now),
+            generation: Some(1),
+            spec_hash: "h1",
+            published,
+            status,
+            renew_requested_at: None,
+            policy: RenewBefore::default(),
+            jitter_seed: "uid",
+        }
+    }
+
+    fn failing(next: i64, generation: i64) -> AudienceTokenStatus {
+        AudienceTokenStatus {
+            failed_attempts: 2,
+            next_attempt_time: Some(time(ts(next))),
+            observed_generation: Some(generation),
+            ..AudienceTokenStatus::default()
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let none = AudienceTokenStatus::default();
+        let fresh = published(0, 3600, "h1");
+        let other_spec = published(0, 3600, "h0");
+        let expired = published(-3600, -1, "h1");
+
+        assert_eq!(
+            decide(&observed(10, None, &none), false),
+            Decision::Request(RequestReason::Initial)
+        );
+        assert!(matches!(
+            decide(&observed(10, Some(&fresh), &none), false),
+            Decision::Keep(_)
+        ));
+        assert_eq!(
+            decide(&observed(10, Some(&other_spec), &none), false),
+            Decision::Request(RequestReason::SpecChanged)
+        );
+        assert_eq!(
+            decide(&observed(10, Some(&expired), &none), false),
+            Decision::Request(RequestReason::Expired)
+        );
+        assert_eq!(
+            decide(&observed(3000, Some(&fresh), &none), false),
+            Decision::Request(RequestReason::Due)
+        );
+
+        // Backoff holds a due request until the next attempt time...
+        let past_backoff = failing(100, 1);
+        assert_eq!(
+            decide(&observed(3000, Some(&fresh), &past_backoff), false),
+            Decision::Request(RequestReason::Due)
+        );
+        let backing_off = failing(4000, 1);
+        assert_eq!(
+            decide(&observed(3000, Some(&fresh), &backing_off), false),
+            Decision::Wait { until: ts(4000) }
+        );
+        // ...but not past it, not after a spec change, and not when waived.
+        assert_eq!(
+            decide(&observed(4001, Some(&fresh), &backing_off), false),
+            Decision::Request(RequestReason::Expired)
+        );
+        let spec_changed = failing(4000, 0);
+        assert_eq!(
+            decide(&observed(3000, Some(&fresh), &spec_changed), false),
+            Decision::Request(RequestReason::Due)
+        );
+        assert_eq!(
+            decide(&observed(3000, Some(&fresh), &backing_off), true),
+            Decision::Request(RequestReason::Due)
+        );
+    }
+
+    #[test]
+    fn forced_renewal_once_per_value() {
+        let fresh = published(0, 3600, "h1");
+        let mut status = AudienceTokenStatus::default();
+        let mut o = observed(10, Some(&fresh), &status);
+        o.renew_requested_at = Some("2026-11-21T10:00:00Z");
+        assert_eq!(decide(&o, false), Decision::Request(RequestReason::Forced));
+        status.last_renew_requested_at = Some("2026-11-21T10:00:00Z".into());
+        let mut o = observed(10, Some(&fresh), &status);
+        o.renew_requested_at = Some("2026-11-21T10:00:00Z");
+        assert!(matches!(decide(&o, false), Decision::Keep(_)));
+    }
+
+    #[test]
+    fn restart_with_current_status_changes_nothing() {
+        let fresh = published(0, 3600, "h1");
+        let none = AudienceTokenStatus::default();
+        let o = observed(10, Some(&fresh), &none);
+        let Decision::Keep(plan) = decide(&o, false) else {
+            panic!("expected Keep")
+        };
+        let first = status_current(&none, &fresh, &plan, "urn:a", &o);
+        let o2 = Observed {
+            now: ts(500),
+            status: &first,
+            ..o
+        };
+        let Decision::Keep(plan2) = decide(&o2, false) else {
+            panic!("expected Keep")
+        };
+        assert_eq!(plan, plan2, "renewal time is stable across reconciles");
+        assert_eq!(status_current(&first, &fresh, &plan2, "urn:a", &o2), first);
+    }
+
+    #[test]
+    fn failure_keeps_ready_while_the_old_token_is_valid_then_expires() {
+        let fresh = published(0, 3600, "h1");
+        let none = AudienceTokenStatus::default();
+        let failure = Failure {
+            reason: reason::TOKEN_REQUEST_FAILED,
+            message: "token endpoint answered 400 invalid_target".into(),
+        };
+        let o = observed(3000, Some(&fresh), &none);
+        let s = status_failed(&none, &failure, Some(ts(3005)), true, &o);
+        let ready = &s.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", reason::ISSUED)
+        );
+        assert!(
+            ready.message.contains("invalid_target"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(s.failed_attempts, 1);
+        assert!(
+            s.last_failure_message
+                .as_deref()
+                .unwrap()
+                .contains("invalid_target")
+        );
+
+        let o = observed(3700, Some(&fresh), &s);
+        let s2 = status_failed(&s, &failure, Some(ts(3710)), true, &o);
+        assert_eq!(
+            (
+                s2.conditions[0].status.as_str(),
+                s2.conditions[0].reason.as_str()
+            ),
+            ("False", reason::EXPIRED)
+        );
+        assert_eq!(s2.failed_attempts, 2);
+
+        let o = observed(10, None, &none);
+        let s3 = status_failed(&none, &failure, Some(ts(15)), true, &o);
+        assert_eq!(
+            (
+                s3.conditions[0].status.as_str(),
+                s3.conditions[0].reason.as_str()
+            ),
+            ("False", reason::TOKEN_REQUEST_FAILED)
+        );
+    }
+
+    #[test]
+    fn ready_transition_time_moves_only_on_flips() {
+        let mut conditions = Vec::new();
+        set_ready(&mut conditions, true, "Issued", "a".into(), Some(1), ts(0));
+        set_ready(
+            &mut conditions,
+            true,
+            "Renewed",
+            "b".into(),
+            Some(1),
+            ts(50),
+        );
+        assert_eq!(conditions[0].last_transition_time, Some(time(ts(0))));
+        set_ready(
+            &mut conditions,
+            false,
+            "Expired",
+            "c".into(),
+            Some(1),
+            ts(90),
+        );
+        assert_eq!(conditions[0].last_transition_time, Some(time(ts(90))));
+        assert_eq!(conditions.len(), 1);
+    }
+
+    #[test]
+    fn status_patch_nulls_cleared_fields() {
+        let patch = status_patch(&AudienceTokenStatus::default());
+        assert_eq!(
+            patch["status"]["lastFailureMessage"],
+            serde_json::Value::Null
+        );
+        assert!(
+            patch["status"]
+                .as_object()
+                .unwrap()
+                .contains_key("lastFailureMessage")
+        );
+        assert!(
+            patch["status"]
+                .as_object()
+                .unwrap()
+                .contains_key("failedAttempts")
+        );
+    }
+
+    #[test]
+    fn status_fields_list_is_complete() {
+        let full = AudienceTokenStatus {
+            conditions: vec![Condition {
+                type_: READY.into(),
+                status: "True".into(),
+                reason: "Issued".into(),
+                message: String::new(),
+                last_transition_time: None,
+                observed_generation: None,
+            }],
+            observed_generation: Some(1),
+            audience: vec!["a".into()],
+            scopes: vec!["s".into()],
+            token_type: Some("Bearer".into()),
+            issued_at: Some(time(ts(0))),
+            expires_at: Some(time(ts(1))),
+            renewal_time: Some(time(ts(1))),
+            failed_attempts: 1,
+            last_failure_time: Some(time(ts(0))),
+            last_failure_message: Some("m".into()),
+            next_attempt_time: Some(time(ts(0))),
+            last_renew_requested_at: Some("x".into()),
+        };
+        let value = serde_json::to_value(&full).unwrap();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut listed = STATUS_FIELDS.to_vec();
+        keys.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(keys, listed);
+    }
+}

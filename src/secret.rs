@@ -1,0 +1,300 @@
+//! The Secret an AudienceToken writes: its layout (labels, annotations, data keys), and how
+//! the operator reads back what it published from the Secret's metadata alone.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use sha2::{Digest, Sha256};
+
+use crate::api::{AudienceToken, AudienceTokenSpec, DeletionPolicy};
+use crate::oauth::IssuedToken;
+
+/// The field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
+pub const MANAGER: &str = "audience-token-operator";
+/// Label marking Secrets the operator owns; the operator watches only Secrets with it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Label naming the AudienceToken a Secret belongs to.
+pub const NAME_LABEL: &str = "audiencetoken.io/name";
+/// Annotation: when the token in the Secret expires (RFC 3339).
+pub const EXPIRES_AT_ANNOTATION: &str = "audiencetoken.io/expires-at";
+/// Annotation: when the token in the Secret was issued (RFC 3339).
+pub const ISSUED_AT_ANNOTATION: &str = "audiencetoken.io/issued-at";
+/// Annotation: hash of the spec fields the token was issued for.
+pub const SPEC_HASH_ANNOTATION: &str = "audiencetoken.io/spec-hash";
+
+/// Keys of the Secret's `data`.
+pub mod keys {
+    /// The access token, raw.
+    pub const TOKEN: &str = "token";
+    /// The token type, e.g. `Bearer`.
+    pub const TOKEN_TYPE: &str = "token-type";
+    /// Expiry, RFC 3339.
+    pub const EXPIRES_AT: &str = "expires-at";
+    /// The audience the token is for.
+    pub const AUDIENCE: &str = "audience";
+    /// Granted scopes, space separated.
+    pub const SCOPE: &str = "scope";
+}
+
+/// The label selector that finds every Secret the operator owns.
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGER}")
+}
+
+/// A hash of the spec fields that decide which token is wanted. A token published under
+/// another hash is replaced at once. Scopes are a set: order and duplicates do not matter.
+pub fn spec_hash(spec: &AudienceTokenSpec) -> String {
+    let mut scopes: Vec<&str> = spec.scopes.iter().map(String::as_str).collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    let canonical = serde_json::json!({
+        "issuerKind": spec.issuer_ref.kind,
+        "issuerName": spec.issuer_ref.name,
+        "resource": spec.resource,
+        "audience": spec.audience,
+        "scopes": scopes,
+    });
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// RFC 3339 with whole seconds, as written to annotations and status.
+pub fn rfc3339(at: Timestamp) -> String {
+    Timestamp::from_second(at.as_second())
+        .unwrap_or(at)
+        .to_string()
+}
+
+/// The Secret to server-side apply for a freshly issued token.
+pub fn desired_secret(token_resource: &AudienceToken, token: &IssuedToken) -> Secret {
+    let name = token_resource.metadata.name.clone().unwrap_or_default();
+    let template = token_resource
+        .spec
+        .secret_template
+        .clone()
+        .unwrap_or_default();
+
+    let mut labels = template.labels;
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGER.into());
+    labels.insert(NAME_LABEL.into(), name);
+
+    let expires_at = rfc3339(token.expires_at);
+    let mut annotations = template.annotations;
+    annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires_at.clone());
+    annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(token.issued_at));
+    annotations.insert(SPEC_HASH_ANNOTATION.into(), spec_hash(&token_resource.spec));
+
+    let owner_references = match token_resource.spec.deletion_policy {
+        DeletionPolicy::Delete => owner_reference(token_resource).map(|r| vec![r]),
+        DeletionPolicy::Retain => None,
+    };
+
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    let data = BTreeMap::from([
+        (keys::TOKEN.to_string(), bytes(token.access_token.expose())),
+        (keys::TOKEN_TYPE.to_string(), bytes(&token.token_type)),
+        (keys::EXPIRES_AT.to_string(), bytes(&expires_at)),
+        (
+            keys::AUDIENCE.to_string(),
+            bytes(token_resource.expected_audience()),
+        ),
+        (keys::SCOPE.to_string(), bytes(&token.scopes.join(" "))),
+    ]);
+
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_resource.secret_name().to_string()),
+            namespace: token_resource.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references,
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Secret::default()
+    }
+}
+
+/// The AudienceToken as the Secret's controlling owner. `blockOwnerDeletion` is left unset:
+/// it would need `update` on `audiencetokens/finalizers` and buys nothing here.
+fn owner_reference(token_resource: &AudienceToken) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: AudienceToken::api_version(&()).into_owned(),
+        kind: AudienceToken::kind(&()).into_owned(),
+        name: token_resource.metadata.name.clone()?,
+        uid: token_resource.metadata.uid.clone()?,
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}
+
+/// What a Secret's annotations say about the token it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedToken {
+    /// When it was issued.
+    pub issued_at: Timestamp,
+    /// When it expires.
+    pub expires_at: Timestamp,
+    /// The spec hash it was issued for.
+    pub spec_hash: String,
+}
+
+/// Reads the published token from a Secret's metadata, if the annotations are complete.
+pub fn published_token(meta: &ObjectMeta) -> Option<PublishedToken> {
+    let annotations = meta.annotations.as_ref()?;
+    let time = |key: &str| annotations.get(key)?.parse::<Timestamp>().ok();
+    Some(PublishedToken {
+        issued_at: time(ISSUED_AT_ANNOTATION)?,
+        expires_at: time(EXPIRES_AT_ANNOTATION)?,
+        spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
+    })
+}
+
+/// Whether a Secret belongs to the named AudienceToken: only then may the operator write it.
+pub fn is_owned_by(meta: &ObjectMeta, token_name: &str) -> bool {
+    let Some(labels) = meta.labels.as_ref() else {
+        return false;
+    };
+    labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGER)
+        && labels.get(NAME_LABEL).map(String::as_str) == Some(token_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AudienceTokenSpec, IssuerRef, SecretTemplate};
+    use crate::redact::SecretString;
+
+    fn token_resource(policy: DeletionPolicy) -> AudienceToken {
+        let mut at = AudienceToken::new(
+            "orders",
+            AudienceTokenSpec {
+                issuer_ref: IssuerRef {
+                    name: "corp-idp".into(),
+                    ..IssuerRef::default()
+                },
+                resource: "https://orders.example.com".into(),
+                scopes: vec!["orders/read".into(), "orders/write".into()],
+                secret_name: Some("orders-api-token".into()),
+                secret_template: Some(SecretTemplate {
+                    labels: BTreeMap::from([
+                        ("team".into(), "shop".into()),
+                        (MANAGED_BY_LABEL.into(), "someone-else".into()),
+                    ]),
+                    annotations: BTreeMap::from([("note".into(), "hi".into())]),
+                }),
+                deletion_policy: policy,
+                ..AudienceTokenSpec::default()
+            },
+        );
+        at.metadata.namespace = Some("shop".into());
+        at.metadata.uid = Some("uid-1".into());
+        at
+    }
+
+    fn issued() -> IssuedToken {
+        IssuedToken {
+            access_token: SecretString::new("the-token"),
+            token_type: "Bearer".into(),
+            issued_at: Timestamp::from_second(1_800_000_000).unwrap(),
+            expires_at: Timestamp::from_second(1_800_003_600).unwrap(),
+            audience: vec!["https://orders.example.com".into()],
+            scopes: vec!["orders/read".into()],
+            refresh_token: Some(SecretString::new("must-not-be-written")),
+        }
+    }
+
+    fn data(secret: &Secret, key: &str) -> String {
+        String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+    }
+
+    #[test]
+    fn renders_the_documented_layout() {
+        let secret = desired_secret(&token_resource(DeletionPolicy::Delete), &issued());
+        assert_eq!(secret.metadata.name.as_deref(), Some("orders-api-token"));
+        assert_eq!(secret.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        let labels = secret.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            labels[MANAGED_BY_LABEL], MANAGER,
+            "template cannot override ownership labels"
+        );
+        assert_eq!(labels[NAME_LABEL], "orders");
+        assert_eq!(labels["team"], "shop");
+        let annotations = secret.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[EXPIRES_AT_ANNOTATION], "2027-01-15T09:00:00Z");
+        assert_eq!(annotations[ISSUED_AT_ANNOTATION], "2027-01-15T08:00:00Z");
+        assert_eq!(annotations["note"], "hi");
+        assert_eq!(data(&secret, keys::TOKEN), "the-token");
+        assert_eq!(data(&secret, keys::TOKEN_TYPE), "Bearer");
+        assert_eq!(data(&secret, keys::EXPIRES_AT), "2027-01-15T09:00:00Z");
+        assert_eq!(data(&secret, keys::AUDIENCE), "https://orders.example.com");
+        assert_eq!(data(&secret, keys::SCOPE), "orders/read");
+        assert_eq!(
+            secret.data.as_ref().unwrap().len(),
+            5,
+            "no refresh token or anything else"
+        );
+        let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("AudienceToken", "uid-1", Some(true))
+        );
+        let json = serde_json::to_value(&secret).unwrap();
+        assert_eq!(json["apiVersion"], "v1");
+        assert_eq!(json["kind"], "Secret");
+    }
+
+    #[test]
+    fn retain_policy_has_no_owner_reference() {
+        let secret = desired_secret(&token_resource(DeletionPolicy::Retain), &issued());
+        assert!(secret.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn published_token_reads_back_what_was_written() {
+        let at = token_resource(DeletionPolicy::Delete);
+        let secret = desired_secret(&at, &issued());
+        let published = published_token(&secret.metadata).unwrap();
+        assert_eq!(published.issued_at, issued().issued_at);
+        assert_eq!(published.expires_at, issued().expires_at);
+        assert_eq!(published.spec_hash, spec_hash(&at.spec));
+        assert!(is_owned_by(&secret.metadata, "orders"));
+        assert!(!is_owned_by(&secret.metadata, "payments"));
+        assert!(!is_owned_by(&ObjectMeta::default(), "orders"));
+    }
+
+    #[test]
+    fn spec_hash_tracks_token_relevant_fields_only() {
+        let base = token_resource(DeletionPolicy::Delete).spec;
+        let hash = spec_hash(&base);
+        let mut reordered = base.clone();
+        reordered.scopes.reverse();
+        assert_eq!(spec_hash(&reordered), hash, "scope order does not matter");
+        let mut renamed_secret = base.clone();
+        renamed_secret.renew_before = Some("10m".into());
+        assert_eq!(
+            spec_hash(&renamed_secret),
+            hash,
+            "renewal settings do not need a new token"
+        );
+        for change in [
+            |s: &mut AudienceTokenSpec| s.resource = "https://payments.example.com".into(),
+            |s: &mut AudienceTokenSpec| s.audience = Some("orders-api".into()),
+            |s: &mut AudienceTokenSpec| s.scopes.push("orders/admin".into()),
+            |s: &mut AudienceTokenSpec| s.issuer_ref.name = "other-idp".into(),
+            |s: &mut AudienceTokenSpec| {
+                s.issuer_ref.kind = crate::api::IssuerKind::ClusterTokenIssuer
+            },
+        ] {
+            let mut changed = base.clone();
+            change(&mut changed);
+            assert_ne!(spec_hash(&changed), hash);
+        }
+    }
+}
