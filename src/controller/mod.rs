@@ -140,9 +140,22 @@ fn strip<K: Resource>(obj: &mut K) {
 
 type Trigger<K> = mpsc::UnboundedSender<Result<K, watcher::Error>>;
 
+/// Background tasks that end with the controller (also when its future is dropped).
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Runs a reflector in its own task so its cache fills before the controller starts, and
 /// forwards the events `select` picks to the controller as triggers.
 fn spawn_reflector<K, S>(
+    tasks: &mut Tasks,
     stream: S,
     select: impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static,
 ) -> (Store<K>, mpsc::UnboundedReceiver<Result<K, watcher::Error>>)
@@ -154,7 +167,7 @@ where
     let (reader, writer) = reflector::store();
     let (tx, rx): (Trigger<K>, _) = mpsc::unbounded();
     let stream = stream.default_backoff().modify(strip).reflect(writer);
-    tokio::spawn(async move {
+    tasks.0.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -169,7 +182,7 @@ where
                 }
             }
         }
-    });
+    }));
     (reader, rx)
 }
 
@@ -219,17 +232,26 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         ),
     };
     let cluster_issuers_api: Api<ClusterTokenIssuer> = Api::all(client.clone());
+    let mut tasks = Tasks::default();
     let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
 
-    let (issuers, issuer_triggers) =
-        spawn_reflector(watcher(issuers_api, watcher::Config::default()), changed);
+    let (issuers, issuer_triggers) = spawn_reflector(
+        &mut tasks,
+        watcher(issuers_api, watcher::Config::default()),
+        changed,
+    );
     let (cluster_issuers, cluster_issuer_triggers) = spawn_reflector(
+        &mut tasks,
         watcher(cluster_issuers_api, watcher::Config::default()),
         changed,
     );
-    let (namespaces, namespace_triggers) =
-        spawn_reflector(watcher(namespaces_api, watcher::Config::default()), changed);
+    let (namespaces, namespace_triggers) = spawn_reflector(
+        &mut tasks,
+        watcher(namespaces_api, watcher::Config::default()),
+        changed,
+    );
     let (secrets, secret_triggers) = spawn_reflector(
+        &mut tasks,
         watcher(
             secrets_api,
             watcher::Config::default().labels(&managed_selector()),
@@ -348,6 +370,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             }
         })
         .await;
+    drop(tasks);
     info!("controller stopped");
     Ok(())
 }

@@ -1,0 +1,467 @@
+// A real OAuth 2.0 authorization server for the operator's integration tests.
+//
+// Built on `oidc-provider` (panva/node-oidc-provider). It issues client_credentials access
+// tokens for RFC 8707 resource indicators: one `resource=` per request, one audience per
+// token. This file documents exactly what the tests run against; see README.md beside it.
+//
+// Contract with the test harness (tests/support/oidc.rs):
+//   * listens on 127.0.0.1, on a free port chosen by the OS;
+//   * when ready, prints exactly ONE line to stdout: {"issuer":"http://127.0.0.1:PORT"};
+//     everything else (logs, warnings) goes to stderr;
+//   * exits on SIGTERM, SIGINT, and when its stdin closes (so a crashed harness never
+//     leaves it running).
+//
+// TEST USE ONLY: in-memory storage, keys generated at startup, well-known client secrets.
+
+import * as crypto from 'node:crypto';
+import * as http from 'node:http';
+
+// ---------------------------------------------------------------------------------------
+// stdout belongs to the ready line. oidc-provider prints notices with console.info (which
+// goes to stdout), so send console.log/info/debug to stderr before anything else runs.
+// The development-only warnings that are expected for a test server (in-memory adapter,
+// Node version notice) are dropped unless OIDC_SERVER_VERBOSE=1.
+// ---------------------------------------------------------------------------------------
+const verbose = process.env.OIDC_SERVER_VERBOSE === '1';
+const toStderr = (...args) => console.error(...args);
+console.log = toStderr;
+console.info = toStderr;
+console.debug = toStderr;
+const originalWarn = console.warn;
+const expectedDevWarnings = [
+  'quick start development-only in-memory adapter',
+  'Unsupported runtime',
+];
+console.warn = (...args) => {
+  const text = args.map(String).join(' ');
+  if (!verbose && expectedDevWarnings.some((w) => text.includes(w))) return;
+  originalWarn(...args);
+};
+const log = (msg) => process.stderr.write(`[oidc-server] ${msg}\n`);
+
+// Imported dynamically so the console redirection above is in place first.
+const { default: Provider, errors } = await import('oidc-provider');
+
+// ---------------------------------------------------------------------------------------
+// Resource servers (RFC 8707 resource indicators). The key is the exact `resource` value a
+// client sends; a resource not listed here is answered with `invalid_target`.
+// A token's `scope` is the requested scopes filtered down to this list (oidc-provider drops
+// the others silently; if nothing is left the response has no `scope` at all).
+// ---------------------------------------------------------------------------------------
+const RESOURCE_SERVERS = {
+  'https://orders.example.test': {
+    scope: 'orders/read orders/write',
+    accessTokenFormat: 'jwt',
+    accessTokenTTL: 3600,
+  },
+  'https://payments.example.test': {
+    scope: 'payments/read payments/write',
+    accessTokenFormat: 'jwt',
+    accessTokenTTL: 3600,
+  },
+  // Short-lived, to test renewal.
+  'urn:test:short-lived': {
+    scope: 'short/read',
+    accessTokenFormat: 'jwt',
+    accessTokenTTL: 6,
+  },
+  // The issued JWT carries `aud` as an ARRAY of two values (see formats.customizers.jwt
+  // below): the operator must refuse it.
+  'urn:test:multi-audience': {
+    scope: 'multi/read',
+    accessTokenFormat: 'jwt',
+    accessTokenTTL: 3600,
+  },
+  // Opaque (not a JWT): nothing to decode, lifetime only from `expires_in`.
+  'urn:test:opaque': {
+    scope: 'opaque/read',
+    accessTokenFormat: 'opaque',
+    accessTokenTTL: 600,
+  },
+  // JWT whose token RESPONSE has no `expires_in` (removed by the middleware below); the JWT
+  // itself still has `exp` (TTL 900 s), so a client must fall back to the JWT's `exp`.
+  'urn:test:no-expires-in': {
+    scope: 'noexp/read',
+    accessTokenFormat: 'jwt',
+    accessTokenTTL: 900,
+  },
+  // Opaque token AND no `expires_in`: the client knows nothing about the lifetime and must
+  // use its configured default (TokenIssuer spec.defaultTokenLifetime).
+  'urn:test:no-expires-in-opaque': {
+    scope: 'noexp/read',
+    accessTokenFormat: 'opaque',
+    accessTokenTTL: 900,
+  },
+};
+
+// Resources whose token response must not contain `expires_in`.
+const STRIP_EXPIRES_IN = new Set(['urn:test:no-expires-in', 'urn:test:no-expires-in-opaque']);
+
+// Extra audiences added to the JWT `aud` (making it an array) per resource.
+const EXTRA_AUDIENCES = {
+  'urn:test:multi-audience': ['https://other.example.test'],
+};
+
+const ALL_SCOPES = [...new Set(
+  Object.values(RESOURCE_SERVERS).flatMap((rs) => rs.scope.split(' ')),
+)].join(' ');
+
+// ---------------------------------------------------------------------------------------
+// Clients (static). All are machine-to-machine: client_credentials only, no redirects.
+// ---------------------------------------------------------------------------------------
+const m2mClient = (clientId, secret, authMethod) => ({
+  client_id: clientId,
+  client_secret: secret,
+  token_endpoint_auth_method: authMethod,
+  grant_types: ['client_credentials'],
+  redirect_uris: [],
+  response_types: [],
+  scope: ALL_SCOPES,
+});
+
+// Private keys of the private_key_jwt clients, by client id: { pem (PKCS#8), jwk }.
+const CLIENT_PRIVATE_KEYS = {};
+
+function privateKeyJwtClient(clientId, alg) {
+  const { privateKey, publicKey } = alg.startsWith('ES')
+    ? crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' })
+    : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const kid = `${clientId}-${crypto.randomBytes(4).toString('hex')}`;
+  CLIENT_PRIVATE_KEYS[clientId] = {
+    kid,
+    alg,
+    pem: privateKey.export({ format: 'pem', type: 'pkcs8' }),
+    jwk: { ...privateKey.export({ format: 'jwk' }), kid, alg, use: 'sig' },
+  };
+  return {
+    client_id: clientId,
+    token_endpoint_auth_method: 'private_key_jwt',
+    token_endpoint_auth_signing_alg: alg,
+    jwks: { keys: [{ ...publicKey.export({ format: 'jwk' }), kid, alg, use: 'sig' }] },
+    grant_types: ['client_credentials'],
+    redirect_uris: [],
+    response_types: [],
+    scope: ALL_SCOPES,
+  };
+}
+
+const CLIENTS = [
+  m2mClient('m2m-basic', 'm2m-basic-secret', 'client_secret_basic'),
+  m2mClient('m2m-post', 'm2m-post-secret', 'client_secret_post'),
+  // RFC 6749 §2.3.1: id and secret are application/x-www-form-urlencoded before they are
+  // joined with ':' and base64-encoded. oidc-provider decodes them that way, so a client
+  // that does not encode (sending a raw ':' in the id) gets `invalid_client`.
+  m2mClient('m2m:special', 's3cr3t/with+special&chars=', 'client_secret_basic'),
+  // private_key_jwt (RFC 7523): one RSA and one EC P-256 client. Their key pairs are
+  // generated at every start; tests fetch the private key from
+  // GET /__test/client-keys/<client_id>. The assertion's `aud` may be the issuer or the
+  // token endpoint URL; `iss` and `sub` must be the client id; `jti` must be unique; `exp`
+  // is required; the `alg` must be the registered one.
+  privateKeyJwtClient('m2m-jwt-rs256', 'RS256'),
+  privateKeyJwtClient('m2m-jwt-es256', 'ES256'),
+  // May also use the refresh_token grant, with refresh tokens minted by the test-only
+  // endpoint POST /__test/refresh-token (there is no login UI to obtain one the real way).
+  {
+    ...m2mClient('m2m-refresh', 'm2m-refresh-secret', 'client_secret_basic'),
+    grant_types: ['client_credentials', 'refresh_token'],
+  },
+];
+
+const TEST_ACCOUNT = 'test-account';
+
+// ---------------------------------------------------------------------------------------
+// Signing key: generated in memory at every start (never written to disk).
+// ---------------------------------------------------------------------------------------
+function generateSigningJwk() {
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const jwk = privateKey.export({ format: 'jwk' });
+  return { ...jwk, kid: `test-rs256-${crypto.randomBytes(4).toString('hex')}`, use: 'sig', alg: 'RS256' };
+}
+
+// ---------------------------------------------------------------------------------------
+// Token request counters, served by the /__test/ endpoints.
+// ---------------------------------------------------------------------------------------
+const counts = { total: 0, byResource: {}, byClient: {} };
+const resetCounts = () => {
+  counts.total = 0;
+  counts.byResource = {};
+  counts.byClient = {};
+};
+const bump = (map, key) => { map[key] = (map[key] ?? 0) + 1; };
+
+// The client id of a token request, even when authentication failed (then ctx.oidc.client
+// is not set): from client_id in the body, else from the HTTP Basic header.
+function requestClientId(ctx) {
+  const authenticated = ctx.oidc?.client?.clientId;
+  if (authenticated) return authenticated;
+  const fromBody = ctx.oidc?.params?.client_id;
+  if (fromBody) return fromBody;
+  const assertion = ctx.oidc?.params?.client_assertion;
+  if (typeof assertion === 'string') {
+    try {
+      const { sub } = JSON.parse(Buffer.from(assertion.split('.')[1], 'base64url').toString('utf8'));
+      if (typeof sub === 'string') return sub;
+    } catch {
+      // not a JWT: fall through
+    }
+  }
+  const header = ctx.get('authorization');
+  const match = /^basic\s+(.+)$/i.exec(header);
+  if (match) {
+    const decoded = Buffer.from(match[1], 'base64').toString('utf8');
+    const i = decoded.indexOf(':');
+    if (i !== -1) {
+      try {
+        return decodeURIComponent(decoded.slice(0, i).replace(/\+/g, '%20'));
+      } catch {
+        return decoded.slice(0, i);
+      }
+    }
+  }
+  return '(none)';
+}
+
+// ---------------------------------------------------------------------------------------
+// Start: listen on port 0 first, then build the provider with the real issuer URL.
+// ---------------------------------------------------------------------------------------
+const server = http.createServer();
+await new Promise((resolve, reject) => {
+  server.once('error', reject);
+  server.listen(0, '127.0.0.1', resolve);
+});
+const { port } = server.address();
+const issuer = `http://127.0.0.1:${port}`;
+
+const config = {
+  clients: CLIENTS,
+  // Every scope a client may hold must be known to the server.
+  scopes: ['openid', 'offline_access', ...ALL_SCOPES.split(' ')],
+  jwks: { keys: [generateSigningJwk()] },
+  cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
+
+  features: {
+    // No login UI: only machine-to-machine grants are used.
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: false },
+    revocation: { enabled: false },
+    resourceIndicators: {
+      enabled: true,
+      // No default: a request without `resource` gets no resource server (see README).
+      defaultResource: () => undefined,
+      // One resource per token request; unknown resources are rejected.
+      getResourceServerInfo(ctx, resourceIndicator /* , client */) {
+        const info = RESOURCE_SERVERS[resourceIndicator];
+        if (!info) throw new errors.InvalidTarget();
+        return { ...info };
+      },
+      useGrantedResource: () => false,
+    },
+  },
+
+  // Refresh tokens are rotated on EVERY use; presenting an already used one fails with
+  // invalid_grant and revokes the whole grant (reuse detection).
+  rotateRefreshToken: true,
+  // Refresh tokens minted by /__test/refresh-token belong to this one synthetic account.
+  findAccount: (ctx, accountId) => (accountId === TEST_ACCOUNT
+    ? { accountId, claims: () => ({ sub: accountId }) }
+    : undefined),
+
+  // Lifetimes. Client-credentials tokens live as long as their resource server says.
+  ttl: {
+    ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? 600,
+    AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? 3600,
+    AuthorizationCode: 60,
+    Grant: 14 * 24 * 3600,
+    IdToken: 3600,
+    Interaction: 3600,
+    Session: 14 * 24 * 3600,
+    RefreshToken: 14 * 24 * 3600,
+  },
+
+  formats: {
+    customizers: {
+      // Runs for every JWT access token before it is signed.
+      jwt(ctx, token, jwt) {
+        const extra = EXTRA_AUDIENCES[token.aud];
+        if (extra) jwt.payload.aud = [token.aud, ...extra];
+      },
+    },
+  },
+
+  // Plain-text errors for the (unused) HTML endpoints; token errors are JSON regardless.
+  renderError(ctx, out) {
+    ctx.type = 'json';
+    ctx.body = out;
+  },
+};
+
+const provider = new Provider(issuer, config);
+const tokenPath = new URL(provider.urlFor('token')).pathname;
+
+// Log token request failures on stderr (never a token or a secret).
+provider.on('grant.error', (ctx, err) => {
+  const detail = err.error_detail ? ` [${err.error_detail}]` : '';
+  log(`token request failed: ${err.error ?? err.name}: ${err.error_description ?? err.message}${detail}`
+    + ` (client=${requestClientId(ctx)}, resource=${ctx.oidc?.params?.resource ?? '-'})`);
+});
+provider.on('server_error', (ctx, err) => log(`server_error: ${err.stack ?? err}`));
+
+// Reads a small JSON request body (test-only endpoints; provider routes parse their own).
+async function readJson(ctx) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of ctx.req) {
+    size += chunk.length;
+    if (size > 64 * 1024) ctx.throw(413, 'body too large');
+    chunks.push(chunk);
+  }
+  const text = Buffer.concat(chunks).toString('utf8');
+  if (!text) return {};
+  try {
+    return JSON.parse(text);
+  } catch {
+    return ctx.throw(400, 'body must be JSON');
+  }
+}
+
+// POST /__test/refresh-token {"client_id": "m2m-refresh", "resources": [...], "scope": "..."}
+// Mints a refresh token as if a user had authorized the client for these resources (one
+// grant covering all of them; each resource gets the requested scopes it allows, or all of
+// its scopes when "scope" is absent). Answers {"refresh_token": "..."}.
+async function mintRefreshToken(ctx) {
+  const body = await readJson(ctx);
+  const clientId = body.client_id ?? 'm2m-refresh';
+  const client = await provider.Client.find(clientId);
+  if (!client) ctx.throw(400, `unknown client ${clientId}`);
+  if (!client.grantTypeAllowed('refresh_token')) ctx.throw(400, `client ${clientId} may not use refresh_token`);
+  const resources = Array.isArray(body.resources) ? body.resources : [];
+  if (resources.length === 0) ctx.throw(400, 'resources must be a non-empty array');
+
+  const requested = typeof body.scope === 'string' ? new Set(body.scope.split(' ').filter(Boolean)) : undefined;
+  const grant = new provider.Grant({ accountId: TEST_ACCOUNT, clientId });
+  grant.addOIDCScope('offline_access');
+  const granted = new Set(['offline_access']);
+  for (const resource of resources) {
+    const info = RESOURCE_SERVERS[resource];
+    if (!info) ctx.throw(400, `unknown resource ${resource}`);
+    const scopes = info.scope.split(' ').filter((s) => !requested || requested.has(s));
+    grant.addResourceScope(resource, scopes.join(' '));
+    scopes.forEach((s) => granted.add(s));
+  }
+  const grantId = await grant.save();
+
+  const refreshToken = new provider.RefreshToken({
+    accountId: TEST_ACCOUNT,
+    client,
+    grantId,
+    gty: 'authorization_code',
+    scope: [...granted].join(' '),
+    resource: resources.length === 1 ? resources[0] : resources,
+    expiresWithSession: false,
+  });
+  ctx.type = 'json';
+  ctx.body = { refresh_token: await refreshToken.save() };
+}
+
+// Registered auth method, enforced strictly: oidc-provider itself accepts either
+// client_secret_basic or client_secret_post for a client registered with one of them; this
+// server answers 401 invalid_client when a client uses the other one, so tests prove the
+// operator uses the configured method.
+function wrongAuthMethod(ctx) {
+  const registered = ctx.oidc?.client?.clientAuthMethod;
+  const usedBasic = ctx.get('authorization') !== '';
+  const usedPost = ctx.oidc?.params?.client_secret !== undefined;
+  return (registered === 'client_secret_basic' && !usedBasic && usedPost)
+    || (registered === 'client_secret_post' && usedBasic);
+}
+
+// Test-only endpoints and token-request counting.
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/__test/token-requests' && ctx.method === 'GET') {
+    ctx.type = 'json';
+    ctx.body = counts;
+    return;
+  }
+  if (ctx.path === '/__test/reset' && ctx.method === 'POST') {
+    resetCounts();
+    ctx.status = 204;
+    return;
+  }
+  const keyPath = /^\/__test\/client-keys\/([^/]+)$/.exec(ctx.path);
+  if (keyPath && ctx.method === 'GET') {
+    const key = CLIENT_PRIVATE_KEYS[decodeURIComponent(keyPath[1])];
+    if (!key) ctx.throw(404, 'no such private_key_jwt client');
+    ctx.type = 'json';
+    ctx.body = key;
+    return;
+  }
+  if (ctx.path === '/__test/refresh-token' && ctx.method === 'POST') {
+    await mintRefreshToken(ctx);
+    return;
+  }
+
+  const isTokenRequest = ctx.method === 'POST' && ctx.path === tokenPath;
+  try {
+    await next();
+  } finally {
+    if (isTokenRequest) {
+      // Counted after the provider ran, so its parsed parameters are available; errors are
+      // rendered by the provider's own error handler, so this also runs for failed requests.
+      counts.total += 1;
+      const resource = ctx.oidc?.params?.resource;
+      bump(counts.byResource, Array.isArray(resource) ? resource.join(' ') : (resource ?? '(none)'));
+      bump(counts.byClient, requestClientId(ctx));
+    }
+  }
+  if (!isTokenRequest || ctx.status !== 200) return;
+
+  if (wrongAuthMethod(ctx)) {
+    // The token was minted but is never handed out.
+    log(`token request failed: invalid_client: ${ctx.oidc.client.clientId} is registered for`
+      + ` ${ctx.oidc.client.clientAuthMethod} but used another method`);
+    ctx.status = 401;
+    if (ctx.oidc.client.clientAuthMethod === 'client_secret_basic') {
+      ctx.set('WWW-Authenticate', 'Basic realm="test"');
+    }
+    ctx.body = {
+      error: 'invalid_client',
+      error_description: 'client authentication failed (wrong token_endpoint_auth_method)',
+    };
+    return;
+  }
+
+  // Simulate a server that omits expires_in from the token response.
+  if (ctx.body && typeof ctx.body === 'object' && STRIP_EXPIRES_IN.has(ctx.oidc?.params?.resource)) {
+    delete ctx.body.expires_in;
+  }
+});
+
+server.on('request', provider.callback());
+
+// The one and only line on stdout.
+process.stdout.write(`${JSON.stringify({ issuer })}\n`);
+log(`listening, issuer ${issuer}, token endpoint ${issuer}${tokenPath}`);
+
+// ---------------------------------------------------------------------------------------
+// Shutdown: on signals, and when stdin closes (the parent went away).
+// ---------------------------------------------------------------------------------------
+let stopping = false;
+function shutdown(why) {
+  if (stopping) return;
+  stopping = true;
+  log(`stopping (${why})`);
+  server.close(() => process.exit(0));
+  server.closeAllConnections?.();
+  setTimeout(() => process.exit(0), 1000).unref();
+}
+process.on('SIGTERM', () => shutdown('SIGTERM'));
+process.on('SIGINT', () => shutdown('SIGINT'));
+// Set OIDC_SERVER_IGNORE_STDIN=1 to run it in the background by hand (`node server.mjs &`
+// gives it a closed stdin in a non-interactive shell).
+if (process.env.OIDC_SERVER_IGNORE_STDIN !== '1') {
+  process.stdin.on('end', () => shutdown('stdin closed'));
+  process.stdin.on('close', () => shutdown('stdin closed'));
+  process.stdin.on('error', () => shutdown('stdin error'));
+  process.stdin.resume();
+}

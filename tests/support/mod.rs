@@ -1,0 +1,6 @@
+#![allow(dead_code)]
+
+pub mod kube_double;
+pub mod oidc;
+pub mod operator;
+pub mod scenarios;

@@ -1,0 +1,350 @@
+//! A real OAuth 2.0 authorization server for integration tests: starts
+//! `tests/oidc-server/server.mjs` (oidc-provider on Node) and talks to its test-only
+//! endpoints. See `tests/oidc-server/README.md` for what it issues.
+//!
+//! Needs `node` on PATH (or `$NODE`) and `npm ci --prefix tests/oidc-server` done first.
+//!
+//! ```ignore
+//! mod support;
+//! use support::oidc::{OidcServer, ORDERS, M2M_BASIC};
+//! let idp = OidcServer::start().await;
+//! let token_endpoint = idp.token_endpoint();
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// How long the server may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---- Resources (RFC 8707 resource indicators) the server knows ----------------------------
+
+/// JWT, `aud` = this string, scopes `orders/read orders/write`, 3600 s.
+pub const ORDERS: &str = "https://orders.example.test";
+/// JWT, `aud` = this string, scopes `payments/read payments/write`, 3600 s.
+pub const PAYMENTS: &str = "https://payments.example.test";
+/// JWT, scope `short/read`, lives 6 s (`expires_in: 6`).
+pub const SHORT_LIVED: &str = "urn:test:short-lived";
+/// JWT, scope `multi/read`, `aud` is an ARRAY: `[MULTI_AUDIENCE, MULTI_AUDIENCE_OTHER]`.
+pub const MULTI_AUDIENCE: &str = "urn:test:multi-audience";
+/// The second `aud` value of tokens for [`MULTI_AUDIENCE`].
+pub const MULTI_AUDIENCE_OTHER: &str = "https://other.example.test";
+/// Opaque (not a JWT) token, scope `opaque/read`, `expires_in: 600`.
+pub const OPAQUE: &str = "urn:test:opaque";
+/// JWT (scope `noexp/read`, `exp` = iat + 900 s) whose token response has NO `expires_in`.
+pub const NO_EXPIRES_IN: &str = "urn:test:no-expires-in";
+/// Opaque token (scope `noexp/read`) whose response has NO `expires_in`: lifetime unknown.
+pub const NO_EXPIRES_IN_OPAQUE: &str = "urn:test:no-expires-in-opaque";
+/// Not configured: token requests for it fail with 400 `invalid_target`.
+pub const UNKNOWN_RESOURCE: &str = "https://unknown.example.test";
+
+// ---- Clients -------------------------------------------------------------------------------
+
+/// How a test client must authenticate at the token endpoint (enforced strictly: using the
+/// other method gives 401 `invalid_client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ClientSecretBasic,
+    ClientSecretPost,
+    /// RFC 7523 `client_assertion`, signed with the key from [`OidcServer::client_private_key`].
+    PrivateKeyJwt,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TestClient {
+    pub id: &'static str,
+    pub secret: &'static str,
+    pub method: AuthMethod,
+}
+
+/// client_credentials only, HTTP Basic.
+pub const M2M_BASIC: TestClient = TestClient {
+    id: "m2m-basic",
+    secret: "m2m-basic-secret",
+    method: AuthMethod::ClientSecretBasic,
+};
+/// client_credentials only, credentials in the form body.
+pub const M2M_POST: TestClient = TestClient {
+    id: "m2m-post",
+    secret: "m2m-post-secret",
+    method: AuthMethod::ClientSecretPost,
+};
+/// HTTP Basic with characters that must be form-urlencoded before base64 (RFC 6749 §2.3.1).
+pub const M2M_SPECIAL: TestClient = TestClient {
+    id: "m2m:special",
+    secret: "s3cr3t/with+special&chars=",
+    method: AuthMethod::ClientSecretBasic,
+};
+/// private_key_jwt with RS256 (RSA 2048 key generated at server start). `secret` is empty.
+pub const M2M_JWT_RS256: TestClient = TestClient {
+    id: "m2m-jwt-rs256",
+    secret: "",
+    method: AuthMethod::PrivateKeyJwt,
+};
+/// private_key_jwt with ES256 (P-256 key generated at server start). `secret` is empty.
+pub const M2M_JWT_ES256: TestClient = TestClient {
+    id: "m2m-jwt-es256",
+    secret: "",
+    method: AuthMethod::PrivateKeyJwt,
+};
+/// client_credentials and refresh_token (refresh tokens from [`OidcServer::mint_refresh_token`]).
+pub const M2M_REFRESH: TestClient = TestClient {
+    id: "m2m-refresh",
+    secret: "m2m-refresh-secret",
+    method: AuthMethod::ClientSecretBasic,
+};
+
+/// Token endpoint requests seen by the server since start or the last reset, successful or
+/// not. A request without `resource` is counted under `"(none)"`; one with several under
+/// the values joined by a space.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRequestCounts {
+    pub total: u64,
+    pub by_resource: BTreeMap<String, u64>,
+    pub by_client: BTreeMap<String, u64>,
+}
+
+impl TokenRequestCounts {
+    pub fn for_resource(&self, resource: &str) -> u64 {
+        self.by_resource.get(resource).copied().unwrap_or(0)
+    }
+
+    pub fn for_client(&self, client_id: &str) -> u64 {
+        self.by_client.get(client_id).copied().unwrap_or(0)
+    }
+}
+
+/// The private key of a private_key_jwt client, as served by `/__test/client-keys/<id>`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientKey {
+    pub kid: String,
+    /// `RS256` or `ES256`: the only `alg` the server accepts for this client.
+    pub alg: String,
+    /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
+    pub pem: String,
+    /// The same key as a private JWK, with `kid`, `alg` and `use`.
+    pub jwk: serde_json::Value,
+}
+
+/// A running test authorization server. Killed when dropped (and it also exits by itself
+/// when its stdin, held here, closes).
+pub struct OidcServer {
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub issuer: String,
+    http: reqwest::Client,
+    child: Child,
+    // Held open: the server exits when its stdin closes, i.e. when this process goes away.
+    _stdin: ChildStdin,
+    // Held open so the server never writes to a closed pipe.
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl OidcServer {
+    /// The folder holding `server.mjs`.
+    pub fn dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join("oidc-server")
+    }
+
+    /// Starts `tests/oidc-server/server.mjs` and waits (at most 20 s) for its ready line.
+    pub async fn start() -> OidcServer {
+        let dir = Self::dir();
+        if !dir.join("node_modules").join("oidc-provider").is_dir() {
+            panic!(
+                "the test OAuth server's dependencies are not installed ({} is missing): \
+                 run `npm ci --prefix tests/oidc-server` first",
+                dir.join("node_modules").display()
+            );
+        }
+        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_owned());
+
+        let mut child = Command::new(&node)
+            .arg("server.mjs")
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `{node} server.mjs` in {}: {e} (is Node.js installed?)",
+                    dir.display()
+                )
+            });
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+
+        let issuer = match tokio::time::timeout(START_TIMEOUT, read_issuer(&mut stdout)).await {
+            Ok(Ok(issuer)) => issuer,
+            Ok(Err(why)) => {
+                let status = child.wait().await.ok();
+                panic!(
+                    "test OAuth server did not start: {why} (exit status {status:?}); see its stderr above"
+                );
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                panic!(
+                    "test OAuth server printed no ready line within {START_TIMEOUT:?}; see its stderr above"
+                );
+            }
+        };
+
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("reqwest client");
+
+        OidcServer {
+            issuer,
+            http,
+            child,
+            _stdin: stdin,
+            _stdout: stdout,
+        }
+    }
+
+    /// The token endpoint (`{issuer}/token`, as in the server's discovery document).
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/token", self.issuer)
+    }
+
+    /// `{issuer}/.well-known/openid-configuration`.
+    pub fn discovery_url(&self) -> String {
+        format!("{}/.well-known/openid-configuration", self.issuer)
+    }
+
+    /// `{issuer}/jwks` (the server's public signing keys; new at every start).
+    pub fn jwks_uri(&self) -> String {
+        format!("{}/jwks", self.issuer)
+    }
+
+    /// Token endpoint requests counted since start or the last [`reset_counts`](Self::reset_counts).
+    pub async fn token_requests(&self) -> TokenRequestCounts {
+        let url = format!("{}/__test/token-requests", self.issuer);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .expect("GET /__test/token-requests");
+        assert!(
+            response.status().is_success(),
+            "GET {url}: {}",
+            response.status()
+        );
+        response.json().await.expect("token request counts JSON")
+    }
+
+    /// Sets the token request counters back to zero.
+    pub async fn reset_counts(&self) {
+        let url = format!("{}/__test/reset", self.issuer);
+        let response = self
+            .http
+            .post(&url)
+            .send()
+            .await
+            .expect("POST /__test/reset");
+        assert!(
+            response.status().is_success(),
+            "POST {url}: {}",
+            response.status()
+        );
+    }
+
+    /// The private key of a private_key_jwt client ([`M2M_JWT_RS256`], [`M2M_JWT_ES256`]),
+    /// generated at server start. Assertions: `iss` = `sub` = client id, `aud` = issuer or
+    /// token endpoint, unique `jti`, `exp` required, header `alg` = [`ClientKey::alg`].
+    pub async fn client_private_key(&self, client_id: &str) -> ClientKey {
+        let url = format!(
+            "{}/__test/client-keys/{}",
+            self.issuer,
+            url::form_urlencoded::byte_serialize(client_id.as_bytes()).collect::<String>()
+        );
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .expect("GET /__test/client-keys");
+        assert!(
+            response.status().is_success(),
+            "GET {url}: {}",
+            response.status()
+        );
+        response.json().await.expect("client key JSON")
+    }
+
+    /// Mints a refresh token for `client_id` (e.g. [`M2M_REFRESH`]) as if a user had authorized
+    /// it for `resources` (one grant covering all of them). Each resource gets the scopes in
+    /// `scope` that it allows, or all of its scopes when `scope` is `None`.
+    ///
+    /// Refresh tokens rotate on every use; reusing a used one gives `invalid_grant` and revokes
+    /// the grant (all its refresh tokens).
+    pub async fn mint_refresh_token(
+        &self,
+        client_id: &str,
+        resources: &[&str],
+        scope: Option<&str>,
+    ) -> String {
+        #[derive(Deserialize)]
+        struct Minted {
+            refresh_token: String,
+        }
+        let url = format!("{}/__test/refresh-token", self.issuer);
+        let mut body = serde_json::json!({ "client_id": client_id, "resources": resources });
+        if let Some(scope) = scope {
+            body["scope"] = scope.into();
+        }
+        let response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /__test/refresh-token");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert!(status.is_success(), "POST {url}: {status}: {text}");
+        serde_json::from_str::<Minted>(&text)
+            .expect("refresh token JSON")
+            .refresh_token
+    }
+}
+
+impl Drop for OidcServer {
+    fn drop(&mut self) {
+        // SIGKILL; the server also exits on its own when its stdin (dropped with us) closes.
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Reads stdout lines until the `{"issuer": "..."}` ready line.
+async fn read_issuer(stdout: &mut Lines<BufReader<ChildStdout>>) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Ready {
+        issuer: String,
+    }
+    loop {
+        match stdout.next_line().await {
+            Ok(Some(line)) => match serde_json::from_str::<Ready>(line.trim()) {
+                Ok(ready) => return Ok(ready.issuer.trim_end_matches('/').to_owned()),
+                Err(_) => eprintln!("[oidc-server stdout] {line}"),
+            },
+            Ok(None) => {
+                return Err("it exited (stdout closed) before printing its ready line".to_owned());
+            }
+            Err(e) => return Err(format!("reading its stdout: {e}")),
+        }
+    }
+}

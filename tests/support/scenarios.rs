@@ -1,0 +1,602 @@
+//! User-level scenarios, written against the Kubernetes API only, so they run unchanged
+//! against the in-process API double (`tests/controller.rs`) and a real cluster
+//! (`tests/e2e`). Each waits on conditions with timeouts; none sleeps and hopes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use audience_token_operator::api::{
+    AudienceToken, AudienceTokenSpec, ClientAuth, ClientAuthMethod, IssuerRef, IssuerSpec,
+    SecretKeySelector, TokenIssuer, TokenIssuerSpec,
+};
+use audience_token_operator::secret::{
+    EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MANAGED_BY_LABEL, MANAGER, NAME_LABEL,
+    SPEC_HASH_ANNOTATION, keys,
+};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+use super::oidc::{self, AuthMethod, OidcServer, TestClient};
+use super::operator::OperatorProcess;
+
+/// How long a first token may take to appear (operator start, caches, one token request).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A namespace to play in, the cluster client and the authorization server.
+pub struct TestEnv {
+    pub client: Client,
+    pub namespace: String,
+    pub idp: OidcServer,
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` saying what
+/// was awaited and what was last seen.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The decoded payload of a JWT (no signature check: tests look at claims).
+pub fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url"))
+        .expect("JSON claims")
+}
+
+/// A key of a Secret's data, as text.
+pub fn data(secret: &Secret, key: &str) -> String {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("Secret has no {key}"));
+    String::from_utf8(bytes.0.clone()).expect("UTF-8")
+}
+
+impl TestEnv {
+    pub fn tokens(&self) -> Api<AudienceToken> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates the namespace (labelled `team: test`).
+    pub async fn create_namespace(&self) {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([("team".into(), "test".into())])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+
+    /// Writes the client secret of `client` into Secret `name`, key `client-secret`.
+    pub async fn put_client_secret(&self, name: &str, secret_value: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                "client-secret".into(),
+                ByteString(secret_value.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        self.secrets()
+            .patch(
+                name,
+                &PatchParams::apply("e2e-test").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("apply client Secret");
+    }
+
+    /// A TokenIssuer for `client` at the test server, found by discovery (`issuerURL`).
+    pub async fn create_issuer(&self, name: &str, client: &TestClient, secret_value: &str) {
+        let secret_name = format!("{name}-client");
+        self.put_client_secret(&secret_name, secret_value).await;
+        let method = match client.method {
+            AuthMethod::ClientSecretBasic => ClientAuthMethod::ClientSecretBasic,
+            AuthMethod::ClientSecretPost => ClientAuthMethod::ClientSecretPost,
+            AuthMethod::PrivateKeyJwt => ClientAuthMethod::PrivateKeyJwt,
+        };
+        let issuer = TokenIssuer::new(
+            name,
+            TokenIssuerSpec {
+                issuer: IssuerSpec {
+                    issuer_url: Some(self.idp.issuer.clone()),
+                    client_id: client.id.into(),
+                    client_auth: ClientAuth {
+                        method,
+                        client_secret_ref: Some(SecretKeySelector {
+                            name: secret_name,
+                            key: "client-secret".into(),
+                        }),
+                        ..ClientAuth::default()
+                    },
+                    ..IssuerSpec::default()
+                },
+            },
+        );
+        Api::<TokenIssuer>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &issuer)
+            .await
+            .expect("create TokenIssuer");
+    }
+
+    /// Creates an AudienceToken.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        issuer: &str,
+        resource: &str,
+        scopes: &[&str],
+        secret_name: Option<&str>,
+    ) {
+        let token = AudienceToken::new(
+            name,
+            AudienceTokenSpec {
+                issuer_ref: IssuerRef {
+                    name: issuer.into(),
+                    ..IssuerRef::default()
+                },
+                resource: resource.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                secret_name: secret_name.map(str::to_string),
+                ..AudienceTokenSpec::default()
+            },
+        );
+        self.tokens()
+            .create(&PostParams::default(), &token)
+            .await
+            .expect("create AudienceToken");
+    }
+
+    /// Waits until the AudienceToken's Ready condition has this status and reason.
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        status: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> AudienceToken {
+        let api = self.tokens();
+        eventually(
+            &format!("AudienceToken {name} Ready={status} reason {reason}"),
+            timeout,
+            || {
+                let api = api.clone();
+                async move {
+                    let token = api.get(name).await.map_err(|e| e.to_string())?;
+                    let ready = token
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+                    match ready {
+                        Some(c) if c.status == status && c.reason == reason => Ok(token),
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until Secret `name` exists and `accept` likes it.
+    pub async fn wait_secret(
+        &self,
+        name: &str,
+        what: &str,
+        accept: impl Fn(&Secret) -> bool,
+    ) -> Secret {
+        let api = self.secrets();
+        let accept = &accept;
+        eventually(what, READY_TIMEOUT, || {
+            let api = api.clone();
+            async move {
+                match api.get_opt(name).await.map_err(|e| e.to_string())? {
+                    Some(secret) if accept(&secret) => Ok(secret),
+                    Some(secret) => Err(format!("Secret annotations {:?}", secret.annotations())),
+                    None => Err("no Secret".into()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Events in the namespace about `object`, as (type, reason, note).
+    pub async fn events_for(&self, object: &str) -> Vec<(String, String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        let events = api.list(&ListParams::default()).await.expect("list events");
+        events
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Checks that a Secret has exactly the documented layout for this AudienceToken.
+fn assert_secret_layout(secret: &Secret, token: &AudienceToken, resource: &str, scopes: &str) {
+    let labels = secret.labels();
+    assert_eq!(
+        labels.get(MANAGED_BY_LABEL).map(String::as_str),
+        Some(MANAGER)
+    );
+    assert_eq!(labels.get(NAME_LABEL), Some(&token.name_any()));
+    let annotations = secret.annotations();
+    for key in [
+        EXPIRES_AT_ANNOTATION,
+        ISSUED_AT_ANNOTATION,
+        SPEC_HASH_ANNOTATION,
+    ] {
+        assert!(annotations.contains_key(key), "missing annotation {key}");
+    }
+    let owners = secret.owner_references();
+    assert_eq!(owners.len(), 1, "one owner reference");
+    assert_eq!(owners[0].uid, token.uid().unwrap());
+    assert_eq!(owners[0].controller, Some(true));
+    let data_keys: Vec<&str> = secret
+        .data
+        .as_ref()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        data_keys,
+        vec![
+            keys::AUDIENCE,
+            keys::EXPIRES_AT,
+            keys::SCOPE,
+            keys::TOKEN,
+            keys::TOKEN_TYPE
+        ]
+    );
+    assert_eq!(data(secret, keys::TOKEN_TYPE), "Bearer");
+    assert_eq!(data(secret, keys::AUDIENCE), resource);
+    assert_eq!(data(secret, keys::SCOPE), scopes);
+    assert_eq!(
+        data(secret, keys::EXPIRES_AT),
+        annotations[EXPIRES_AT_ANNOTATION]
+    );
+    let claims = claims(&data(secret, keys::TOKEN));
+    assert_eq!(
+        claims["aud"],
+        json!(resource),
+        "the token is for exactly this one audience"
+    );
+    assert_eq!(claims["scope"], json!(scopes));
+}
+
+/// Two AudienceTokens on one issuer get two Secrets, each holding a token for only its own
+/// audience and scopes; status says so.
+pub async fn issues_one_token_per_audience(env: &TestEnv) {
+    env.create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
+        .await;
+    env.create_token("orders", "idp", oidc::ORDERS, &["orders/read"], None)
+        .await;
+    env.create_token(
+        "payments",
+        "idp",
+        oidc::PAYMENTS,
+        &["payments/read"],
+        Some("payments-api-token"),
+    )
+    .await;
+
+    let orders = env
+        .wait_condition("orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let payments = env
+        .wait_condition("payments", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    let orders_secret = env.secrets().get("orders").await.expect("Secret orders");
+    assert_secret_layout(&orders_secret, &orders, oidc::ORDERS, "orders/read");
+    let payments_secret = env
+        .secrets()
+        .get("payments-api-token")
+        .await
+        .expect("Secret payments-api-token");
+    assert_secret_layout(&payments_secret, &payments, oidc::PAYMENTS, "payments/read");
+
+    let status = orders.status.clone().unwrap();
+    assert_eq!(status.audience, vec![oidc::ORDERS.to_string()]);
+    assert_eq!(status.scopes, vec!["orders/read".to_string()]);
+    assert_eq!(status.token_type.as_deref(), Some("Bearer"));
+    assert_eq!(status.observed_generation, orders.metadata.generation);
+    let (issued, expires, renewal) = (
+        status.issued_at.unwrap().0,
+        status.expires_at.unwrap().0,
+        status.renewal_time.unwrap().0,
+    );
+    assert!(
+        issued < renewal && renewal < expires,
+        "issued {issued} < renewal {renewal} < expires {expires}"
+    );
+    let lifetime = expires.duration_since(issued).as_secs_f64();
+    let renew_after = renewal.duration_since(issued).as_secs_f64();
+    assert!(
+        (0.6..=0.74).contains(&(renew_after / lifetime)),
+        "renewal at about two thirds: {renew_after}/{lifetime}"
+    );
+}
+
+/// A token close to expiry is replaced by a new one in the same Secret.
+pub async fn renews_before_expiry(env: &TestEnv) {
+    env.create_token("short", "idp", oidc::SHORT_LIVED, &["short/read"], None)
+        .await;
+    env.wait_condition("short", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let first = data(
+        &env.secrets().get("short").await.expect("Secret short"),
+        keys::TOKEN,
+    );
+    let renewed = env
+        .wait_secret("short", "the short-lived token to be renewed", |s| {
+            data(s, keys::TOKEN) != first
+        })
+        .await;
+    let claims = claims(&data(&renewed, keys::TOKEN));
+    assert_eq!(claims["aud"], json!(oidc::SHORT_LIVED));
+    env.wait_condition("short", "True", "Renewed", READY_TIMEOUT)
+        .await;
+    let events = env.events_for("short").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, reason, _)| t == "Warning" && reason == "RenewalWindow"),
+        "a 6 s token cannot be renewed 90 s before expiry: a Warning Event says so; events: {events:?}"
+    );
+}
+
+/// Changing the scopes issues a new token at once (exactly one request).
+pub async fn reissues_on_spec_change(env: &TestEnv) {
+    let before = env.idp.token_requests().await.for_resource(oidc::ORDERS);
+    let old = data(
+        &env.secrets().get("orders").await.expect("Secret orders"),
+        keys::TOKEN,
+    );
+    env.tokens()
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"scopes": ["orders/read", "orders/write"]}})),
+        )
+        .await
+        .expect("patch scopes");
+    let secret = env
+        .wait_secret("orders", "a token with both scopes", |s| {
+            data(s, keys::SCOPE) == "orders/read orders/write"
+        })
+        .await;
+    let token = data(&secret, keys::TOKEN);
+    assert_ne!(token, old);
+    assert_eq!(claims(&token)["scope"], json!("orders/read orders/write"));
+    let token_resource = env
+        .wait_condition("orders", "True", "Renewed", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        token_resource.status.unwrap().observed_generation,
+        token_resource.metadata.generation
+    );
+    assert_eq!(
+        env.idp.token_requests().await.for_resource(oidc::ORDERS),
+        before + 1
+    );
+}
+
+/// After a restart, valid tokens are recognised from the Secrets' annotations: no token
+/// request, and a lost status is rebuilt.
+pub async fn restart_makes_no_token_requests(env: &TestEnv, operator: &mut OperatorProcess) {
+    operator.stop().await;
+    // Lose the status of one token entirely; keep the other's.
+    env.tokens()
+        .patch_status(
+            "payments",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": null})),
+        )
+        .await
+        .expect("clear status");
+    env.idp.reset_counts().await;
+    operator.restart().await;
+
+    let restored = env
+        .wait_condition("payments", "True", "Issued", READY_TIMEOUT)
+        .await;
+    assert!(
+        restored.status.unwrap().expires_at.is_some(),
+        "status rebuilt from the Secret's annotations"
+    );
+    // A new token after the restart proves the restarted operator is reconciling.
+    env.create_token("after-restart", "idp", oidc::ORDERS, &["orders/read"], None)
+        .await;
+    env.wait_condition("after-restart", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    let counts = env.idp.token_requests().await;
+    assert_eq!(
+        counts.total, 1,
+        "only the new AudienceToken asked for a token: {counts:?}"
+    );
+    assert_eq!(counts.for_resource(oidc::PAYMENTS), 0);
+}
+
+/// A Secret of the wanted name that the operator does not own is never written, and no
+/// token is requested for it.
+pub async fn never_writes_a_foreign_secret(env: &TestEnv) {
+    let foreign = Secret {
+        metadata: ObjectMeta {
+            name: Some("hands-off".into()),
+            labels: Some(BTreeMap::from([("app".into(), "someone-else".into())])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "token".into(),
+            ByteString(b"not yours".to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    let created = env
+        .secrets()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("create foreign Secret");
+    let before = env.idp.token_requests().await.total;
+
+    env.create_token(
+        "conflicted",
+        "idp",
+        oidc::PAYMENTS,
+        &["payments/read"],
+        Some("hands-off"),
+    )
+    .await;
+    let token = env
+        .wait_condition("conflicted", "False", "SecretConflict", READY_TIMEOUT)
+        .await;
+    let message = &token.status.unwrap().conditions[0].message;
+    assert!(message.contains("hands-off"), "{message}");
+
+    let after = env
+        .secrets()
+        .get("hands-off")
+        .await
+        .expect("foreign Secret still there");
+    assert_eq!(
+        after.resource_version(),
+        created.resource_version(),
+        "foreign Secret untouched"
+    );
+    assert_eq!(data(&after, "token"), "not yours");
+    assert_eq!(
+        env.idp.token_requests().await.total,
+        before,
+        "no token requested for a Secret we cannot write"
+    );
+    let events = env.events_for("conflicted").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "SecretConflict"),
+        "{events:?}"
+    );
+}
+
+/// Server errors reach status (never a token), a multi-audience token is refused, and a
+/// fixed credential recovers without anyone touching the AudienceToken.
+pub async fn failures_reach_status_and_recover(env: &TestEnv) {
+    env.create_token("unknown", "idp", oidc::UNKNOWN_RESOURCE, &[], None)
+        .await;
+    let unknown = env
+        .wait_condition("unknown", "False", "TokenRequestFailed", READY_TIMEOUT)
+        .await;
+    let status = unknown.status.unwrap();
+    assert!(
+        status.conditions[0].message.contains("invalid_target"),
+        "{:?}",
+        status.conditions[0]
+    );
+    assert!(status.failed_attempts >= 1);
+    assert!(
+        status
+            .last_failure_message
+            .unwrap()
+            .contains("invalid_target")
+    );
+    assert!(status.next_attempt_time.is_some());
+    assert!(
+        env.secrets().get_opt("unknown").await.unwrap().is_none(),
+        "no Secret without a token"
+    );
+
+    env.create_token("multi", "idp", oidc::MULTI_AUDIENCE, &["multi/read"], None)
+        .await;
+    let multi = env
+        .wait_condition("multi", "False", "AudienceMismatch", READY_TIMEOUT)
+        .await;
+    let message = multi.status.unwrap().conditions[0].message.clone();
+    assert!(message.contains(oidc::MULTI_AUDIENCE_OTHER), "{message}");
+    assert!(
+        env.secrets().get_opt("multi").await.unwrap().is_none(),
+        "a multi-audience token is never written"
+    );
+
+    env.create_issuer("wrong-secret", &oidc::M2M_POST, "not-the-secret")
+        .await;
+    env.create_token(
+        "recovering",
+        "wrong-secret",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+    let failing = env
+        .wait_condition("recovering", "False", "TokenRequestFailed", READY_TIMEOUT)
+        .await;
+    assert!(
+        failing.status.unwrap().conditions[0]
+            .message
+            .contains("invalid_client")
+    );
+    env.put_client_secret("wrong-secret-client", oidc::M2M_POST.secret)
+        .await;
+    let recovered = env
+        .wait_condition("recovering", "True", "Issued", Duration::from_secs(60))
+        .await;
+    let status = recovered.status.unwrap();
+    assert_eq!(status.failed_attempts, 0);
+    assert!(
+        status.last_failure_message.is_none(),
+        "a success clears the failure"
+    );
+    let secret = env
+        .secrets()
+        .get("recovering")
+        .await
+        .expect("Secret after recovery");
+    assert_eq!(
+        claims(&data(&secret, keys::TOKEN))["aud"],
+        json!(oidc::ORDERS)
+    );
+}
