@@ -1,0 +1,97 @@
+//! The controller scenarios against a real cluster: set `E2E_KUBECONFIG` to a kubeconfig of
+//! a disposable cluster (kind, k3d, …). The CRDs are applied, the operator binary runs as a
+//! local process (so it reaches the test OAuth server on 127.0.0.1), and everything happens
+//! in a fresh namespace that is deleted afterwards.
+//!
+//! ```sh
+//! E2E_KUBECONFIG=~/.kube/config cargo test --test e2e -- --nocapture
+//! ```
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use audience_token_operator::api;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt};
+
+use support::oidc::OidcServer;
+use support::operator::OperatorProcess;
+use support::scenarios::{self, TestEnv, eventually};
+
+#[tokio::test]
+async fn scenarios_on_a_real_cluster() {
+    let Some(path) = std::env::var_os("E2E_KUBECONFIG").map(PathBuf::from) else {
+        // Written straight to stderr: the test harness captures `eprintln!`, and a skip
+        // should be visible in every run.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"e2e skipped: E2E_KUBECONFIG is not set. Point it at a disposable cluster (kind, k3d, ...) to run \
+              the controller scenarios there: E2E_KUBECONFIG=~/.kube/config cargo test --test e2e -- --nocapture\n",
+        );
+        return;
+    };
+    let kubeconfig = Kubeconfig::read_from(&path).expect("read E2E_KUBECONFIG");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("usable kubeconfig");
+    let client = Client::try_from(config).expect("client");
+    install_crds(&client).await;
+
+    let suffix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
+    let namespace = format!("ato-e2e-{suffix}");
+    let env = TestEnv { client: client.clone(), namespace: namespace.clone(), idp: OidcServer::start().await };
+    env.create_namespace().await;
+    eprintln!("e2e: namespace {namespace}, OAuth server {}", env.idp.issuer);
+    let mut operator = OperatorProcess::start(&path, &namespace);
+
+    let outcome = tokio::spawn(async move {
+        scenarios::issues_one_token_per_audience(&env).await;
+        scenarios::reissues_on_spec_change(&env).await;
+        scenarios::renews_before_expiry(&env).await;
+        scenarios::restart_makes_no_token_requests(&env, &mut operator).await;
+        scenarios::never_writes_a_foreign_secret(&env).await;
+        scenarios::failures_reach_status_and_recover(&env).await;
+        operator.stop().await;
+    })
+    .await;
+
+    let namespaces: Api<Namespace> = Api::all(client);
+    if let Err(e) = namespaces.delete(&namespace, &DeleteParams::default()).await {
+        eprintln!("e2e: could not delete namespace {namespace}: {e}; delete it by hand");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+}
+
+/// Server-side applies the CRDs of this build and waits until they are established.
+async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in api::crds() {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply("audience-token-operator-e2e").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        let api = crds.clone();
+        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if established { Ok(()) } else { Err("not established".into()) }
+            }
+        })
+        .await;
+    }
+}
