@@ -352,6 +352,46 @@ const STATUS_FIELDS: [&str; 13] = [
     "lastRenewRequestedAt",
 ];
 
+/// Status when the published token ran out while a retry is still pending: Ready turns
+/// False with reason Expired; the failure record is kept as it is.
+pub fn status_expired_while_waiting(
+    prev: &AudienceTokenStatus,
+    o: &Observed,
+) -> AudienceTokenStatus {
+    let mut status = prev.clone();
+    let expired_at = o
+        .published
+        .map(|p| rfc3339(p.expires_at))
+        .unwrap_or_default();
+    let failure = prev
+        .last_failure_message
+        .as_deref()
+        .unwrap_or("unknown error");
+    let retry = prev
+        .next_attempt_time
+        .as_ref()
+        .map(|t| format!("; next attempt at {}", rfc3339(t.0)))
+        .unwrap_or_default();
+    let message = format!("the token expired at {expired_at} and renewal fails ({failure}){retry}");
+    set_ready(
+        &mut status.conditions,
+        false,
+        reason::EXPIRED,
+        message,
+        o.generation,
+        o.now,
+    );
+    status
+}
+
+/// The reason of the last failure recorded in status, if any.
+pub fn last_failure_reason(status: &AudienceTokenStatus) -> Option<&str> {
+    status
+        .last_failure_message
+        .as_deref()
+        .and_then(|m| m.split(':').next())
+}
+
 /// The JSON merge patch that makes the stored status equal `status`: fields the new status
 /// leaves out are set to `null` so stale values (an old failure message) are removed.
 pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {

@@ -111,18 +111,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                 Some(p) if p.expires_at > now => until.min(p.expires_at),
                 _ => until,
             };
-            if let Some(last) = status.last_failure_message.clone() {
-                let failure = Failure {
-                    reason: reason::TOKEN_REQUEST_FAILED,
-                    message: last,
-                };
-                // Only flips Ready to Expired when the old token ran out while waiting.
-                if published.as_ref().is_some_and(|p| p.expires_at <= now) && ready_is_true(&status)
-                {
-                    let next =
-                        plan::status_failed(&status, &failure, Some(until), false, &observed);
-                    write_status(&ctx, &token, &status, &next, None).await?;
-                }
+            // Ready turns False (Expired) when the old token runs out while waiting.
+            if published.as_ref().is_some_and(|p| p.expires_at <= now) && ready_is_true(&status) {
+                let next = plan::status_expired_while_waiting(&status, &observed);
+                write_status(&ctx, &token, &status, &next, None).await?;
             }
             Ok(requeue_at(wake, now))
         }
@@ -263,7 +255,11 @@ async fn publish(
         renewal_time = %renewal.renewal_time,
         "published token"
     );
-    if let Some(warning) = renewal.warning {
+    // Said once per token and spec, not at every renewal.
+    let first_for_spec = observed
+        .published
+        .is_none_or(|p| p.spec_hash != observed.spec_hash);
+    if let Some(warning) = renewal.warning.filter(|_| first_for_spec) {
         let note = match warning {
             RenewalWarning::LifetimeTooShort { lifetime } => format!(
                 "token lifetime {}s is too short to renew 90s before expiry; pods may read the new token late",
