@@ -43,11 +43,22 @@ async fn scenarios_on_a_real_cluster() {
     let client = Client::try_from(config).expect("client");
     install_crds(&client).await;
 
-    let suffix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 1_000_000;
     let namespace = format!("ato-e2e-{suffix}");
-    let env = TestEnv { client: client.clone(), namespace: namespace.clone(), idp: OidcServer::start().await };
+    let env = TestEnv {
+        client: client.clone(),
+        namespace: namespace.clone(),
+        idp: OidcServer::start().await,
+    };
     env.create_namespace().await;
-    eprintln!("e2e: namespace {namespace}, OAuth server {}", env.idp.issuer);
+    eprintln!(
+        "e2e: namespace {namespace}, OAuth server {}",
+        env.idp.issuer
+    );
     let mut operator = OperatorProcess::start(&path, &namespace);
 
     let outcome = tokio::spawn(async move {
@@ -62,7 +73,10 @@ async fn scenarios_on_a_real_cluster() {
     .await;
 
     let namespaces: Api<Namespace> = Api::all(client);
-    if let Err(e) = namespaces.delete(&namespace, &DeleteParams::default()).await {
+    if let Err(e) = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await
+    {
         eprintln!("e2e: could not delete namespace {namespace}: {e}; delete it by hand");
     }
     if let Err(panic) = outcome {
@@ -75,23 +89,35 @@ async fn install_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in api::crds() {
         let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply("audience-token-operator-e2e").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        crds.patch(
+            &name,
+            &PatchParams::apply("audience-token-operator-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
         let api = crds.clone();
-        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
-            let (api, name) = (api.clone(), name.clone());
-            async move {
-                let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established { Ok(()) } else { Err("not established".into()) }
-            }
-        })
+        eventually(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || {
+                let (api, name) = (api.clone(), name.clone());
+                async move {
+                    let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    if established {
+                        Ok(())
+                    } else {
+                        Err("not established".into())
+                    }
+                }
+            },
+        )
         .await;
     }
 }
