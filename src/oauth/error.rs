@@ -42,9 +42,9 @@ pub enum TokenError {
     #[error("{0}")]
     Config(String),
     /// Discovery failed or returned unusable metadata.
-    #[error("discovery at {url} failed: {reason}")]
+    #[error("discovery for issuer {url} failed: {reason}")]
     Discovery {
-        /// The metadata URL(s) tried.
+        /// The issuer whose metadata was looked for (the URLs tried are in `reason`).
         url: String,
         /// What went wrong.
         reason: String,
