@@ -8,10 +8,13 @@
 //! - [`renewal`]: pure time maths: when to renew, how long to back off.
 //! - [`secret`]: the desired Secret for an issued token, and reading one back.
 //! - [`controller`]: the reconcile loop and its wiring.
+//! - [`debug_token`]: the `token` debugging command (one request, no cluster).
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod controller;
+pub mod debug_token;
+pub mod issuer_params;
 pub mod oauth;
 pub mod redact;
 pub mod renewal;

@@ -1,9 +1,11 @@
 //! The `audience-token-operator` binary: flags, logging, and a call into the library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use audience_token_operator::{api, controller};
+use audience_token_operator::{api, controller, debug_token};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -26,6 +28,66 @@ enum Command {
         #[arg(long)]
         write_dir: Option<PathBuf>,
     },
+    /// Make one token request from an issuer manifest, without a cluster (debugging).
+    ///
+    /// Prints the response metadata, the operator's single-audience check and the decoded
+    /// JWT header and claims; the access token only with --show-token.
+    #[command(after_help = TOKEN_AFTER_HELP)]
+    Token(TokenArgs),
+}
+
+const TOKEN_AFTER_HELP: &str = "\
+Credentials (the issuer's clientSecretRef/privateKeyRef name Secrets this command cannot read):
+  client secret: --client-secret-file, else the ATO_CLIENT_SECRET environment variable
+  private key:   --private-key-file, else the ATO_PRIVATE_KEY environment variable
+  One trailing newline is removed from files. Credentials are never printed.
+
+Exit status: 0 the operator would accept the token; 1 error (bad manifest, missing
+credentials, discovery failure, OAuth error from the server); 2 usage error; 3 a token was
+issued but the operator would refuse it (audience check FAIL, already expired).
+
+Example:
+  ATO_CLIENT_SECRET=... audience-token-operator token -f issuer.yaml \\
+      --resource https://orders.example.com --scope orders/read";
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// TokenIssuer or ClusterTokenIssuer manifest, YAML or JSON; `-` reads stdin. The first
+    /// issuer in a multi-document file is used.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: PathBuf,
+    /// The resource (API) to ask a token for.
+    #[arg(long)]
+    resource: String,
+    /// The `aud` the token must carry [default: the resource].
+    #[arg(long)]
+    audience: Option<String>,
+    /// A scope to request; repeat the flag or separate scopes with spaces.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// File holding the client secret (ClientSecretBasic, ClientSecretPost) [default: env
+    /// ATO_CLIENT_SECRET].
+    #[arg(long, value_name = "PATH")]
+    client_secret_file: Option<PathBuf>,
+    /// File holding the private key (PrivateKeyJWT) [default: env ATO_PRIVATE_KEY].
+    #[arg(long, value_name = "PATH")]
+    private_key_file: Option<PathBuf>,
+    /// Timeout of discovery and of the token request, e.g. `30s` [default: the issuer's
+    /// requestTimeout, else 10s].
+    #[arg(long, value_name = "DURATION", value_parser = api::parse_duration)]
+    timeout: Option<Duration>,
+    /// Also print the access token.
+    #[arg(long)]
+    show_token: bool,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +138,46 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Token(args) => token(args).await,
+    }
+}
+
+/// Exit status of `token` when a token came back but the operator would refuse it.
+const TOKEN_REFUSED_EXIT: i32 = 3;
+
+async fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let options = debug_token::Options {
+        manifest: args.file,
+        resource: args.resource,
+        audience: args.audience,
+        scopes: args.scopes,
+        timeout: args.timeout,
+        show_token: args.show_token,
+        credentials: debug_token::CredentialSources::with_env(
+            args.client_secret_file,
+            args.private_key_file,
+        ),
+    };
+    let json = args.output == OutputFormat::Json;
+    match debug_token::run(&options).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if !report.passed() {
+                std::io::stdout().flush()?;
+                std::process::exit(TOKEN_REFUSED_EXIT);
+            }
+            Ok(())
+        }
+        Err(error) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&error.to_json())?);
+            }
+            Err(anyhow::anyhow!(debug_token::error_chain(&error)))
+        }
     }
 }
 

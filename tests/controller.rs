@@ -76,3 +76,15 @@ async fn failures_reach_status_and_recover() {
         .await;
     scenarios::failures_reach_status_and_recover(&h.env).await;
 }
+
+#[tokio::test]
+async fn refresh_token_chain_is_shared_and_survives_restarts() {
+    let mut h = start("chain").await;
+    scenarios::refresh_token_chain(&h.env, &mut h.operator).await;
+}
+
+#[tokio::test]
+async fn signature_check_writes_only_tokens_signed_by_the_issuer() {
+    let h = start("signature").await;
+    scenarios::signature_check(&h.env).await;
+}

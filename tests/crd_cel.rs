@@ -217,6 +217,8 @@ const ISSUER_URL: &str = "issuerURL must be an http(s) URL without query or frag
 const TOKEN_ENDPOINT: &str = "tokenEndpoint must be an http(s) URL without fragment";
 const RATE: &str = "requestsPerSecond must be positive";
 const BURST: &str = "burst must be at least 1";
+const VERIFY_NEEDS_KEYS: &str = "verifyAccessTokenSignature needs issuerURL (its discovery document names the jwks_uri) or jwksURI";
+const JWKS_URI: &str = "jwksURI must be an http(s) URL without fragment";
 
 struct Case {
     name: String,
@@ -421,6 +423,35 @@ fn valid_cases() -> Vec<Case> {
                 set("spec/defaultTokenLifetime", json!("1h30m")),
                 set("spec/requestTimeout", json!("1.5s")),
             ],
+        ),
+        ok(
+            "signature check with issuerURL (jwks_uri from discovery)",
+            &[
+                unset("spec/tokenEndpoint"),
+                set("spec/verifyAccessTokenSignature", json!(true)),
+            ],
+        ),
+        ok(
+            "signature check with tokenEndpoint and jwksURI",
+            &[
+                unset("spec/issuerURL"),
+                set("spec/verifyAccessTokenSignature", json!(true)),
+                set(
+                    "spec/jwksURI",
+                    json!("https://idp.example.com/.well-known/jwks.json"),
+                ),
+            ],
+        ),
+        ok(
+            "signature check off, tokenEndpoint only",
+            &[
+                unset("spec/issuerURL"),
+                set("spec/verifyAccessTokenSignature", json!(false)),
+            ],
+        ),
+        ok(
+            "a loopback http jwksURI with a query, check defaulted off",
+            &[set("spec/jwksURI", json!("http://127.0.0.1:8080/jwks?v=2"))],
         ),
     ] {
         cases.extend(batch);
@@ -790,6 +821,29 @@ fn invalid_cases() -> Vec<Case> {
                 json!({"requestsPerSecond": 5, "burst": 0}),
             )],
             &[BURST],
+        ),
+        bad(
+            "signature check with tokenEndpoint only",
+            &[
+                unset("spec/issuerURL"),
+                set("spec/verifyAccessTokenSignature", json!(true)),
+            ],
+            &[VERIFY_NEEDS_KEYS],
+        ),
+        bad(
+            "jwksURI with a fragment",
+            &[set("spec/jwksURI", json!("https://idp.example.com/jwks#k"))],
+            &[JWKS_URI],
+        ),
+        bad(
+            "jwksURI not a URL",
+            &[set("spec/jwksURI", json!("/jwks"))],
+            &[JWKS_URI],
+        ),
+        bad(
+            "jwksURI not http(s)",
+            &[set("spec/jwksURI", json!("file:///etc/jwks.json"))],
+            &[JWKS_URI],
         ),
     ] {
         cases.extend(batch);

@@ -143,7 +143,7 @@ fn names_scopes_versions_and_subresources() {
         assert_eq!(spec["scope"], scope, "{kind} scope");
         assert_eq!(
             spec["names"]["categories"],
-            serde_json::json!(["audiencetoken"]),
+            serde_json::json!(["audience-token-operator"]),
             "{kind}"
         );
         let shorts: Vec<&str> = spec["names"]["shortNames"]
@@ -190,8 +190,8 @@ fn audience_token_printer_columns() {
                 ".status.conditions[?(@.type==\"Ready\")].status"
             ),
             ("Resource", "string", ".spec.resource"),
-            ("Expires", "date", ".status.expiresAt"),
-            ("Renewal", "date", ".status.renewalTime"),
+            ("Expires", "string", ".status.expiresAt"),
+            ("Renewal", "string", ".status.renewalTime"),
             ("Age", "date", ".metadata.creationTimestamp"),
         ]
     );

@@ -550,7 +550,7 @@ async fn debug_output_never_shows_secrets_or_tokens() {
     for endpoint in [basic(&idp, M2M_BASIC), post(&idp, M2M_POST)] {
         let secret = match &endpoint.credentials {
             ClientCredentials::Basic(s) | ClientCredentials::Post(s) => s.expose().to_string(),
-            ClientCredentials::None => unreachable!(),
+            _ => unreachable!(),
         };
         let req = client_credentials(ORDERS, &["orders/read"]);
         let response: TokenResponse = request(&idp, &tokens, &endpoint, &req).await.unwrap();

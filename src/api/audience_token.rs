@@ -24,7 +24,7 @@ pub const RENEW_REQUESTED_AT_ANNOTATION: &str = "audiencetoken.io/renew-requeste
     namespaced,
     status = "AudienceTokenStatus",
     shortname = "audtoken",
-    category = "audiencetoken",
+    category = "audience-token-operator",
     doc = "A single-audience OAuth 2.0 access token, issued into a Secret and renewed before it expires.",
     printcolumn(
         name = "Ready",
@@ -32,8 +32,8 @@ pub const RENEW_REQUESTED_AT_ANNOTATION: &str = "audiencetoken.io/renew-requeste
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Resource", type_ = "string", json_path = ".spec.resource"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Renewal", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renewal", type_ = "string", json_path = ".status.renewalTime"),
     printcolumn(
         name = "Age",
         type_ = "date",

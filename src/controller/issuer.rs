@@ -3,10 +3,10 @@
 //! (cached briefly), and the token endpoint (configured or discovered, cached).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::Api;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::ObjectRef;
@@ -16,9 +16,10 @@ use url::Url;
 use super::Context;
 use super::plan::{Failure, reason};
 use crate::api::{
-    AudienceToken, ClientAuthMethod, ClusterTokenIssuer, GrantType, IssuerKind, IssuerSpec,
-    SecretKeySelector, TokenIssuer, parse_duration,
+    AssertionAudience, AudienceToken, ClientAuthMethod, ClusterTokenIssuer, IssuerKind, IssuerSpec,
+    SecretKeySelector, SigningAlgorithm, TokenIssuer, parse_duration,
 };
+use crate::oauth::assertion::{ClientKey, SigningAlg};
 use crate::oauth::client::check_transport_security;
 use crate::oauth::discovery::ServerMetadata;
 use crate::oauth::{ClientCredentials, Endpoint, TokenError};
@@ -43,6 +44,10 @@ pub struct ResolvedIssuer {
     pub secret_namespace: String,
     /// The issuer's `metadata.generation`: a change waives the retry backoff.
     pub generation: i64,
+    /// The issuer's name (state Secrets are named after it).
+    pub name: String,
+    /// The issuer object, for Events and owner references.
+    pub object: ObjectReference,
 }
 
 /// Finds the issuer in the cache and applies the tenancy rules. No API call.
@@ -63,6 +68,8 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                 spec: found.spec.issuer.clone(),
                 secret_namespace: namespace,
                 generation: found.meta().generation.unwrap_or_default(),
+                name: issuer_ref.name.clone(),
+                object: found.object_ref(&()),
             })
         }
         IssuerKind::ClusterTokenIssuer => {
@@ -84,6 +91,8 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                 spec: found.spec.issuer.clone(),
                 secret_namespace: ctx.settings.cluster_resource_namespace.clone(),
                 generation: found.meta().generation.unwrap_or_default(),
+                name: issuer_ref.name.clone(),
+                object: found.object_ref(&()),
             })
         }
     }
@@ -158,19 +167,21 @@ type CredentialKey = (String, String, String);
 pub struct IssuerCaches {
     credentials: Mutex<HashMap<CredentialKey, (SecretString, Instant)>>,
     discovery: Mutex<HashMap<String, (ServerMetadata, Instant)>>,
+    /// JWKS by URL, for `verifyAccessTokenSignature`.
+    pub(super) jwks: super::signature::JwksCache,
 }
 
 impl IssuerCaches {
     /// Forgets what was cached for an issuer after a failure that stale material may explain.
     pub fn invalidate(&self, issuer: &ResolvedIssuer, error: &TokenError) {
-        if error.is_client_auth_failure()
-            && let Some(r) = &issuer.spec.client_auth.client_secret_ref
-        {
-            lock(&self.credentials).remove(&(
-                issuer.secret_namespace.clone(),
-                r.name.clone(),
-                r.key.clone(),
-            ));
+        if error.is_client_auth_failure() {
+            let auth = &issuer.spec.client_auth;
+            for r in [&auth.client_secret_ref, &auth.private_key_ref]
+                .into_iter()
+                .flatten()
+            {
+                lock(&self.credentials).remove(&credential_key(&issuer.secret_namespace, r));
+            }
         }
         if matches!(
             error,
@@ -208,12 +219,6 @@ fn not_ready(message: String) -> Failure {
 /// endpoint from the spec or (cached) discovery.
 pub async fn endpoint(ctx: &Context, issuer: &ResolvedIssuer) -> Result<IssuerRequest, Failure> {
     let spec = &issuer.spec;
-    if spec.grant.type_ == GrantType::RefreshToken {
-        return Err(not_ready(format!(
-            "{}: the RefreshToken grant is not supported by this version",
-            issuer.key
-        )));
-    }
     let timeout = optional_duration(
         spec.request_timeout.as_deref(),
         DEFAULT_TIMEOUT,
@@ -232,12 +237,7 @@ pub async fn endpoint(ctx: &Context, issuer: &ResolvedIssuer) -> Result<IssuerRe
             ClientCredentials::Post(client_secret(ctx, issuer).await?)
         }
         ClientAuthMethod::NoAuth => ClientCredentials::None,
-        ClientAuthMethod::PrivateKeyJwt => {
-            return Err(not_ready(format!(
-                "{}: PrivateKeyJWT is not supported by this version",
-                issuer.key
-            )));
-        }
+        ClientAuthMethod::PrivateKeyJwt => private_key_jwt(ctx, issuer, timeout).await?,
     };
     let token_endpoint = token_endpoint(ctx, issuer, timeout).await?;
     Ok(IssuerRequest {
@@ -276,6 +276,16 @@ async fn token_endpoint(
             .map_err(|e| not_ready(e.to_string()))?;
         return Ok(url);
     }
+    Ok(server_metadata(ctx, issuer, timeout).await?.token_endpoint)
+}
+
+/// The server metadata from discovery at issuerURL (cached for [`DISCOVERY_TTL`]).
+pub async fn server_metadata(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    timeout: Duration,
+) -> Result<ServerMetadata, Failure> {
+    let spec = &issuer.spec;
     let issuer_url = spec.issuer_url.as_deref().ok_or_else(|| {
         not_ready(format!(
             "{}: neither issuerURL nor tokenEndpoint is set",
@@ -285,7 +295,7 @@ async fn token_endpoint(
     if let Some((metadata, fetched)) = lock(&ctx.issuer_caches.discovery).get(issuer_url)
         && fetched.elapsed() < DISCOVERY_TTL
     {
-        return Ok(metadata.token_endpoint.clone());
+        return Ok(metadata.clone());
     }
     let parsed =
         Url::parse(issuer_url).map_err(|e| not_ready(format!("issuerURL {issuer_url:?}: {e}")))?;
@@ -299,9 +309,9 @@ async fn token_endpoint(
         )
         .await
         .map_err(|e| not_ready(e.to_string()))?;
-    let url = metadata.token_endpoint.clone();
-    lock(&ctx.issuer_caches.discovery).insert(issuer_url.to_string(), (metadata, Instant::now()));
-    Ok(url)
+    lock(&ctx.issuer_caches.discovery)
+        .insert(issuer_url.to_string(), (metadata.clone(), Instant::now()));
+    Ok(metadata)
 }
 
 async fn client_secret(ctx: &Context, issuer: &ResolvedIssuer) -> Result<SecretString, Failure> {
@@ -316,19 +326,114 @@ async fn client_secret(ctx: &Context, issuer: &ResolvedIssuer) -> Result<SecretS
                 issuer.key
             ))
         })?;
-    let cache_key = (
-        issuer.secret_namespace.clone(),
+    cached_secret_key(ctx, &issuer.secret_namespace, reference).await
+}
+
+fn credential_key(namespace: &str, reference: &SecretKeySelector) -> CredentialKey {
+    (
+        namespace.to_string(),
         reference.name.clone(),
         reference.key.clone(),
-    );
+    )
+}
+
+/// [`read_secret_key`] through the credential cache ([`CREDENTIAL_TTL`], dropped after
+/// `invalid_client`): client secrets and private keys alike.
+async fn cached_secret_key(
+    ctx: &Context,
+    namespace: &str,
+    reference: &SecretKeySelector,
+) -> Result<SecretString, Failure> {
+    let cache_key = credential_key(namespace, reference);
     if let Some((value, read_at)) = lock(&ctx.issuer_caches.credentials).get(&cache_key)
         && read_at.elapsed() < CREDENTIAL_TTL
     {
         return Ok(value.clone());
     }
-    let value = read_secret_key(ctx, &issuer.secret_namespace, reference).await?;
+    let value = read_secret_key(ctx, namespace, reference).await?;
     lock(&ctx.issuer_caches.credentials).insert(cache_key, (value.clone(), Instant::now()));
     Ok(value)
+}
+
+/// `private_key_jwt` credentials: the key from `privateKeyRef` (cached like a client secret),
+/// and the assertion audience per `assertionAudience`.
+async fn private_key_jwt(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    timeout: Duration,
+) -> Result<ClientCredentials, Failure> {
+    let auth = &issuer.spec.client_auth;
+    let reference = auth.private_key_ref.as_ref().ok_or_else(|| {
+        not_ready(format!(
+            "{}: clientAuth.privateKeyRef is required for PrivateKeyJWT",
+            issuer.key
+        ))
+    })?;
+    let namespace = &issuer.secret_namespace;
+    let text = cached_secret_key(ctx, namespace, reference).await?;
+    let key = ClientKey::parse(
+        text.expose(),
+        auth.signing_algorithm.map(signing_alg),
+        auth.key_id.as_deref(),
+    )
+    .map_err(|e| {
+        // Not kept: a fixed Secret is read again at the next attempt.
+        lock(&ctx.issuer_caches.credentials).remove(&credential_key(namespace, reference));
+        not_ready(format!(
+            "Secret {namespace}/{} key {:?} is not a usable private key: {e}",
+            reference.name, reference.key
+        ))
+    })?;
+    let token_endpoint = token_endpoint(ctx, issuer, timeout).await?;
+    let discovered = match (&issuer.spec.token_endpoint, &issuer.spec.issuer_url) {
+        (None, Some(url)) => lock(&ctx.issuer_caches.discovery)
+            .get(url)
+            .map(|(metadata, _)| metadata.issuer.clone()),
+        _ => None,
+    };
+    let audience = assertion_audience(
+        &issuer.spec,
+        &issuer.key,
+        discovered.as_deref(),
+        &token_endpoint,
+    )?;
+    Ok(ClientCredentials::PrivateKeyJwt {
+        key: Arc::new(key),
+        audience,
+    })
+}
+
+/// The API's `signingAlgorithm` as the token client's algorithm.
+pub fn signing_alg(algorithm: SigningAlgorithm) -> SigningAlg {
+    match algorithm {
+        SigningAlgorithm::RS256 => SigningAlg::RS256,
+        SigningAlgorithm::PS256 => SigningAlg::PS256,
+        SigningAlgorithm::ES256 => SigningAlg::ES256,
+        SigningAlgorithm::ES384 => SigningAlg::ES384,
+    }
+}
+
+/// The `aud` of a client assertion: with `assertionAudience: Issuer` the issuer identifier
+/// (as discovery declared it, else `issuerURL`), with `TokenEndpoint` the token endpoint URL.
+/// `label` names the issuer in the error.
+pub fn assertion_audience(
+    spec: &IssuerSpec,
+    label: &str,
+    discovered_issuer: Option<&str>,
+    token_endpoint: &Url,
+) -> Result<String, Failure> {
+    match spec.client_auth.assertion_audience {
+        AssertionAudience::TokenEndpoint => Ok(token_endpoint.to_string()),
+        AssertionAudience::Issuer => discovered_issuer
+            .or(spec.issuer_url.as_deref())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                not_ready(format!(
+                    "{label}: assertionAudience Issuer needs the issuer identifier, but only \
+                     tokenEndpoint is set; set issuerURL, or set assertionAudience: TokenEndpoint"
+                ))
+            }),
+    }
 }
 
 /// Reads one key of a Secret. Errors name the Secret and key, never the value.
@@ -420,6 +525,41 @@ mod tests {
                 ..ClusterTokenIssuerSpec::default()
             },
         )
+    }
+
+    #[test]
+    fn assertion_audience_is_the_issuer_or_the_token_endpoint() {
+        let token_endpoint = Url::parse("https://idp.example.com/oauth2/token").unwrap();
+        let mut spec = IssuerSpec {
+            issuer_url: Some("https://idp.example.com".into()),
+            ..IssuerSpec::default()
+        };
+        let audience = |spec: &IssuerSpec, discovered: Option<&str>| {
+            assertion_audience(spec, "TokenIssuer/ns/idp", discovered, &token_endpoint)
+        };
+        assert_eq!(audience(&spec, None).unwrap(), "https://idp.example.com");
+        // Discovery's `issuer` is the identifier, even when issuerURL differs by a slash.
+        assert_eq!(
+            audience(&spec, Some("https://idp.example.com/")).unwrap(),
+            "https://idp.example.com/"
+        );
+        spec.client_auth.assertion_audience = AssertionAudience::TokenEndpoint;
+        assert_eq!(
+            audience(&spec, None).unwrap(),
+            "https://idp.example.com/oauth2/token"
+        );
+        spec.issuer_url = None;
+        spec.token_endpoint = Some(token_endpoint.to_string());
+        assert!(audience(&spec, None).is_ok());
+        spec.client_auth.assertion_audience = AssertionAudience::Issuer;
+        let err = audience(&spec, None).unwrap_err();
+        assert_eq!(err.reason, reason::ISSUER_NOT_READY);
+        assert!(
+            err.message
+                .contains("set issuerURL, or set assertionAudience: TokenEndpoint"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! last-applied annotation are dropped from everything cached.
 
 pub mod issuer;
+pub mod issuer_status;
 pub mod plan;
 pub mod reconcile;
+pub mod refresh_chain;
+pub mod signature;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -80,6 +83,8 @@ pub struct Context {
     pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Client secrets and discovery documents.
     pub issuer_caches: IssuerCaches,
+    /// Refresh-token chains, one per issuer using the RefreshToken grant.
+    pub refresh_chains: refresh_chain::RefreshChains,
     recorder: Recorder,
     /// For AudienceTokens whose last request failed: the issuer generation at that time. A
     /// new generation (the issuer was fixed) waives the backoff.
@@ -112,6 +117,26 @@ impl Context {
     /// Publishes a Warning Event on an AudienceToken. Event failures are logged, not fatal.
     pub async fn warn(&self, token: &AudienceToken, reason: &str, note: String) {
         self.event(token, EventType::Warning, reason, note).await;
+    }
+
+    /// Publishes an Event on an issuer.
+    pub async fn issuer_event(
+        &self,
+        issuer: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "RequestToken".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, issuer).await {
+            warn!(issuer = ?issuer.name, error = %e, "cannot publish event");
+        }
     }
 
     /// Publishes an Event on an AudienceToken.
@@ -153,11 +178,13 @@ impl Drop for Tasks {
 }
 
 /// Runs a reflector in its own task so its cache fills before the controller starts, and
-/// forwards the events `select` picks to the controller as triggers.
+/// forwards the events `select` picks to the AudienceToken controller as triggers. With
+/// `every_object`, every listed or changed object also goes there (for a controller of `K`).
 fn spawn_reflector<K, S>(
     tasks: &mut Tasks,
     stream: S,
     select: impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static,
+    every_object: Option<Trigger<K>>,
 ) -> (Store<K>, mpsc::UnboundedReceiver<Result<K, watcher::Error>>)
 where
     K: Resource + Clone + Send + Sync + std::fmt::Debug + 'static,
@@ -172,9 +199,14 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    // A controller may have stopped; then nobody needs the trigger.
                     if let Some(obj) = select(&event) {
-                        // The controller may have stopped; then nobody needs the trigger.
                         let _ = tx.unbounded_send(Ok(obj));
+                    }
+                    if let (Some(all), watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) =
+                        (&every_object, &event)
+                    {
+                        let _ = all.unbounded_send(Ok(obj.clone()));
                     }
                 }
                 Err(e) => {
@@ -191,6 +223,35 @@ fn changed<K: Clone>(event: &watcher::Event<K>) -> Option<K> {
     match event {
         watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => Some(obj.clone()),
         _ => None,
+    }
+}
+
+/// Triggers when an object's spec changed (a new generation) or it was deleted; status
+/// updates, including the operator's own, do not trigger.
+fn spec_changed<K: Resource + Clone + 'static>()
+-> impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static
+where
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let seen: Mutex<HashMap<ObjectRef<K>, Option<i64>>> = Mutex::new(HashMap::new());
+    move |event| {
+        let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match event {
+            watcher::Event::InitApply(obj) => {
+                seen.insert(ObjectRef::from_obj(obj), obj.meta().generation);
+                None
+            }
+            watcher::Event::Apply(obj) => {
+                let generation = obj.meta().generation;
+                let before = seen.insert(ObjectRef::from_obj(obj), generation);
+                (before != Some(generation)).then(|| obj.clone())
+            }
+            watcher::Event::Delete(obj) => {
+                seen.remove(&ObjectRef::from_obj(obj));
+                Some(obj.clone())
+            }
+            _ => None,
+        }
     }
 }
 
@@ -235,20 +296,26 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     let mut tasks = Tasks::default();
     let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
 
+    // Issuers feed two controllers: their own status, and the AudienceTokens using them.
+    let (issuer_status_tx, issuer_status_triggers) = mpsc::unbounded();
+    let (cluster_issuer_status_tx, cluster_issuer_status_triggers) = mpsc::unbounded();
     let (issuers, issuer_triggers) = spawn_reflector(
         &mut tasks,
         watcher(issuers_api, watcher::Config::default()),
-        changed,
+        spec_changed(),
+        Some(issuer_status_tx),
     );
     let (cluster_issuers, cluster_issuer_triggers) = spawn_reflector(
         &mut tasks,
         watcher(cluster_issuers_api, watcher::Config::default()),
-        changed,
+        spec_changed(),
+        Some(cluster_issuer_status_tx),
     );
     let (namespaces, namespace_triggers) = spawn_reflector(
         &mut tasks,
         watcher(namespaces_api, watcher::Config::default()),
         changed,
+        None,
     );
     let (secrets, secret_triggers) = spawn_reflector(
         &mut tasks,
@@ -257,6 +324,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             watcher::Config::default().labels(&managed_selector()),
         ),
         deleted,
+        None,
     );
 
     info!("waiting for caches to sync");
@@ -292,6 +360,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         namespaces,
         secrets,
         issuer_caches: IssuerCaches::default(),
+        refresh_chains: refresh_chain::RefreshChains::default(),
         recorder,
         failures: Mutex::new(HashMap::new()),
     });
@@ -356,20 +425,37 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     };
 
     info!(concurrency = settings.concurrency, namespace = ?settings.namespace, "starting AudienceToken controller");
-    Controller::for_stream(token_stream, reader)
+    let tokens = Controller::for_stream(token_stream, reader)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .watches_stream(issuer_triggers, issuer_mapper)
         .watches_stream(cluster_issuer_triggers, cluster_issuer_mapper)
         .watches_stream(namespace_triggers, namespace_mapper)
         .watches_stream(secret_triggers, secret_mapper)
         .shutdown_on_signal()
-        .run(reconcile::reconcile, error_policy, ctx)
+        .run(reconcile::reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    let issuer_statuses = Controller::for_stream(issuer_status_triggers, ctx.issuers.clone())
+        .shutdown_on_signal()
+        .run(
+            issuer_status::reconcile_token_issuer,
+            issuer_status::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let cluster_issuer_statuses =
+        Controller::for_stream(cluster_issuer_status_triggers, ctx.cluster_issuers.clone())
+            .shutdown_on_signal()
+            .run(
+                issuer_status::reconcile_cluster_issuer,
+                issuer_status::error_policy,
+                ctx.clone(),
+            )
+            .for_each(|_| async {});
+    futures::future::join3(tokens, issuer_statuses, cluster_issuer_statuses).await;
     drop(tasks);
     info!("controller stopped");
     Ok(())

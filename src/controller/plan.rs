@@ -25,8 +25,12 @@ pub mod reason {
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     /// The last token expired and no new one could be obtained.
     pub const EXPIRED: &str = "Expired";
-    /// The ClusterTokenIssuer does not allow this namespace or resource.
+    /// The ClusterTokenIssuer does not allow this namespace or resource, or the
+    /// refresh-token grant does not cover the resource.
     pub const NOT_ALLOWED: &str = "NotAllowed";
+    /// The issuer's refresh-token chain was refused (`invalid_grant`); a new bootstrap
+    /// refresh token is needed.
+    pub const REFRESH_CHAIN_LOST: &str = "RefreshChainLost";
 }
 
 /// What the reconciler knows when it decides.
@@ -382,6 +386,26 @@ pub fn status_expired_while_waiting(
         o.now,
     );
     status
+}
+
+/// A merge patch of only what [`status_current`] and [`status_expired_while_waiting`]
+/// derive: the Ready condition, the token times and the observed generation. Fields it
+/// leaves out are left as they are.
+pub fn derived_status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
+    let full = serde_json::to_value(status).unwrap_or_else(|_| serde_json::json!({}));
+    let mut derived = serde_json::Map::new();
+    for field in [
+        "conditions",
+        "observedGeneration",
+        "issuedAt",
+        "expiresAt",
+        "renewalTime",
+    ] {
+        if let Some(value) = full.get(field) {
+            derived.insert(field.to_string(), value.clone());
+        }
+    }
+    serde_json::json!({ "status": derived })
 }
 
 /// The reason of the last failure recorded in status, if any.

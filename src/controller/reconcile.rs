@@ -16,9 +16,9 @@ use super::issuer::{self, ResolvedIssuer};
 use super::plan::{self, Decision, Failure, Observed, reason};
 use super::{Context, Error};
 use crate::api::{
-    AudienceToken, AudienceTokenStatus, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
+    AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
-use crate::oauth::{AudienceParam, Grant, IssuedToken, TokenError, TokenRequest, issue};
+use crate::oauth::{Grant, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::{RenewBefore, RenewalWarning, backoff_delay, unit_from_seed};
 use crate::secret::{
     MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
@@ -103,7 +103,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                 token.expected_audience(),
                 &observed,
             );
-            write_status(&ctx, &token, &status, &next, None).await?;
+            write_derived_status(&ctx, &token, &status, &next).await?;
             Ok(requeue_at(renewal.renewal_time, now))
         }
         Decision::Wait { until } => {
@@ -114,7 +114,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             // Ready turns False (Expired) when the old token runs out while waiting.
             if published.as_ref().is_some_and(|p| p.expires_at <= now) && ready_is_true(&status) {
                 let next = plan::status_expired_while_waiting(&status, &observed);
-                write_status(&ctx, &token, &status, &next, None).await?;
+                write_derived_status(&ctx, &token, &status, &next).await?;
             }
             Ok(requeue_at(wake, now))
         }
@@ -176,36 +176,12 @@ async fn request_token(
             failure,
             retry_after: None,
         })?;
-    let audience = match issuer.spec.audience_parameter {
-        crate::api::AudienceParameter::Resource => {
-            AudienceParam::Resource(token.spec.resource.clone())
-        }
-        crate::api::AudienceParameter::Audience => {
-            AudienceParam::Audience(token.expected_audience().to_string())
-        }
-        crate::api::AudienceParameter::ScopeOnly => AudienceParam::ScopeOnly,
-    };
-    let request = TokenRequest {
-        grant: Grant::ClientCredentials,
-        scopes: token.spec.scopes.clone(),
-        audience,
-    };
-    let checked = match ctx.tokens.request(&settings.endpoint, &request).await {
-        // RFC 6749 §4.4.3: a refresh token in a client-credentials response is not used.
-        Ok(response) => issue(
-            response,
-            now,
-            settings.default_lifetime,
-            token.expected_audience(),
-            &token.spec.scopes,
-        )
-        .map(|issued| IssuedToken {
-            refresh_token: None,
-            ..issued
-        }),
-        Err(error) => Err(error),
-    };
-    checked.map_err(|error| {
+    let audience = crate::issuer_params::audience_param(
+        issuer.spec.audience_parameter,
+        &token.spec.resource,
+        token.expected_audience(),
+    );
+    let failed = |error: TokenError| {
         ctx.issuer_caches.invalidate(issuer, &error);
         let reason = match &error {
             TokenError::AudienceMismatch { .. } => reason::AUDIENCE_MISMATCH,
@@ -219,6 +195,55 @@ async fn request_token(
                 message: error.to_string(),
             },
         }
+    };
+    let response = match issuer.spec.grant.type_ {
+        GrantType::RefreshToken => ctx
+            .refresh_chains
+            .request(
+                ctx,
+                issuer,
+                &settings.endpoint,
+                &token.spec.scopes,
+                audience,
+                &token.spec.resource,
+            )
+            .await
+            .map_err(|failure| RequestFailure {
+                failure,
+                retry_after: None,
+            })?,
+        GrantType::ClientCredentials => {
+            let request = TokenRequest {
+                grant: Grant::ClientCredentials,
+                scopes: token.spec.scopes.clone(),
+                audience,
+            };
+            ctx.tokens
+                .request(&settings.endpoint, &request)
+                .await
+                .map_err(failed)?
+        }
+    };
+    let issued = issue(
+        response,
+        now,
+        settings.default_lifetime,
+        token.expected_audience(),
+        &token.spec.scopes,
+    )
+    .map_err(failed)?;
+    // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).
+    if issuer.spec.verify_access_token_signature {
+        let timeout = settings.endpoint.timeout;
+        super::signature::verify(ctx, issuer, issued.access_token.expose(), timeout)
+            .await
+            .map_err(failed)?;
+    }
+    // RFC 6749 §4.4.3: a refresh token in a client-credentials response is not used; the
+    // refresh-token chain took its own already.
+    Ok(IssuedToken {
+        refresh_token: None,
+        ..issued
     })
 }
 
@@ -332,6 +357,36 @@ async fn write_status(
     next: &AudienceTokenStatus,
     failure: Option<&Failure>,
 ) -> Result<(), Error> {
+    write_status_patch(ctx, token, previous, next, plan::status_patch(next)).await?;
+    if let Some(failure) = failure {
+        // One Warning per kind of failure, not one per retry.
+        if plan::last_failure_reason(previous) != Some(failure.reason) {
+            ctx.warn(token, failure.reason, failure.message.clone())
+                .await;
+        }
+    }
+    Ok(())
+}
+
+/// Like [`write_status`], but patches only the fields derived from the published token and
+/// the Ready condition. Used where `previous` comes from a cache that may lag our own last
+/// status write: a full patch from it could wipe fields that write set.
+async fn write_derived_status(
+    ctx: &Context,
+    token: &AudienceToken,
+    previous: &AudienceTokenStatus,
+    next: &AudienceTokenStatus,
+) -> Result<(), Error> {
+    write_status_patch(ctx, token, previous, next, plan::derived_status_patch(next)).await
+}
+
+async fn write_status_patch(
+    ctx: &Context,
+    token: &AudienceToken,
+    previous: &AudienceTokenStatus,
+    next: &AudienceTokenStatus,
+    patch: serde_json::Value,
+) -> Result<(), Error> {
     if previous == next {
         return Ok(());
     }
@@ -340,19 +395,9 @@ async fn write_status(
     api.patch_status(
         &token.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(plan::status_patch(next)),
+        &Patch::Merge(patch),
     )
     .await?;
-    if let Some(failure) = failure {
-        let reason_before = previous
-            .last_failure_message
-            .as_deref()
-            .and_then(|m| m.split(':').next());
-        if reason_before != Some(failure.reason) {
-            ctx.warn(token, failure.reason, failure.message.clone())
-                .await;
-        }
-    }
     Ok(())
 }
 

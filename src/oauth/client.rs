@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use url::Url;
 
 use super::discovery::{ServerMetadata, metadata_urls, parse_metadata};
+use super::jwks::{JwkSet, parse_jwks};
 use super::request::{Endpoint, TokenRequest, prepare};
 use super::response::parse_token_response;
 use super::{TokenError, TokenResponse};
@@ -76,6 +77,40 @@ impl TokenClient {
         })
     }
 
+    /// Fetches and parses the server's signing keys (JWKS). Keys decide which tokens are
+    /// trusted, so the same transport rule as for credentials applies.
+    pub async fn fetch_jwks(
+        &self,
+        url: &Url,
+        ca_bundle: Option<&str>,
+        timeout: Duration,
+        allow_insecure_http: bool,
+    ) -> Result<JwkSet, TokenError> {
+        check_transport_security(url, allow_insecure_http)?;
+        let http = self.http(ca_bundle)?;
+        let failed = |reason: String| {
+            TokenError::SignatureInvalid(format!("cannot fetch the JWKS from {url}: {reason}"))
+        };
+        let response = http
+            .get(url.clone())
+            .timeout(timeout)
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, application/jwk-set+json",
+            )
+            .send()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(failed(format!("HTTP {}", status.as_u16())));
+        }
+        let body = read_body(response)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        parse_jwks(&body).map_err(failed)
+    }
+
     /// Sends one token request and parses the answer.
     pub async fn request(
         &self,
@@ -83,7 +118,7 @@ impl TokenClient {
         request: &TokenRequest,
     ) -> Result<TokenResponse, TokenError> {
         let http = self.http(endpoint.ca_bundle.as_deref())?;
-        let prepared = prepare(endpoint, request);
+        let prepared = prepare(endpoint, request)?;
         let url = endpoint.token_endpoint.clone();
         let mut builder = http
             .post(url.clone())

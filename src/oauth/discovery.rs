@@ -10,12 +10,15 @@ pub struct ServerMetadata {
     pub issuer: String,
     /// The token endpoint.
     pub token_endpoint: Url,
+    /// Where the server publishes its signing keys (JWKS), if it says.
+    pub jwks_uri: Option<Url>,
 }
 
 #[derive(Deserialize)]
 struct RawMetadata {
     issuer: Option<String>,
     token_endpoint: Option<String>,
+    jwks_uri: Option<String>,
 }
 
 /// The metadata URLs to try, in order: RFC 8414 §3 inserts
@@ -46,9 +49,12 @@ pub fn parse_metadata(body: &[u8], expected_issuer: &str) -> Result<ServerMetada
         .ok_or("the document has no token_endpoint")?;
     let token_endpoint = Url::parse(&token_endpoint)
         .map_err(|e| format!("token_endpoint {token_endpoint:?} is not a URL ({e})"))?;
+    // Only signature checks use it: an unusable jwks_uri must not break token requests.
+    let jwks_uri = raw.jwks_uri.and_then(|uri| Url::parse(&uri).ok());
     Ok(ServerMetadata {
         issuer,
         token_endpoint,
+        jwks_uri,
     })
 }
 
@@ -89,6 +95,7 @@ mod tests {
             meta.token_endpoint.as_str(),
             "https://idp.example.com/connect/token"
         );
+        assert_eq!(meta.jwks_uri, None);
         assert!(
             parse_metadata(body, "https://evil.example.com")
                 .unwrap_err()
@@ -102,5 +109,18 @@ mod tests {
             .is_err()
         );
         assert!(parse_metadata(b"<html>", "https://idp.example.com").is_err());
+    }
+
+    #[test]
+    fn metadata_carries_the_jwks_uri() {
+        let body = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","jwks_uri":"https://idp.example.com/jwks"}"#;
+        let meta = parse_metadata(body, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.jwks_uri.map(String::from).as_deref(),
+            Some("https://idp.example.com/jwks")
+        );
+        let bad = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","jwks_uri":"/jwks"}"#;
+        let meta = parse_metadata(bad, "https://idp.example.com").unwrap();
+        assert_eq!(meta.jwks_uri, None, "a relative jwks_uri is ignored");
     }
 }

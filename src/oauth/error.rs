@@ -38,6 +38,10 @@ pub enum TokenError {
         /// The `aud` the token carries.
         actual: Vec<String>,
     },
+    /// The JWT access token's signature could not be verified against the issuer's JWKS
+    /// (only with `verifyAccessTokenSignature`). The message never contains the token.
+    #[error("access token signature check failed: {0}")]
+    SignatureInvalid(String),
     /// The issuer configuration cannot be used as it is.
     #[error("{0}")]
     Config(String),

@@ -4,9 +4,11 @@
 //! Pure parts (request building, response parsing, JWT claims, the audience check,
 //! discovery URL rules) are separate from the HTTP calls in [`client`].
 
+pub mod assertion;
 pub mod client;
 pub mod discovery;
 mod error;
+pub mod jwks;
 pub mod jwt;
 pub mod request;
 pub mod response;

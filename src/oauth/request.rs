@@ -1,11 +1,15 @@
 //! Building token requests (RFC 6749 §4.4 and §6, RFC 8707): pure, no I/O.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use jiff::Timestamp;
 
+use super::TokenError;
+use super::assertion::{CLIENT_ASSERTION_TYPE, ClientKey, new_jti};
 use crate::redact::SecretString;
 
 /// Where and how to ask for tokens: the resolved token endpoint and the client's identity.
@@ -32,6 +36,14 @@ pub enum ClientCredentials {
     Post(SecretString),
     /// No authentication, `client_id` in the body.
     None,
+    /// `private_key_jwt` (RFC 7523 §2.2): `client_id`, `client_assertion_type` and a new
+    /// signed `client_assertion` in the body of every request.
+    PrivateKeyJwt {
+        /// The signing key, its algorithm and `kid`.
+        key: Arc<ClientKey>,
+        /// The assertion's `aud`: the issuer identifier or the token endpoint URL.
+        audience: String,
+    },
 }
 
 /// How the request names the one API the token is for.
@@ -88,8 +100,19 @@ impl fmt::Debug for PreparedRequest {
     }
 }
 
-/// Builds the form body and headers of a token request.
-pub fn prepare(endpoint: &Endpoint, request: &TokenRequest) -> PreparedRequest {
+/// Builds the form body and headers of a token request, with a new client assertion (fresh
+/// `jti`, `iat` now) when the client authenticates with `private_key_jwt`.
+pub fn prepare(endpoint: &Endpoint, request: &TokenRequest) -> Result<PreparedRequest, TokenError> {
+    prepare_at(endpoint, request, Timestamp::now(), &new_jti())
+}
+
+/// [`prepare`] with the assertion's time and `jti` given (only `private_key_jwt` uses them).
+pub fn prepare_at(
+    endpoint: &Endpoint,
+    request: &TokenRequest,
+    now: Timestamp,
+    jti: &str,
+) -> Result<PreparedRequest, TokenError> {
     let mut form: Vec<(&'static str, String)> = Vec::with_capacity(6);
     match &request.grant {
         Grant::ClientCredentials => form.push(("grant_type", "client_credentials".into())),
@@ -117,11 +140,20 @@ pub fn prepare(endpoint: &Endpoint, request: &TokenRequest) -> PreparedRequest {
             form.push(("client_id", endpoint.client_id.clone()));
             None
         }
+        ClientCredentials::PrivateKeyJwt { key, audience } => {
+            let assertion = key
+                .sign_assertion(&endpoint.client_id, audience, now, jti)
+                .map_err(|e| TokenError::Config(e.to_string()))?;
+            form.push(("client_id", endpoint.client_id.clone()));
+            form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
+            form.push(("client_assertion", assertion.expose().to_string()));
+            None
+        }
     };
-    PreparedRequest {
+    Ok(PreparedRequest {
         form,
         authorization,
-    }
+    })
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 §2.3.1 requires; many
@@ -166,7 +198,8 @@ mod tests {
         let prepared = prepare(
             &endpoint(ClientCredentials::Basic(SecretString::new("pw"))),
             &request(AudienceParam::Resource("https://orders.example.com".into())),
-        );
+        )
+        .unwrap();
         assert_eq!(
             prepared.form,
             vec![
@@ -187,7 +220,8 @@ mod tests {
         let prepared = prepare(
             &endpoint(ClientCredentials::Post(SecretString::new("pw"))),
             &request(AudienceParam::Audience("orders-api".into())),
-        );
+        )
+        .unwrap();
         assert!(prepared.authorization.is_none());
         assert!(
             prepared
@@ -207,7 +241,7 @@ mod tests {
     fn scope_only_sends_no_audience_and_no_empty_scope() {
         let mut req = request(AudienceParam::ScopeOnly);
         req.scopes.clear();
-        let prepared = prepare(&endpoint(ClientCredentials::None), &req);
+        let prepared = prepare(&endpoint(ClientCredentials::None), &req).unwrap();
         assert_eq!(
             prepared.form,
             vec![
@@ -221,7 +255,7 @@ mod tests {
     fn refresh_grant_carries_the_refresh_token() {
         let mut req = request(AudienceParam::Resource("urn:api".into()));
         req.grant = Grant::RefreshToken(SecretString::new("rt-1"));
-        let prepared = prepare(&endpoint(ClientCredentials::None), &req);
+        let prepared = prepare(&endpoint(ClientCredentials::None), &req).unwrap();
         assert_eq!(
             prepared.form[0],
             ("grant_type", "refresh_token".to_string())
@@ -249,12 +283,101 @@ mod tests {
         let prepared = prepare(
             &endpoint(ClientCredentials::Post(SecretString::new("topsecret"))),
             &request(AudienceParam::ScopeOnly),
-        );
+        )
+        .unwrap();
         let printed = format!(
             "{prepared:?} {:?}",
             endpoint(ClientCredentials::Basic(SecretString::new("topsecret")))
         );
         assert!(!printed.contains("topsecret"), "{printed}");
         assert!(printed.contains("client_secret"));
+    }
+
+    fn private_key_jwt() -> (Endpoint, jsonwebtoken::DecodingKey) {
+        let key = crate::oauth::assertion::test_keys::ec(crate::oauth::assertion::KeyKind::EcP256);
+        let client_key = ClientKey::parse(&key.pkcs8_pem, None, Some("k1")).unwrap();
+        let credentials = ClientCredentials::PrivateKeyJwt {
+            key: Arc::new(client_key),
+            audience: "https://idp.example.com".into(),
+        };
+        (endpoint(credentials), key.public)
+    }
+
+    fn assertion_claims(
+        prepared: &PreparedRequest,
+        public: &jsonwebtoken::DecodingKey,
+    ) -> serde_json::Value {
+        let assertion = &prepared
+            .form
+            .iter()
+            .find(|(name, _)| *name == "client_assertion")
+            .expect("client_assertion")
+            .1;
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.validate_exp = false;
+        validation.set_audience(&["https://idp.example.com"]);
+        jsonwebtoken::decode::<serde_json::Value>(assertion, public, &validation)
+            .unwrap()
+            .claims
+    }
+
+    #[test]
+    fn private_key_jwt_sends_a_signed_assertion_in_the_body() {
+        let (endpoint, public) = private_key_jwt();
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let prepared = prepare_at(
+            &endpoint,
+            &request(AudienceParam::Resource("urn:api".into())),
+            now,
+            "jti-1",
+        )
+        .unwrap();
+        assert!(prepared.authorization.is_none());
+        let names: Vec<&str> = prepared.form.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "grant_type",
+                "scope",
+                "resource",
+                "client_id",
+                "client_assertion_type",
+                "client_assertion"
+            ]
+        );
+        assert!(prepared.form.contains(&(
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string()
+        )));
+        assert!(
+            prepared
+                .form
+                .contains(&("client_id", "shop-m2m".to_string()))
+        );
+        let claims = assertion_claims(&prepared, &public);
+        assert_eq!(claims["iss"], "shop-m2m");
+        assert_eq!(claims["sub"], "shop-m2m");
+        assert_eq!(claims["jti"], "jti-1");
+        assert_eq!(claims["iat"], 1_700_000_000);
+        assert_eq!(claims["exp"], 1_700_000_060);
+        let printed = format!("{prepared:?}");
+        assert!(!printed.contains(&prepared.form[5].1[..20]), "{printed}");
+    }
+
+    #[test]
+    fn private_key_jwt_signs_a_new_assertion_for_every_request() {
+        let (endpoint, public) = private_key_jwt();
+        let req = request(AudienceParam::Resource("urn:api".into()));
+        let first = prepare(&endpoint, &req).unwrap();
+        let second = prepare(&endpoint, &req).unwrap();
+        let (a, b) = (
+            assertion_claims(&first, &public),
+            assertion_claims(&second, &public),
+        );
+        assert_ne!(a["jti"], b["jti"]);
+        let now = Timestamp::now().as_second();
+        let iat = a["iat"].as_i64().unwrap();
+        assert!((now - 5..=now).contains(&iat), "iat {iat}, now {now}");
+        assert_eq!(a["exp"].as_i64().unwrap() - iat, 60);
     }
 }

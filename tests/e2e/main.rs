@@ -68,6 +68,7 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::restart_makes_no_token_requests(&env, &mut operator).await;
         scenarios::never_writes_a_foreign_secret(&env).await;
         scenarios::failures_reach_status_and_recover(&env).await;
+        scenarios::refresh_token_chain(&env, &mut operator).await;
         operator.stop().await;
     })
     .await;

@@ -124,7 +124,7 @@ const CLIENT_PRIVATE_KEYS = {};
 
 function privateKeyJwtClient(clientId, alg) {
   const { privateKey, publicKey } = alg.startsWith('ES')
-    ? crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' })
+    ? crypto.generateKeyPairSync('ec', { namedCurve: alg === 'ES384' ? 'P-384' : 'P-256' })
     : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
   const kid = `${clientId}-${crypto.randomBytes(4).toString('hex')}`;
   CLIENT_PRIVATE_KEYS[clientId] = {
@@ -152,13 +152,16 @@ const CLIENTS = [
   // joined with ':' and base64-encoded. oidc-provider decodes them that way, so a client
   // that does not encode (sending a raw ':' in the id) gets `invalid_client`.
   m2mClient('m2m:special', 's3cr3t/with+special&chars=', 'client_secret_basic'),
-  // private_key_jwt (RFC 7523): one RSA and one EC P-256 client. Their key pairs are
+  // private_key_jwt (RFC 7523): RSA clients for RS256 and PS256, EC clients for ES256
+  // (P-256) and ES384 (P-384). Their key pairs are
   // generated at every start; tests fetch the private key from
   // GET /__test/client-keys/<client_id>. The assertion's `aud` may be the issuer or the
   // token endpoint URL; `iss` and `sub` must be the client id; `jti` must be unique; `exp`
   // is required; the `alg` must be the registered one.
   privateKeyJwtClient('m2m-jwt-rs256', 'RS256'),
   privateKeyJwtClient('m2m-jwt-es256', 'ES256'),
+  privateKeyJwtClient('m2m-jwt-ps256', 'PS256'),
+  privateKeyJwtClient('m2m-jwt-es384', 'ES384'),
   // May also use the refresh_token grant, with refresh tokens minted by the test-only
   // endpoint POST /__test/refresh-token (there is no login UI to obtain one the real way).
   {
@@ -237,6 +240,10 @@ const config = {
   // Every scope a client may hold must be known to the server.
   scopes: ['openid', 'offline_access', ...ALL_SCOPES.split(' ')],
   jwks: { keys: [generateSigningJwk()] },
+  // oidc-provider's default list plus ES384 (for m2m-jwt-es384).
+  enabledJWA: {
+    clientAuthSigningAlgValues: ['HS256', 'RS256', 'PS256', 'ES256', 'ES384', 'Ed25519', 'EdDSA'],
+  },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
 
   features: {

@@ -93,6 +93,18 @@ pub const M2M_JWT_ES256: TestClient = TestClient {
     secret: "",
     method: AuthMethod::PrivateKeyJwt,
 };
+/// private_key_jwt with PS256 (RSA 2048 key generated at server start). `secret` is empty.
+pub const M2M_JWT_PS256: TestClient = TestClient {
+    id: "m2m-jwt-ps256",
+    secret: "",
+    method: AuthMethod::PrivateKeyJwt,
+};
+/// private_key_jwt with ES384 (P-384 key generated at server start). `secret` is empty.
+pub const M2M_JWT_ES384: TestClient = TestClient {
+    id: "m2m-jwt-es384",
+    secret: "",
+    method: AuthMethod::PrivateKeyJwt,
+};
 /// client_credentials and refresh_token (refresh tokens from [`OidcServer::mint_refresh_token`]).
 pub const M2M_REFRESH: TestClient = TestClient {
     id: "m2m-refresh",
@@ -125,7 +137,7 @@ impl TokenRequestCounts {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClientKey {
     pub kid: String,
-    /// `RS256` or `ES256`: the only `alg` the server accepts for this client.
+    /// `RS256`, `PS256`, `ES256` or `ES384`: the only `alg` the server accepts for this client.
     pub alg: String,
     /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
     pub pem: String,
@@ -262,7 +274,8 @@ impl OidcServer {
         );
     }
 
-    /// The private key of a private_key_jwt client ([`M2M_JWT_RS256`], [`M2M_JWT_ES256`]),
+    /// The private key of a private_key_jwt client ([`M2M_JWT_RS256`], [`M2M_JWT_ES256`],
+    /// [`M2M_JWT_PS256`], [`M2M_JWT_ES384`]),
     /// generated at server start. Assertions: `iss` = `sub` = client id, `aud` = issuer or
     /// token endpoint, unique `jti`, `exp` required, header `alg` = [`ClientKey::alg`].
     pub async fn client_private_key(&self, client_id: &str) -> ClientKey {

@@ -338,6 +338,13 @@ pub async fn issues_one_token_per_audience(env: &TestEnv) {
         .expect("Secret payments-api-token");
     assert_secret_layout(&payments_secret, &payments, oidc::PAYMENTS, "payments/read");
 
+    let issuer = env.wait_issuer("idp", "True", "Ready").await;
+    assert_eq!(
+        issuer.status.unwrap().token_endpoint,
+        Some(env.idp.token_endpoint()),
+        "discovered"
+    );
+
     let status = orders.status.clone().unwrap();
     assert_eq!(status.audience, vec![oidc::ORDERS.to_string()]);
     assert_eq!(status.scopes, vec!["orders/read".to_string()]);
@@ -598,5 +605,379 @@ pub async fn failures_reach_status_and_recover(env: &TestEnv) {
     assert_eq!(
         claims(&data(&secret, keys::TOKEN))["aud"],
         json!(oidc::ORDERS)
+    );
+}
+
+/// The key of the bootstrap refresh token in its Secret.
+const BOOTSTRAP_KEY: &str = "refresh-token";
+
+impl TestEnv {
+    /// Writes a bootstrap refresh token into Secret `name`.
+    pub async fn put_bootstrap(&self, name: &str, refresh_token: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                BOOTSTRAP_KEY.into(),
+                ByteString(refresh_token.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        self.secrets()
+            .patch(
+                name,
+                &PatchParams::apply("e2e-test").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("apply bootstrap Secret");
+    }
+
+    /// A TokenIssuer using the RefreshToken grant of `m2m-refresh` for `resources`.
+    pub async fn create_refresh_issuer(
+        &self,
+        name: &str,
+        bootstrap_secret: &str,
+        resources: &[&str],
+    ) {
+        let secret_name = format!("{name}-client");
+        self.put_client_secret(&secret_name, oidc::M2M_REFRESH.secret)
+            .await;
+        let issuer: TokenIssuer = serde_json::from_value(json!({
+            "apiVersion": "audiencetoken.io/v1alpha1",
+            "kind": "TokenIssuer",
+            "metadata": {"name": name},
+            "spec": {
+                "issuerURL": self.idp.issuer,
+                "clientID": oidc::M2M_REFRESH.id,
+                "clientAuth": {"method": "ClientSecretBasic", "clientSecretRef": {"name": secret_name, "key": "client-secret"}},
+                "grant": {
+                    "type": "RefreshToken",
+                    "refreshToken": {"bootstrapSecretRef": {"name": bootstrap_secret, "key": BOOTSTRAP_KEY}, "resources": resources}
+                }
+            }
+        }))
+        .expect("TokenIssuer");
+        Api::<TokenIssuer>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &issuer)
+            .await
+            .expect("create TokenIssuer");
+    }
+
+    async fn token_in(&self, secret: &str) -> String {
+        data(
+            &self.secrets().get(secret).await.expect("token Secret"),
+            keys::TOKEN,
+        )
+    }
+
+    async fn state_refresh_token(&self, issuer: &str) -> Option<String> {
+        let state = self
+            .secrets()
+            .get_opt(&format!("{issuer}-refresh-state"))
+            .await
+            .expect("read state")?;
+        state
+            .data
+            .as_ref()?
+            .get(BOOTSTRAP_KEY)
+            .map(|b| String::from_utf8(b.0.clone()).expect("UTF-8"))
+    }
+
+    async fn wait_token_change(&self, secret: &str, from: &str) -> String {
+        let changed = self
+            .wait_secret(secret, &format!("a new token in {secret}"), |s| {
+                data(s, keys::TOKEN) != from
+            })
+            .await;
+        data(&changed, keys::TOKEN)
+    }
+}
+
+/// Three AudienceTokens share one rotating refresh-token chain (the seeds' pattern): each gets
+/// a token for only its own audience, the chain survives renewals and an operator restart, a
+/// resource outside the grant is refused locally, a stale refresh token is reported as a lost
+/// chain without a retry storm, and a new bootstrap token recovers.
+pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) {
+    let resources = [oidc::ORDERS, oidc::PAYMENTS, oidc::SHORT_LIVED];
+    let bootstrap = env
+        .idp
+        .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
+        .await;
+    env.put_bootstrap("chain-bootstrap", &bootstrap).await;
+    env.create_refresh_issuer("chain", "chain-bootstrap", &resources)
+        .await;
+    env.create_token(
+        "chain-orders",
+        "chain",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "chain-payments",
+        "chain",
+        oidc::PAYMENTS,
+        &["payments/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "chain-short",
+        "chain",
+        oidc::SHORT_LIVED,
+        &["short/read"],
+        None,
+    )
+    .await;
+    for (name, resource) in [
+        ("chain-orders", oidc::ORDERS),
+        ("chain-payments", oidc::PAYMENTS),
+        ("chain-short", oidc::SHORT_LIVED),
+    ] {
+        env.wait_condition(name, "True", "Issued", READY_TIMEOUT)
+            .await;
+        assert_eq!(
+            claims(&env.token_in(name).await)["aud"],
+            json!(resource),
+            "{name} has only its own audience"
+        );
+    }
+    let rotated = env
+        .state_refresh_token("chain")
+        .await
+        .expect("state Secret holds the chain");
+    assert_ne!(
+        rotated, bootstrap,
+        "the bootstrap token was used and rotated"
+    );
+
+    // Several renewals of the 6 s token, each rotating the chain.
+    let mut short = env.token_in("chain-short").await;
+    for _ in 0..2 {
+        short = env.wait_token_change("chain-short", &short).await;
+        assert_eq!(claims(&short)["aud"], json!(oidc::SHORT_LIVED));
+    }
+
+    // A resource the grant does not cover is refused without a request.
+    let before = env.idp.token_requests().await;
+    env.create_token("chain-elsewhere", "chain", oidc::OPAQUE, &[], None)
+        .await;
+    env.wait_condition("chain-elsewhere", "False", "NotAllowed", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        env.idp.token_requests().await.for_resource(oidc::OPAQUE),
+        before.for_resource(oidc::OPAQUE)
+    );
+
+    // The chain survives a restart between rotations: the state Secret carries it on.
+    operator.stop().await;
+    let persisted = env
+        .state_refresh_token("chain")
+        .await
+        .expect("state Secret");
+    operator.restart().await;
+    env.wait_token_change("chain-short", &short).await;
+    assert_ne!(
+        env.state_refresh_token("chain").await.expect("state"),
+        persisted,
+        "rotated after restart"
+    );
+    env.wait_condition("chain-orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    // A stale (already used) refresh token: reported as a lost chain, not retried in a loop.
+    operator.stop().await;
+    env.secrets()
+        .patch(
+            "chain-refresh-state",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {BOOTSTRAP_KEY: base64::engine::general_purpose::STANDARD.encode(&persisted)}})),
+        )
+        .await
+        .expect("plant a spent refresh token");
+    operator.restart().await;
+    let lost = env
+        .wait_condition("chain-short", "False", "Expired", READY_TIMEOUT)
+        .await;
+    assert!(
+        lost.status
+            .unwrap()
+            .last_failure_message
+            .unwrap()
+            .contains("RefreshChainLost")
+    );
+    let requests_after_loss = env
+        .idp
+        .token_requests()
+        .await
+        .for_client(oidc::M2M_REFRESH.id);
+    let attempts = lost_attempts(env, "chain-short").await;
+    eventually(
+        "more local attempts on the lost chain",
+        Duration::from_secs(30),
+        || async {
+            let now = lost_attempts(env, "chain-short").await;
+            if now >= attempts + 2 {
+                Ok(())
+            } else {
+                Err(format!("{now} attempts"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        env.idp
+            .token_requests()
+            .await
+            .for_client(oidc::M2M_REFRESH.id),
+        requests_after_loss,
+        "a lost chain makes no further token requests"
+    );
+    let events = env.issuer_events("chain").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "RefreshChainLost"),
+        "{events:?}"
+    );
+
+    // A new bootstrap token starts a new chain, and everything recovers by itself.
+    let fresh = env
+        .idp
+        .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
+        .await;
+    env.put_bootstrap("chain-bootstrap", &fresh).await;
+    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        claims(&env.token_in("chain-short").await)["aud"],
+        json!(oidc::SHORT_LIVED)
+    );
+}
+
+async fn lost_attempts(env: &TestEnv, name: &str) -> i32 {
+    let token = env.tokens().get(name).await.expect("AudienceToken");
+    token.status.map(|s| s.failed_attempts).unwrap_or_default()
+}
+
+impl TestEnv {
+    /// Waits until TokenIssuer `name`'s Ready condition has this status and reason.
+    pub async fn wait_issuer(&self, name: &str, status: &str, reason: &str) -> TokenIssuer {
+        let api: Api<TokenIssuer> = Api::namespaced(self.client.clone(), &self.namespace);
+        eventually(
+            &format!("TokenIssuer {name} Ready={status} reason {reason}"),
+            READY_TIMEOUT,
+            || {
+                let api = api.clone();
+                async move {
+                    let issuer = api.get(name).await.map_err(|e| e.to_string())?;
+                    let ready = issuer
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+                    match ready {
+                        Some(c) if c.status == status && c.reason == reason => Ok(issuer),
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Events about an issuer, as (type, reason, note).
+    pub async fn issuer_events(&self, issuer: &str) -> Vec<(String, String, String)> {
+        self.events_for(issuer).await
+    }
+}
+
+// ---- verifyAccessTokenSignature -------------------------------------------------------------
+
+impl TestEnv {
+    /// Creates TokenIssuer `name` for `client` (HTTP Basic) with the signature check on;
+    /// keys from discovery, or from `jwks_uri` when given.
+    pub async fn create_verifying_issuer(
+        &self,
+        name: &str,
+        client: &TestClient,
+        jwks_uri: Option<String>,
+    ) {
+        let secret_name = format!("{name}-client");
+        self.put_client_secret(&secret_name, client.secret).await;
+        let issuer = TokenIssuer::new(
+            name,
+            TokenIssuerSpec {
+                issuer: IssuerSpec {
+                    issuer_url: Some(self.idp.issuer.clone()),
+                    client_id: client.id.into(),
+                    client_auth: ClientAuth {
+                        method: ClientAuthMethod::ClientSecretBasic,
+                        client_secret_ref: Some(SecretKeySelector {
+                            name: secret_name,
+                            key: "client-secret".into(),
+                        }),
+                        ..ClientAuth::default()
+                    },
+                    verify_access_token_signature: true,
+                    jwks_uri,
+                    ..IssuerSpec::default()
+                },
+            },
+        );
+        Api::<TokenIssuer>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &issuer)
+            .await
+            .expect("create TokenIssuer");
+    }
+}
+
+/// With `verifyAccessTokenSignature`, a token signed by the issuer's keys is written, an
+/// opaque one is written unchecked, and one that does not verify against the configured keys
+/// is never written (TokenRequestFailed).
+pub async fn signature_check(env: &TestEnv) {
+    env.create_verifying_issuer("verified", &oidc::M2M_BASIC, None)
+        .await;
+    env.create_token("signed", "verified", oidc::ORDERS, &["orders/read"], None)
+        .await;
+    env.wait_condition("signed", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let secret = env.secrets().get("signed").await.expect("Secret");
+    assert_eq!(
+        claims(&data(&secret, keys::TOKEN))["aud"],
+        json!(oidc::ORDERS)
+    );
+
+    env.create_token("opaque", "verified", oidc::OPAQUE, &["opaque/read"], None)
+        .await;
+    env.wait_condition("opaque", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    // Keys of another server: the token's kid is not there, so it is not trusted.
+    let stranger = OidcServer::start().await;
+    env.create_verifying_issuer("wrong-keys", &oidc::M2M_BASIC, Some(stranger.jwks_uri()))
+        .await;
+    env.create_token(
+        "untrusted",
+        "wrong-keys",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+    let failed = env
+        .wait_condition("untrusted", "False", "TokenRequestFailed", READY_TIMEOUT)
+        .await;
+    let message = failed.status.unwrap().conditions[0].message.clone();
+    assert!(
+        message.contains("signature check failed") && message.contains("no key with kid"),
+        "{message}"
+    );
+    assert!(
+        env.secrets().get_opt("untrusted").await.unwrap().is_none(),
+        "a token that does not verify is never written"
     );
 }

@@ -1,0 +1,221 @@
+//! Status of TokenIssuers and ClusterTokenIssuers: `Ready` when the token endpoint is known
+//! (configured or discovered) and the credentials can be read; `RefreshChainLost` when the
+//! issuer's refresh-token chain was refused. `status.tokenEndpoint` shows the resolved URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use super::issuer::{self, ResolvedIssuer};
+use super::plan::{Failure, set_ready};
+use super::refresh_chain::{CHAIN_LOST_ANNOTATION, state_secret_name};
+use super::{Context, Error};
+use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
+
+/// Condition reasons on issuers.
+pub mod reason {
+    /// Token endpoint known and credentials readable.
+    pub const READY: &str = "Ready";
+    /// Discovery failed, a Secret is missing, or the configuration cannot be used.
+    pub const NOT_READY: &str = "NotReady";
+    /// The refresh-token chain was refused; a new bootstrap refresh token is needed.
+    pub const REFRESH_CHAIN_LOST: &str = "RefreshChainLost";
+}
+
+/// How often a Ready issuer is checked again (discovery documents and credentials change).
+const RECHECK_READY: Duration = Duration::from_secs(600);
+/// How often a failing issuer is checked again.
+const RECHECK_FAILING: Duration = Duration::from_secs(30);
+
+fn resolved(
+    key: String,
+    spec: &IssuerSpec,
+    secret_namespace: String,
+    name: String,
+    object: ObjectReference,
+    generation: Option<i64>,
+) -> ResolvedIssuer {
+    ResolvedIssuer {
+        key,
+        spec: spec.clone(),
+        secret_namespace,
+        generation: generation.unwrap_or_default(),
+        name,
+        object,
+    }
+}
+
+/// Reconciles a TokenIssuer's status.
+pub async fn reconcile_token_issuer(
+    issuer: Arc<TokenIssuer>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    update_token_issuer(&ctx, &issuer).await
+}
+
+/// Reconciles a ClusterTokenIssuer's status.
+pub async fn reconcile_cluster_issuer(
+    issuer: Arc<ClusterTokenIssuer>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    update_cluster_issuer(&ctx, &issuer).await
+}
+
+/// Recomputes an issuer's status now (after its refresh-token chain was lost, say).
+pub async fn refresh(ctx: &Context, issuer: &ObjectReference) {
+    let name = issuer.name.clone().unwrap_or_default();
+    let result = match (issuer.kind.as_deref(), issuer.namespace.as_deref()) {
+        (Some("TokenIssuer"), Some(ns)) => match ctx.issuers.get(&ObjectRef::new(&name).within(ns))
+        {
+            Some(found) => update_token_issuer(ctx, &found).await.map(|_| ()),
+            None => Ok(()),
+        },
+        (Some("ClusterTokenIssuer"), _) => match ctx.cluster_issuers.get(&ObjectRef::new(&name)) {
+            Some(found) => update_cluster_issuer(ctx, &found).await.map(|_| ()),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        warn!(issuer = name, error = %e, "cannot update issuer status");
+    }
+}
+
+async fn update_token_issuer(ctx: &Context, issuer: &TokenIssuer) -> Result<Action, Error> {
+    let namespace = issuer
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = issuer.name_any();
+    let target = resolved(
+        format!("TokenIssuer/{namespace}/{name}"),
+        &issuer.spec.issuer,
+        namespace.clone(),
+        name.clone(),
+        issuer.object_ref(&()),
+        issuer.meta().generation,
+    );
+    let next = desired_status(
+        ctx,
+        &target,
+        issuer.status.as_ref(),
+        issuer.meta().generation,
+    )
+    .await;
+    let api: Api<TokenIssuer> = Api::namespaced(ctx.client.clone(), &namespace);
+    write(&api, &name, issuer.status.as_ref(), &next).await
+}
+
+async fn update_cluster_issuer(
+    ctx: &Context,
+    issuer: &ClusterTokenIssuer,
+) -> Result<Action, Error> {
+    let name = issuer.name_any();
+    let target = resolved(
+        format!("ClusterTokenIssuer/{name}"),
+        &issuer.spec.issuer,
+        ctx.settings.cluster_resource_namespace.clone(),
+        name.clone(),
+        issuer.object_ref(&()),
+        issuer.meta().generation,
+    );
+    let next = desired_status(
+        ctx,
+        &target,
+        issuer.status.as_ref(),
+        issuer.meta().generation,
+    )
+    .await;
+    let api: Api<ClusterTokenIssuer> = Api::all(ctx.client.clone());
+    write(&api, &name, issuer.status.as_ref(), &next).await
+}
+
+async fn desired_status(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    previous: Option<&IssuerStatus>,
+    generation: Option<i64>,
+) -> IssuerStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    let now = Timestamp::now();
+    let outcome = match issuer::endpoint(ctx, issuer).await {
+        Ok(request) => {
+            status.token_endpoint = Some(request.endpoint.token_endpoint.to_string());
+            match chain_lost(ctx, issuer).await {
+                Some(why) => Err((reason::REFRESH_CHAIN_LOST, why)),
+                None => Ok(format!(
+                    "token endpoint {}",
+                    request.endpoint.token_endpoint
+                )),
+            }
+        }
+        Err(Failure { message, .. }) => Err((reason::NOT_READY, message)),
+    };
+    match outcome {
+        Ok(message) => set_ready(
+            &mut status.conditions,
+            true,
+            reason::READY,
+            message,
+            generation,
+            now,
+        ),
+        Err((why, message)) => {
+            set_ready(&mut status.conditions, false, why, message, generation, now)
+        }
+    }
+    status
+}
+
+/// Whether the issuer's refresh-token chain is lost: as this process saw it, or as the state
+/// Secret's annotation says (after a restart).
+async fn chain_lost(ctx: &Context, issuer: &ResolvedIssuer) -> Option<String> {
+    if issuer.spec.grant.type_ != GrantType::RefreshToken {
+        return None;
+    }
+    if let Some(why) = ctx.refresh_chains.lost(&issuer.key).await {
+        return Some(why);
+    }
+    let state = ctx
+        .secrets
+        .get(&ObjectRef::new(&state_secret_name(&issuer.name)).within(&issuer.secret_namespace))?;
+    state.annotations().get(CHAIN_LOST_ANNOTATION).cloned()
+}
+
+async fn write<K>(
+    api: &Api<K>,
+    name: &str,
+    previous: Option<&IssuerStatus>,
+    next: &IssuerStatus,
+) -> Result<Action, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let ready = next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == crate::api::READY && c.status == "True");
+    if previous != Some(next) {
+        let patch = serde_json::json!({ "status": next });
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(Action::requeue(if ready {
+        RECHECK_READY
+    } else {
+        RECHECK_FAILING
+    }))
+}
+
+/// Issuer status failures are retried soon; they never block token work.
+pub fn error_policy<K: ResourceExt>(issuer: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(issuer = issuer.name_any(), error = %error, "issuer status update failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}

@@ -1,0 +1,177 @@
+//! The optional signature check of JWT access tokens (`verifyAccessTokenSignature`): which
+//! key set (JWKS) to use, and a cache of key sets per URL.
+//!
+//! A key set is fetched once and kept for [`JWKS_TTL`]. A token naming a key the set lacks
+//! (the server rotated its keys) makes it fetch again, at most every [`JWKS_MIN_REFRESH`] per
+//! URL, so tokens with unknown keys cannot turn into a stream of JWKS requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+use url::Url;
+
+use super::Context;
+use super::issuer::{self, ResolvedIssuer};
+use crate::oauth::TokenError;
+use crate::oauth::jwks::{self, JwkSet};
+use crate::oauth::jwt::decode_claims;
+
+/// How long a fetched key set is used before it is fetched again.
+pub const JWKS_TTL: Duration = Duration::from_secs(3600);
+/// The shortest time between two fetches of one key set (after an unknown `kid`, or a
+/// failed fetch).
+pub const JWKS_MIN_REFRESH: Duration = Duration::from_secs(30);
+
+/// Key sets by JWKS URL.
+#[derive(Default)]
+pub struct JwksCache {
+    sets: Mutex<HashMap<String, CachedSet>>,
+    /// One fetch at a time: reconciles that want the same set wait and then find it cached.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct CachedSet {
+    set: Arc<JwkSet>,
+    /// The last successful fetch.
+    fetched: Instant,
+    /// The last fetch attempt, successful or not.
+    attempted: Instant,
+}
+
+impl CachedSet {
+    fn wants_fetch(&self, token: &str) -> bool {
+        (self.fetched.elapsed() >= JWKS_TTL || jwks::key_missing(token, &self.set))
+            && self.attempted.elapsed() >= JWKS_MIN_REFRESH
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl JwksCache {
+    fn cached(&self, url: &Url) -> Option<CachedSet> {
+        lock(&self.sets).get(url.as_str()).cloned()
+    }
+
+    /// The key set to verify `token` with: cached, or fetched when absent, older than the
+    /// TTL, or lacking the token's key (rate limited).
+    async fn key_set(
+        &self,
+        ctx: &Context,
+        issuer: &ResolvedIssuer,
+        url: &Url,
+        timeout: Duration,
+        token: &str,
+    ) -> Result<Arc<JwkSet>, TokenError> {
+        match self.cached(url) {
+            Some(entry) if !entry.wants_fetch(token) => return Ok(entry.set),
+            _ => {}
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        // Another reconcile may have fetched while this one waited.
+        let cached = self.cached(url);
+        if let Some(entry) = &cached
+            && !entry.wants_fetch(token)
+        {
+            return Ok(entry.set.clone());
+        }
+        let spec = &issuer.spec;
+        let fetched = ctx
+            .tokens
+            .fetch_jwks(
+                url,
+                spec.ca_bundle.as_deref(),
+                timeout,
+                spec.allow_insecure_http,
+            )
+            .await;
+        let now = Instant::now();
+        let mut sets = lock(&self.sets);
+        match (fetched, cached) {
+            (Ok(set), _) => {
+                let set = Arc::new(set);
+                sets.insert(
+                    url.to_string(),
+                    CachedSet {
+                        set: set.clone(),
+                        fetched: now,
+                        attempted: now,
+                    },
+                );
+                Ok(set)
+            }
+            // Keep using the keys we have; the check fails anyway if they do not fit.
+            (Err(error), Some(entry)) => {
+                warn!(issuer = issuer.key, jwks_uri = %url, error = %error, "cannot refresh the JWKS; using the cached one");
+                let set = entry.set.clone();
+                sets.insert(
+                    url.to_string(),
+                    CachedSet {
+                        attempted: now,
+                        ..entry
+                    },
+                );
+                Ok(set)
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+}
+
+/// Where an issuer's keys are, and the `iss` its tokens must carry.
+async fn key_source(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    timeout: Duration,
+) -> Result<(Url, Option<String>), TokenError> {
+    let spec = &issuer.spec;
+    let expected_issuer = spec.issuer_url.clone();
+    if let Some(configured) = &spec.jwks_uri {
+        let url = Url::parse(configured)
+            .map_err(|e| TokenError::Config(format!("jwksURI {configured:?}: {e}")))?;
+        return Ok((url, expected_issuer));
+    }
+    if spec.issuer_url.is_none() {
+        return Err(TokenError::Config(format!(
+            "{}: verifyAccessTokenSignature needs issuerURL or jwksURI",
+            issuer.key
+        )));
+    }
+    let metadata = issuer::server_metadata(ctx, issuer, timeout)
+        .await
+        .map_err(|failure| TokenError::Config(failure.message))?;
+    let url = metadata.jwks_uri.ok_or_else(|| {
+        TokenError::Config(format!(
+            "{}: verifyAccessTokenSignature is set but the server's metadata has no usable jwks_uri; set jwksURI",
+            issuer.key
+        ))
+    })?;
+    // Discovery checked that the document's issuer is issuerURL (up to a trailing `/`).
+    Ok((url, Some(metadata.issuer)))
+}
+
+/// Verifies the signature of a JWT access token against the issuer's JWKS. Opaque tokens
+/// cannot be verified locally and pass. Call only with `verifyAccessTokenSignature` set.
+pub async fn verify(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    access_token: &str,
+    timeout: Duration,
+) -> Result<(), TokenError> {
+    if decode_claims(access_token).is_none() {
+        return Ok(());
+    }
+    let (url, expected_issuer) = key_source(ctx, issuer, timeout).await?;
+    let set = ctx
+        .issuer_caches
+        .jwks
+        .key_set(ctx, issuer, &url, timeout, access_token)
+        .await?;
+    jwks::verify_signature(access_token, &set, expected_issuer.as_deref())
+}
