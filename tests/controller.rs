@@ -88,3 +88,9 @@ async fn signature_check_writes_only_tokens_signed_by_the_issuer() {
     let h = start("signature").await;
     scenarios::signature_check(&h.env).await;
 }
+
+#[tokio::test]
+async fn private_key_jwt_client_authentication() {
+    let h = start("pkjwt").await;
+    scenarios::private_key_jwt(&h.env).await;
+}

@@ -69,6 +69,7 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::never_writes_a_foreign_secret(&env).await;
         scenarios::failures_reach_status_and_recover(&env).await;
         scenarios::refresh_token_chain(&env, &mut operator).await;
+        scenarios::private_key_jwt(&env).await;
         operator.stop().await;
     })
     .await;

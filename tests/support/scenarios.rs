@@ -981,3 +981,134 @@ pub async fn signature_check(env: &TestEnv) {
         "a token that does not verify is never written"
     );
 }
+
+impl TestEnv {
+    /// A TokenIssuer authenticating with PrivateKeyJWT, the key in Secret `<name>-key`.
+    pub async fn create_private_key_issuer(
+        &self,
+        name: &str,
+        client_id: &str,
+        key: &str,
+        assertion_audience: &str,
+    ) {
+        let secret_name = format!("{name}-key");
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                "private-key".into(),
+                ByteString(key.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        self.secrets()
+            .patch(
+                &secret_name,
+                &PatchParams::apply("e2e-test").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("apply key Secret");
+        let issuer: TokenIssuer = serde_json::from_value(json!({
+            "apiVersion": "audiencetoken.io/v1alpha1",
+            "kind": "TokenIssuer",
+            "metadata": {"name": name},
+            "spec": {
+                "issuerURL": self.idp.issuer,
+                "clientID": client_id,
+                "clientAuth": {
+                    "method": "PrivateKeyJWT",
+                    "privateKeyRef": {"name": secret_name, "key": "private-key"},
+                    "assertionAudience": assertion_audience
+                }
+            }
+        }))
+        .expect("TokenIssuer");
+        Api::<TokenIssuer>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &issuer)
+            .await
+            .expect("create TokenIssuer");
+    }
+}
+
+/// PrivateKeyJWT through the operator: a PEM key and a JWK both get single-audience tokens
+/// (every renewal signs a new assertion, or the server would refuse the replay); an
+/// unreadable key is reported without its content.
+pub async fn private_key_jwt(env: &TestEnv) {
+    let es256 = env.idp.client_private_key(oidc::M2M_JWT_ES256.id).await;
+    env.create_private_key_issuer("pkjwt-pem", oidc::M2M_JWT_ES256.id, &es256.pem, "Issuer")
+        .await;
+    let rs256 = env.idp.client_private_key(oidc::M2M_JWT_RS256.id).await;
+    env.create_private_key_issuer(
+        "pkjwt-jwk",
+        oidc::M2M_JWT_RS256.id,
+        &rs256.jwk.to_string(),
+        "TokenEndpoint",
+    )
+    .await;
+    env.create_private_key_issuer(
+        "pkjwt-garbage",
+        oidc::M2M_JWT_RS256.id,
+        "not a key at all",
+        "Issuer",
+    )
+    .await;
+
+    env.create_token(
+        "pk-short",
+        "pkjwt-pem",
+        oidc::SHORT_LIVED,
+        &["short/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "pk-orders",
+        "pkjwt-jwk",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "pk-broken",
+        "pkjwt-garbage",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+
+    env.wait_condition("pk-orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        claims(&env.token_in("pk-orders").await)["aud"],
+        json!(oidc::ORDERS)
+    );
+    env.wait_condition("pk-short", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let first = env.token_in("pk-short").await;
+    let renewed = env.wait_token_change("pk-short", &first).await;
+    assert_eq!(
+        claims(&renewed)["aud"],
+        json!(oidc::SHORT_LIVED),
+        "renewed with a fresh assertion"
+    );
+
+    let broken = env
+        .wait_condition("pk-broken", "False", "IssuerNotReady", READY_TIMEOUT)
+        .await;
+    let message = broken.status.unwrap().conditions[0].message.clone();
+    assert!(
+        message.contains("pkjwt-garbage-key"),
+        "names the Secret: {message}"
+    );
+    assert!(
+        !message.contains("not a key at all"),
+        "never the content: {message}"
+    );
+    env.wait_issuer("pkjwt-garbage", "False", "NotReady").await;
+    env.wait_issuer("pkjwt-jwk", "True", "Ready").await;
+}
