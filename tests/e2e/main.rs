@@ -70,6 +70,7 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::failures_reach_status_and_recover(&env).await;
         scenarios::refresh_token_chain(&env, &mut operator).await;
         scenarios::private_key_jwt(&env).await;
+        scenarios::signature_check(&env).await;
         operator.stop().await;
     })
     .await;
