@@ -147,7 +147,7 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct AudienceTokenStatus {
     /// `Ready` with reason Issued, Renewed, IssuerNotReady, TokenRequestFailed,
-    /// AudienceMismatch, SecretConflict, Expired or NotAllowed.
+    /// AudienceMismatch, SecretConflict, Expired, NotAllowed or RefreshChainLost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` last acted on.

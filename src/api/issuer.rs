@@ -245,7 +245,8 @@ fn default_burst() -> i32 {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IssuerStatus {
-    /// `Ready`: discovery reachable and credentials readable.
+    /// `Ready`: the token endpoint is known (configured or discovered) and the credentials are
+    /// readable. Reasons: Ready, NotReady, RefreshChainLost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The token endpoint as resolved by discovery or configuration.

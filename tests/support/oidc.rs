@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// How long the server may take to print its ready line.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---- Resources (RFC 8707 resource indicators) the server knows ----------------------------
 
@@ -166,7 +166,7 @@ impl OidcServer {
             .join("oidc-server")
     }
 
-    /// Starts `tests/oidc-server/server.mjs` and waits (at most 20 s) for its ready line.
+    /// Starts `tests/oidc-server/server.mjs` and waits (at most 60 s) for its ready line.
     pub async fn start() -> OidcServer {
         let dir = Self::dir();
         if !dir.join("node_modules").join("oidc-provider").is_dir() {

@@ -27,7 +27,7 @@ use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 use super::operator::OperatorProcess;
 
 /// How long a first token may take to appear (operator start, caches, one token request).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A namespace to play in, the cluster client and the authorization server.
 pub struct TestEnv {
@@ -589,7 +589,7 @@ pub async fn failures_reach_status_and_recover(env: &TestEnv) {
     env.put_client_secret("wrong-secret-client", oidc::M2M_POST.secret)
         .await;
     let recovered = env
-        .wait_condition("recovering", "True", "Issued", Duration::from_secs(60))
+        .wait_condition("recovering", "True", "Issued", Duration::from_secs(120))
         .await;
     let status = recovered.status.unwrap();
     assert_eq!(status.failed_attempts, 0);
@@ -818,7 +818,7 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
     let attempts = lost_attempts(env, "chain-short").await;
     eventually(
         "more local attempts on the lost chain",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let now = lost_attempts(env, "chain-short").await;
             if now >= attempts + 2 {
@@ -851,7 +851,7 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
         .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
         .await;
     env.put_bootstrap("chain-bootstrap", &fresh).await;
-    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(60))
+    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(120))
         .await;
     assert_eq!(
         claims(&env.token_in("chain-short").await)["aud"],
