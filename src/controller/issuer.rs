@@ -339,7 +339,8 @@ fn credential_key(namespace: &str, reference: &SecretKeySelector) -> CredentialK
 
 /// [`read_secret_key`] through the credential cache ([`CREDENTIAL_TTL`], dropped after
 /// `invalid_client`): client secrets and private keys alike.
-async fn cached_secret_key(
+/// One key of a Secret, from the credential cache when read less than 5 minutes ago.
+pub(super) async fn cached_secret_key(
     ctx: &Context,
     namespace: &str,
     reference: &SecretKeySelector,

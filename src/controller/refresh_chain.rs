@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::Context;
-use super::issuer::{ResolvedIssuer, read_secret_key};
+use super::issuer::{ResolvedIssuer, cached_secret_key, read_secret_key};
 use super::plan::{Failure, reason};
 use crate::oauth::{AudienceParam, Endpoint, Grant, TokenRequest, TokenResponse};
 
@@ -127,13 +127,19 @@ impl RefreshChains {
         }
 
         // The bootstrap Secret may be deleted once adopted; it only matters when it changes.
-        let bootstrap =
-            match read_secret_key(ctx, &issuer.secret_namespace, &grant.bootstrap_secret_ref).await
-            {
-                Ok(value) => Some(value),
-                Err(_) if state.refresh_token.is_some() || state.lost.is_some() => None,
-                Err(failure) => return Err(failure),
-            };
+        // A live chain reads it through the 5-minute credential cache (a changed value is
+        // adopted within that time); a lost or absent chain reads it fresh each attempt, so a
+        // new bootstrap value is seen at the next retry.
+        let bootstrap_read = if state.lost.is_some() || state.refresh_token.is_none() {
+            read_secret_key(ctx, &issuer.secret_namespace, &grant.bootstrap_secret_ref).await
+        } else {
+            cached_secret_key(ctx, &issuer.secret_namespace, &grant.bootstrap_secret_ref).await
+        };
+        let bootstrap = match bootstrap_read {
+            Ok(value) => Some(value),
+            Err(_) if state.refresh_token.is_some() || state.lost.is_some() => None,
+            Err(failure) => return Err(failure),
+        };
         let adopting = match &bootstrap {
             Some(value) => state.bootstrap_hash.as_deref() != Some(bootstrap_hash(value).as_str()),
             None => false,
