@@ -7,10 +7,10 @@ use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::{AudienceToken, AudienceTokenSpec, DeletionPolicy};
+use crate::api::{AudienceToken, AudienceTokenSpec, DeletionPolicy, RENEW_REQUESTED_AT_ANNOTATION};
 use crate::oauth::IssuedToken;
 
 /// The field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
@@ -87,6 +87,14 @@ pub fn desired_secret(token_resource: &AudienceToken, token: &IssuedToken) -> Se
     annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires_at.clone());
     annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(token.issued_at));
     annotations.insert(SPEC_HASH_ANNOTATION.into(), spec_hash(&token_resource.spec));
+    // Any token issued after a forced-renewal request satisfies it; recorded here too so a
+    // lost status does not repeat the renewal.
+    if let Some(requested) = token_resource
+        .annotations()
+        .get(RENEW_REQUESTED_AT_ANNOTATION)
+    {
+        annotations.insert(RENEW_REQUESTED_AT_ANNOTATION.into(), requested.clone());
+    }
 
     let owner_references = match token_resource.spec.deletion_policy {
         DeletionPolicy::Delete => owner_reference(token_resource).map(|r| vec![r]),
@@ -142,6 +150,8 @@ pub struct PublishedToken {
     pub expires_at: Timestamp,
     /// The spec hash it was issued for.
     pub spec_hash: String,
+    /// The `renew-requested-at` value in force when it was issued.
+    pub renew_requested_at: Option<String>,
 }
 
 /// Reads the published token from a Secret's metadata, if the annotations are complete.
@@ -152,6 +162,7 @@ pub fn published_token(meta: &ObjectMeta) -> Option<PublishedToken> {
         issued_at: time(ISSUED_AT_ANNOTATION)?,
         expires_at: time(EXPIRES_AT_ANNOTATION)?,
         spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
+        renew_requested_at: annotations.get(RENEW_REQUESTED_AT_ANNOTATION).cloned(),
     })
 }
 

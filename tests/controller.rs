@@ -55,6 +55,7 @@ async fn issues_reissues_renews_and_survives_restart() {
     let mut h = start("lifecycle").await;
     scenarios::issues_one_token_per_audience(&h.env).await;
     scenarios::reissues_on_spec_change(&h.env).await;
+    scenarios::forced_renewal(&h.env).await;
     scenarios::renews_before_expiry(&h.env).await;
     scenarios::restart_makes_no_token_requests(&h.env, &mut h.operator).await;
 }

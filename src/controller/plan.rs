@@ -89,6 +89,7 @@ impl Observed<'_> {
         match self.renew_requested_at {
             Some(value) if !value.is_empty() => {
                 self.status.last_renew_requested_at.as_deref() != Some(value)
+                    && self.published.and_then(|p| p.renew_requested_at.as_deref()) != Some(value)
             }
             _ => false,
         }
@@ -441,6 +442,7 @@ mod tests {
             issued_at: ts(issued),
             expires_at: ts(expires),
             spec_hash: hash.into(),
+            renew_requested_at: None,
         }
     }
 
@@ -534,6 +536,16 @@ mod tests {
         assert_eq!(decide(&o, false), Decision::Request(RequestReason::Forced));
         status.last_renew_requested_at = Some("2026-11-21T10:00:00Z".into());
         let mut o = observed(10, Some(&fresh), &status);
+        o.renew_requested_at = Some("2026-11-21T10:00:00Z");
+        assert!(matches!(decide(&o, false), Decision::Keep(_)));
+
+        // Status lost, but the Secret records that the token answered this request.
+        let recorded = PublishedToken {
+            renew_requested_at: Some("2026-11-21T10:00:00Z".into()),
+            ..fresh.clone()
+        };
+        let no_status = AudienceTokenStatus::default();
+        let mut o = observed(10, Some(&recorded), &no_status);
         o.renew_requested_at = Some("2026-11-21T10:00:00Z");
         assert!(matches!(decide(&o, false), Decision::Keep(_)));
     }

@@ -64,6 +64,7 @@ async fn scenarios_on_a_real_cluster() {
     let outcome = tokio::spawn(async move {
         scenarios::issues_one_token_per_audience(&env).await;
         scenarios::reissues_on_spec_change(&env).await;
+        scenarios::forced_renewal(&env).await;
         scenarios::renews_before_expiry(&env).await;
         scenarios::restart_makes_no_token_requests(&env, &mut operator).await;
         scenarios::never_writes_a_foreign_secret(&env).await;

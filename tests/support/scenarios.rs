@@ -1112,3 +1112,50 @@ pub async fn private_key_jwt(env: &TestEnv) {
     env.wait_issuer("pkjwt-garbage", "False", "NotReady").await;
     env.wait_issuer("pkjwt-jwk", "True", "Ready").await;
 }
+
+/// `audiencetoken.io/renew-requested-at` forces exactly one renewal for each new value.
+pub async fn forced_renewal(env: &TestEnv) {
+    let before = env.idp.token_requests().await.for_resource(oidc::PAYMENTS);
+    let mut token = env.token_in("payments-api-token").await;
+    for (round, value) in ["2026-11-21T10:00:00Z", "2026-11-21T10:05:00Z"]
+        .into_iter()
+        .enumerate()
+    {
+        env.tokens()
+            .patch(
+                "payments",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"audiencetoken.io/renew-requested-at": value}}})),
+            )
+            .await
+            .expect("annotate");
+        token = env.wait_token_change("payments-api-token", &token).await;
+        let api = env.tokens();
+        eventually(
+            &format!("lastRenewRequestedAt {value}"),
+            READY_TIMEOUT,
+            || {
+                let api = api.clone();
+                async move {
+                    let status = api
+                        .get("payments")
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .status
+                        .unwrap_or_default();
+                    match status.last_renew_requested_at.as_deref() {
+                        Some(v) if v == value => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            },
+        )
+        .await;
+        let requests = env.idp.token_requests().await.for_resource(oidc::PAYMENTS);
+        assert_eq!(
+            requests,
+            before + round as u64 + 1,
+            "one renewal per new value"
+        );
+    }
+}
