@@ -11,7 +11,12 @@ use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{self, TestEnv};
 
+/// Each harness runs a Node server and an operator process; on a 2-core machine more than
+/// two at once only slows them all down.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 struct Harness {
+    _slot: tokio::sync::SemaphorePermit<'static>,
     env: TestEnv,
     operator: OperatorProcess,
     _double: KubeApiDouble,
@@ -29,6 +34,7 @@ impl Drop for TempFile {
 
 /// A fresh API double, OAuth server, namespace with issuer `idp`, and a running operator.
 async fn start(namespace: &str) -> Harness {
+    let slot = SLOTS.acquire().await.expect("semaphore open");
     let double = KubeApiDouble::start().await;
     let idp = OidcServer::start().await;
     let env = TestEnv {
@@ -43,6 +49,7 @@ async fn start(namespace: &str) -> Harness {
     std::fs::write(&kubeconfig.0, double.kubeconfig_yaml()).expect("write kubeconfig");
     let operator = OperatorProcess::start(&kubeconfig.0, namespace);
     Harness {
+        _slot: slot,
         env,
         operator,
         _double: double,
