@@ -16,8 +16,8 @@ use url::Url;
 use super::Context;
 use super::plan::{Failure, reason};
 use crate::api::{
-    AssertionAudience, AudienceToken, ClientAuthMethod, ClusterTokenIssuer, IssuerKind, IssuerSpec,
-    SecretKeySelector, SigningAlgorithm, TokenIssuer, parse_duration,
+    AudienceToken, ClientAuthMethod, ClusterTokenIssuer, IssuerKind, IssuerSpec, SecretKeySelector,
+    SigningAlgorithm, TokenIssuer, parse_duration,
 };
 use crate::oauth::assertion::{ClientKey, SigningAlg};
 use crate::oauth::client::check_transport_security;
@@ -30,8 +30,6 @@ use crate::redact::SecretString;
 const CREDENTIAL_TTL: Duration = Duration::from_secs(300);
 /// Discovery documents are re-fetched this often, and after a failure.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 
 /// An issuer found and allowed for one AudienceToken.
 #[derive(Clone, Debug)]
@@ -221,12 +219,12 @@ pub async fn endpoint(ctx: &Context, issuer: &ResolvedIssuer) -> Result<IssuerRe
     let spec = &issuer.spec;
     let timeout = optional_duration(
         spec.request_timeout.as_deref(),
-        DEFAULT_TIMEOUT,
+        crate::issuer_params::DEFAULT_REQUEST_TIMEOUT,
         "requestTimeout",
     )?;
     let default_lifetime = optional_duration(
         spec.default_token_lifetime.as_deref(),
-        DEFAULT_LIFETIME,
+        crate::issuer_params::DEFAULT_TOKEN_LIFETIME,
         "defaultTokenLifetime",
     )?;
     let credentials = match spec.client_auth.method {
@@ -423,18 +421,13 @@ pub fn assertion_audience(
     discovered_issuer: Option<&str>,
     token_endpoint: &Url,
 ) -> Result<String, Failure> {
-    match spec.client_auth.assertion_audience {
-        AssertionAudience::TokenEndpoint => Ok(token_endpoint.to_string()),
-        AssertionAudience::Issuer => discovered_issuer
-            .or(spec.issuer_url.as_deref())
-            .map(str::to_string)
-            .ok_or_else(|| {
-                not_ready(format!(
-                    "{label}: assertionAudience Issuer needs the issuer identifier, but only \
-                     tokenEndpoint is set; set issuerURL, or set assertionAudience: TokenEndpoint"
-                ))
-            }),
-    }
+    let issuer = discovered_issuer.or(spec.issuer_url.as_deref());
+    crate::issuer_params::assertion_audience(
+        spec.client_auth.assertion_audience,
+        issuer,
+        token_endpoint,
+    )
+    .map_err(|why| not_ready(format!("{label}: {why}")))
 }
 
 /// Reads one key of a Secret. Errors name the Secret and key, never the value.
@@ -488,6 +481,7 @@ pub fn issuer_label(token: &AudienceToken) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::AssertionAudience;
     use crate::api::ClusterTokenIssuerSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
