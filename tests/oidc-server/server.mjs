@@ -122,10 +122,24 @@ const m2mClient = (clientId, secret, authMethod) => ({
 // Private keys of the private_key_jwt clients, by client id: { pem (PKCS#8), jwk }.
 const CLIENT_PRIVATE_KEYS = {};
 
+// Node 20 can deadlock when a garbage collection runs while a key object that
+// generateKeyPairSync returned is being exported (the key-generation job's destructor takes
+// the key's lock, which the export holds; seen as a server that never starts). So keys are
+// generated straight to PEM and read back into fresh key objects that no job owns.
+function generateKeyPair(type, options) {
+  const { privateKey: pem } = crypto.generateKeyPairSync(type, {
+    ...options,
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+  });
+  const privateKey = crypto.createPrivateKey(pem);
+  return { privateKey, publicKey: crypto.createPublicKey(privateKey) };
+}
+
 function privateKeyJwtClient(clientId, alg) {
   const { privateKey, publicKey } = alg.startsWith('ES')
-    ? crypto.generateKeyPairSync('ec', { namedCurve: alg === 'ES384' ? 'P-384' : 'P-256' })
-    : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+    ? generateKeyPair('ec', { namedCurve: alg === 'ES384' ? 'P-384' : 'P-256' })
+    : generateKeyPair('rsa', { modulusLength: 2048 });
   const kid = `${clientId}-${crypto.randomBytes(4).toString('hex')}`;
   CLIENT_PRIVATE_KEYS[clientId] = {
     kid,
@@ -176,7 +190,7 @@ const TEST_ACCOUNT = 'test-account';
 // Signing key: generated in memory at every start (never written to disk).
 // ---------------------------------------------------------------------------------------
 function generateSigningJwk() {
-  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const { privateKey } = generateKeyPair('rsa', { modulusLength: 2048 });
   const jwk = privateKey.export({ format: 'jwk' });
   return { ...jwk, kid: `test-rs256-${crypto.randomBytes(4).toString('hex')}`, use: 'sig', alg: 'RS256' };
 }
