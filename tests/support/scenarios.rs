@@ -189,24 +189,13 @@ impl TestEnv {
         reason: &str,
         timeout: Duration,
     ) -> AudienceToken {
-        let api = self.tokens();
-        eventually(
-            &format!("AudienceToken {name} Ready={status} reason {reason}"),
+        wait_ready(
+            self.tokens(),
+            name,
+            status,
+            reason,
             timeout,
-            || {
-                let api = api.clone();
-                async move {
-                    let token = api.get(name).await.map_err(|e| e.to_string())?;
-                    let ready = token
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
-                    match ready {
-                        Some(c) if c.status == status && c.reason == reason => Ok(token),
-                        other => Err(format!("{other:?}")),
-                    }
-                }
-            },
+            |t: &AudienceToken| t.status.as_ref().map(|s| s.conditions.clone()),
         )
         .await
     }
@@ -251,6 +240,40 @@ impl TestEnv {
             })
             .collect()
     }
+}
+
+/// Waits until object `name`'s Ready condition has this status and reason.
+async fn wait_ready<K>(
+    api: Api<K>,
+    name: &str,
+    status: &str,
+    reason: &str,
+    timeout: Duration,
+    conditions: impl Fn(&K) -> Option<Vec<audience_token_operator::api::Condition>>,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).into_owned();
+    let conditions = &conditions;
+    eventually(
+        &format!("{kind} {name} Ready={status} reason {reason}"),
+        timeout,
+        || {
+            let api = api.clone();
+            async move {
+                let object = api.get(name).await.map_err(|e| e.to_string())?;
+                let ready = conditions(&object)
+                    .and_then(|all| all.into_iter().find(|c| c.type_ == "Ready"));
+                match ready {
+                    Some(c) if c.status == status && c.reason == reason => Ok(object),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
 }
 
 /// Checks that a Secret has exactly the documented layout for this AudienceToken.
@@ -837,7 +860,7 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
         requests_after_loss,
         "a lost chain makes no further token requests"
     );
-    let events = env.issuer_events("chain").await;
+    let events = env.events_for("chain").await;
     assert!(
         events
             .iter()
@@ -868,30 +891,15 @@ impl TestEnv {
     /// Waits until TokenIssuer `name`'s Ready condition has this status and reason.
     pub async fn wait_issuer(&self, name: &str, status: &str, reason: &str) -> TokenIssuer {
         let api: Api<TokenIssuer> = Api::namespaced(self.client.clone(), &self.namespace);
-        eventually(
-            &format!("TokenIssuer {name} Ready={status} reason {reason}"),
+        wait_ready(
+            api,
+            name,
+            status,
+            reason,
             READY_TIMEOUT,
-            || {
-                let api = api.clone();
-                async move {
-                    let issuer = api.get(name).await.map_err(|e| e.to_string())?;
-                    let ready = issuer
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
-                    match ready {
-                        Some(c) if c.status == status && c.reason == reason => Ok(issuer),
-                        other => Err(format!("{other:?}")),
-                    }
-                }
-            },
+            |i: &TokenIssuer| i.status.as_ref().map(|s| s.conditions.clone()),
         )
         .await
-    }
-
-    /// Events about an issuer, as (type, reason, note).
-    pub async fn issuer_events(&self, issuer: &str) -> Vec<(String, String, String)> {
-        self.events_for(issuer).await
     }
 }
 
