@@ -9,13 +9,19 @@
 //! - [`secret`]: the desired Secret for an issued token, and reading one back.
 //! - [`controller`]: the reconcile loop and its wiring.
 //! - [`debug_token`]: the `token` debugging command (one request, no cluster).
+//! - [`telemetry`], [`server`]: metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`leader`]: leader election on a Lease; [`rbac`]: the permissions the operator uses.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod controller;
 pub mod debug_token;
 pub mod issuer_params;
+pub mod leader;
 pub mod oauth;
+pub mod rbac;
 pub mod redact;
 pub mod renewal;
 pub mod secret;
+pub mod server;
+pub mod telemetry;

@@ -1,12 +1,18 @@
 //! The `audience-token-operator` binary: flags, logging, and a call into the library.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use audience_token_operator::{api, controller, debug_token};
+use audience_token_operator::leader::{self, LeaseSettings, Shutdown};
+use audience_token_operator::server::{self, Health, Leadership};
+use audience_token_operator::telemetry::Metrics;
+use audience_token_operator::{api, controller, debug_token, rbac};
 use clap::{Parser, Subcommand, ValueEnum};
+use futures::FutureExt as _;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +40,25 @@ enum Command {
     /// JWT header and claims; the access token only with --show-token.
     #[command(after_help = TOKEN_AFTER_HELP)]
     Token(TokenArgs),
+    /// Print, as JSON, the Kubernetes permissions the operator uses (what the Helm chart's
+    /// RBAC grants): cluster-wide rules have `"namespace": null`.
+    Rbac(RbacArgs),
+}
+
+#[derive(clap::Args)]
+struct RbacArgs {
+    /// The namespace `run --namespace` will watch (default: all namespaces).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The namespace the operator runs in (its Lease lives there).
+    #[arg(long)]
+    operator_namespace: String,
+    /// `run --cluster-resource-namespace` [default: the operator namespace].
+    #[arg(long)]
+    cluster_resource_namespace: Option<String>,
+    /// `run --leader-elect`.
+    #[arg(long)]
+    leader_elect: bool,
 }
 
 const TOKEN_AFTER_HELP: &str = "\
@@ -105,6 +130,26 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "ATO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Run as one of several replicas: only the holder of a Lease requests tokens and writes.
+    #[arg(long, env = "ATO_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader-election Lease (in the operator's namespace).
+    #[arg(
+        long,
+        env = "ATO_LEADER_ELECT_LEASE_NAME",
+        default_value = "audience-token-operator"
+    )]
+    leader_elect_lease_name: String,
+    /// How long the Lease holds without renewal: a standby takes over at most this long
+    /// after a leader stops renewing (at once when the leader shuts down cleanly).
+    #[arg(long, env = "ATO_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = api::parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// Where `/metrics` is served.
+    #[arg(long, env = "ATO_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Where `/healthz` and `/readyz` are served (may equal --metrics-addr).
+    #[arg(long, env = "ATO_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
+    health_addr: SocketAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,6 +184,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args).await,
         Command::Token(args) => token(args).await,
+        Command::Rbac(args) => {
+            let scope = rbac::Scope {
+                watched: args.namespace,
+                cluster_resource_namespace: args
+                    .cluster_resource_namespace
+                    .unwrap_or_else(|| args.operator_namespace.clone()),
+                operator_namespace: args.operator_namespace,
+                leader_elect: args.leader_elect,
+            };
+            let rules = rbac::required_rules(&scope);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "rules": rules }))?
+            );
+            Ok(())
+        }
     }
 }
 
@@ -190,15 +251,88 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|ns| ns.trim().to_string())
         .unwrap_or_else(|_| config.default_namespace.clone());
     let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    let pod_name = std::env::var("POD_NAME").ok();
     let settings = controller::Settings {
         namespace: args.namespace,
-        cluster_resource_namespace: args.cluster_resource_namespace.unwrap_or(own_namespace),
+        cluster_resource_namespace: args
+            .cluster_resource_namespace
+            .unwrap_or_else(|| own_namespace.clone()),
         concurrency: args.concurrency.max(1),
-        instance: std::env::var("POD_NAME").ok(),
+        instance: pod_name.clone(),
     };
-    controller::run(client, settings)
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    server::spawn(
+        args.metrics_addr,
+        args.health_addr,
+        metrics.clone(),
+        health.clone(),
+    )
+    .await
+    .context("starting the metrics and health endpoints")?;
+    let shutdown = shutdown_signal();
+    let work = {
+        let (client, metrics, health) = (client.clone(), metrics.clone(), health.clone());
+        move |stop: Shutdown| controller::run(client, settings, metrics, health, stop)
+    };
+
+    if !args.leader_elect {
+        health.set_leadership(Leadership::Leader);
+        metrics.set_leader(true);
+        return work(shutdown).await.context("controller failed");
+    }
+    let lease = LeaseSettings {
+        name: args.leader_elect_lease_name,
+        namespace: own_namespace,
+        identity: pod_name.unwrap_or_else(fallback_identity),
+        duration: args.leader_elect_lease_duration,
+    };
+    leader::run_as_leader(client, lease, health, metrics, shutdown, work)
         .await
+        .context("leader election")?
         .context("controller failed")
+}
+
+/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
+fn shutdown_signal() -> Shutdown {
+    async {
+        signal_received().await;
+        tracing::info!("stop signal: finishing in-flight work, then stopping");
+        tokio::spawn(async {
+            signal_received().await;
+            tracing::warn!("second stop signal: exiting now");
+            std::process::exit(130);
+        });
+    }
+    .boxed()
+    .shared()
+}
+
+async fn signal_received() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// A Lease identity outside a pod (no POD_NAME): the host name and process id.
+fn fallback_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn init_logging(format: LogFormat) {

@@ -18,11 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{
+    Action, Config as ControllerConfig, Controller, Error as ControllerError,
+};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -32,8 +34,11 @@ use tracing::{info, warn};
 use crate::api::{
     AudienceToken, ClusterTokenIssuer, IssuerKind, RENEW_REQUESTED_AT_ANNOTATION, TokenIssuer,
 };
-use crate::oauth::{TokenClient, TokenError};
+use crate::leader::Shutdown;
+use crate::oauth::{Endpoint, TokenClient, TokenError, TokenRequest, TokenResponse};
 use crate::secret::{NAME_LABEL, managed_selector};
+use crate::server::Health;
+use crate::telemetry::{GrantLabel, Metrics, request_result};
 
 use issuer::IssuerCaches;
 
@@ -85,6 +90,8 @@ pub struct Context {
     pub issuer_caches: IssuerCaches,
     /// Refresh-token chains, one per issuer using the RefreshToken grant.
     pub refresh_chains: refresh_chain::RefreshChains,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     /// For AudienceTokens whose last request failed: the issuer generation at that time. A
     /// new generation (the issuer was fixed) waives the backoff.
@@ -112,6 +119,26 @@ impl Context {
     /// Forgets a failure after success.
     pub fn forget_failure(&self, token: &AudienceToken) {
         self.failures().remove(&ObjectRef::from_obj(token));
+    }
+
+    /// Sends one token request to `endpoint`, counted and timed in the metrics under the
+    /// issuer's key.
+    pub async fn token_request(
+        &self,
+        issuer_key: &str,
+        endpoint: &Endpoint,
+        request: &TokenRequest,
+    ) -> Result<TokenResponse, TokenError> {
+        let grant = match request.grant {
+            crate::oauth::Grant::ClientCredentials => GrantLabel::ClientCredentials,
+            crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
+        };
+        let started = std::time::Instant::now();
+        let response = self.tokens.request(endpoint, request).await;
+        let result = request_result(response.as_ref().map(|_| ()));
+        self.metrics
+            .token_request(issuer_key, grant, result, started.elapsed());
+        response
     }
 
     /// Publishes a Warning Event on an AudienceToken. Event failures are logged, not fatal.
@@ -274,8 +301,15 @@ fn token_trigger_hash(token: &AudienceToken) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Builds the caches and runs the AudienceToken controller until shutdown.
-pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+/// Builds the caches and runs the controllers until `stop` resolves; reconciles in flight
+/// then finish (a refresh-token rotation is never cut off half-way).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: Shutdown,
+) -> Result<(), Error> {
     let (tokens_api, issuers_api, secrets_api): (
         Api<AudienceToken>,
         Api<TokenIssuer>,
@@ -361,15 +395,25 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         secrets,
         issuer_caches: IssuerCaches::default(),
         refresh_chains: refresh_chain::RefreshChains::default(),
+        metrics: metrics.clone(),
         recorder,
         failures: Mutex::new(HashMap::new()),
     });
 
     let (reader, writer) = reflector::store::<AudienceToken>();
+    let forget_deleted = {
+        let metrics = metrics.clone();
+        move |event: &watcher::Event<AudienceToken>| {
+            if let watcher::Event::Delete(token) = event {
+                metrics.forget_token(&token.namespace().unwrap_or_default(), &token.name_any());
+            }
+        }
+    };
     let token_stream = watcher(tokens_api, watcher::Config::default())
         .default_backoff()
         .modify(strip)
         .reflect(writer)
+        .inspect_ok(forget_deleted)
         .applied_objects()
         .predicate_filter(token_trigger_hash, Default::default());
 
@@ -424,6 +468,29 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             .map(|(name, ns)| ObjectRef::<AudienceToken>::new(&name).within(&ns))
     };
 
+    // Ready once the AudienceTokens are listed too (the controller drives that watch). The
+    // store's readiness wakes only its latest waiter, and the Controller waits on it too: ask
+    // again every 100 ms instead of waiting once.
+    tasks.0.push(tokio::spawn({
+        let reader = reader.clone();
+        let health = health.clone();
+        async move {
+            loop {
+                let wait =
+                    tokio::time::timeout(Duration::from_millis(100), reader.wait_until_ready());
+                match wait.await {
+                    Ok(Ok(())) => {
+                        info!(tokens = reader.len(), "AudienceTokens listed; ready");
+                        health.set_caches_synced(true);
+                        return;
+                    }
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
+            }
+        }
+    }));
+
     info!(concurrency = settings.concurrency, namespace = ?settings.namespace, "starting AudienceToken controller");
     let tokens = Controller::for_stream(token_stream, reader)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
@@ -431,15 +498,24 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         .watches_stream(cluster_issuer_triggers, cluster_issuer_mapper)
         .watches_stream(namespace_triggers, namespace_mapper)
         .watches_stream(secret_triggers, secret_mapper)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop.clone())
         .run(reconcile::reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "reconcile failed");
+        .for_each(|result| {
+            match result {
+                Ok(_) => metrics.reconciled(true),
+                // Deleted while queued (a requeue or its Secret going): drop its series.
+                Err(ControllerError::ObjectNotFound(token)) => metrics
+                    .forget_token(token.namespace.as_deref().unwrap_or_default(), &token.name),
+                Err(e @ ControllerError::ReconcilerFailed(..)) => {
+                    metrics.reconciled(false);
+                    warn!(error = %e, "reconcile failed");
+                }
+                Err(e) => warn!(error = %e, "controller error"),
             }
+            futures::future::ready(())
         });
     let issuer_statuses = Controller::for_stream(issuer_status_triggers, ctx.issuers.clone())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop.clone())
         .run(
             issuer_status::reconcile_token_issuer,
             issuer_status::error_policy,
@@ -448,7 +524,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         .for_each(|_| async {});
     let cluster_issuer_statuses =
         Controller::for_stream(cluster_issuer_status_triggers, ctx.cluster_issuers.clone())
-            .shutdown_on_signal()
+            .graceful_shutdown_on(stop)
             .run(
                 issuer_status::reconcile_cluster_issuer,
                 issuer_status::error_policy,
@@ -456,6 +532,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             )
             .for_each(|_| async {});
     futures::future::join3(tokens, issuer_statuses, cluster_issuer_statuses).await;
+    health.set_stopped();
     drop(tasks);
     info!("controller stopped");
     Ok(())

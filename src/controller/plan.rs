@@ -31,6 +31,8 @@ pub mod reason {
     /// The issuer's refresh-token chain was refused (`invalid_grant`); a new bootstrap
     /// refresh token is needed.
     pub const REFRESH_CHAIN_LOST: &str = "RefreshChainLost";
+    /// Event on an issuer: the server rotated the refresh token and the new one is persisted.
+    pub const REFRESH_TOKEN_ROTATED: &str = "RefreshTokenRotated";
 }
 
 /// What the reconciler knows when it decides.

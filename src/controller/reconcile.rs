@@ -218,8 +218,7 @@ async fn request_token(
                 scopes: token.spec.scopes.clone(),
                 audience,
             };
-            ctx.tokens
-                .request(&settings.endpoint, &request)
+            ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await
                 .map_err(failed)?
         }
@@ -273,13 +272,37 @@ async fn publish(
         observed,
     );
     write_status(ctx, token, status, &next, None).await?;
+    let renewed = next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == crate::api::READY && c.reason == reason::RENEWED);
     info!(
         namespace = token.namespace().unwrap_or_default(),
         name = token.name_any(),
+        resource = token.spec.resource,
         expires_at = %issued.expires_at,
         renewal_time = %renewal.renewal_time,
+        renewed,
         "published token"
     );
+    let (why, what) = if renewed {
+        (reason::RENEWED, "renewed the token")
+    } else {
+        (reason::ISSUED, "issued a token")
+    };
+    ctx.event(
+        token,
+        kube::runtime::events::EventType::Normal,
+        why,
+        format!(
+            "{what} for {} into Secret {}; it expires at {}, renewal at {}",
+            token.expected_audience(),
+            token.secret_name(),
+            crate::secret::rfc3339(issued.expires_at),
+            crate::secret::rfc3339(renewal.renewal_time),
+        ),
+    )
+    .await;
     // Said once per token and spec, not at every renewal.
     let first_for_spec = observed
         .published
@@ -387,6 +410,14 @@ async fn write_status_patch(
     next: &AudienceTokenStatus,
     patch: serde_json::Value,
 ) -> Result<(), Error> {
+    let namespace = token.namespace().unwrap_or_default();
+    let expires_at = next.expires_at.as_ref().map(|t| t.0.as_second());
+    ctx.metrics.token_state(
+        &namespace,
+        &token.name_any(),
+        expires_at,
+        ready_is_true(next),
+    );
     if previous == next {
         return Ok(());
     }

@@ -165,7 +165,7 @@ impl RefreshChains {
             scopes: scopes.to_vec(),
             audience,
         };
-        match ctx.tokens.request(endpoint, &request).await {
+        match ctx.token_request(&issuer.key, endpoint, &request).await {
             Ok(mut response) => {
                 let rotated = response.refresh_token.take();
                 if let Some(rotated) = rotated.clone() {
@@ -180,10 +180,24 @@ impl RefreshChains {
                             issuer = issuer.key,
                             resource, "refresh token rotated and persisted"
                         );
+                        ctx.metrics.refresh_rotated(&issuer.key);
                     }
                 }
+                // Other requests on this chain need not wait for the Event or status.
+                drop(state);
+                if rotated.is_some() {
+                    ctx.issuer_event(
+                        &issuer.object,
+                        EventType::Normal,
+                        reason::REFRESH_TOKEN_ROTATED,
+                        format!(
+                            "the server rotated the refresh token; the new one is kept in Secret {}/{state_name}",
+                            issuer.secret_namespace
+                        ),
+                    )
+                    .await;
+                }
                 if was_lost && adopting {
-                    drop(state);
                     super::issuer_status::refresh(ctx, &issuer.object).await;
                 }
                 Ok(response)

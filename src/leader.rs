@@ -1,0 +1,163 @@
+//! Leader election on a `coordination.k8s.io` Lease (kube-lease-manager): only the leader
+//! runs the controllers, so only it requests tokens and writes. A standby takes over when the
+//! Lease is released (graceful shutdown) or expires (a crashed leader).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{info, warn};
+
+use crate::server::{Health, Leadership};
+use crate::telemetry::Metrics;
+
+/// Where the Lease is and how long it lasts.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    /// Lease name.
+    pub name: String,
+    /// Lease namespace (the operator's own).
+    pub namespace: String,
+    /// This replica's identity (the pod name).
+    pub identity: String,
+    /// How long a Lease holds without renewal; a standby takes over at most this long (plus
+    /// up to a second) after the leader's last renewal.
+    pub duration: Duration,
+}
+
+/// Errors of leader election.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// The Lease could not be read or created.
+    #[error("leader election on Lease {namespace}/{name} failed: {source}")]
+    Lease {
+        /// Lease namespace.
+        namespace: String,
+        /// Lease name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: kube_lease_manager::LeaseManagerError,
+    },
+    /// Another replica took the Lease while this one led. The process should exit so that
+    /// it restarts as a standby with fresh state.
+    #[error("lost the leader Lease {0}; stopped the controllers")]
+    Lost(String),
+}
+
+/// A shutdown request that any number of waiters can await.
+pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Waits to lead, then runs `work` until `shutdown` or lost leadership (whichever is first,
+/// passed to `work` as its stop signal). Releases the Lease on shutdown so that a standby
+/// takes over at once instead of after the Lease expires.
+pub async fn run_as_leader<W, F, E>(
+    client: Client,
+    lease: LeaseSettings,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    work: W,
+) -> Result<Result<(), E>, LeaderError>
+where
+    W: FnOnce(Shutdown) -> F,
+    F: Future<Output = Result<(), E>>,
+{
+    let lease_error = |source| LeaderError::Lease {
+        namespace: lease.namespace.clone(),
+        name: lease.name.clone(),
+        source,
+    };
+    // The lease renews after duration − grace; a third of the duration leaves time for a
+    // slow API server.
+    let duration_secs = lease.duration.as_secs().clamp(3, 3600);
+    let grace_secs = (duration_secs / 3).max(1);
+    let manager = LeaseManagerBuilder::new(client, &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_field_manager(format!("{}-{}", crate::secret::MANAGER, lease.identity))
+        .with_duration(duration_secs)
+        .with_grace(grace_secs)
+        .build()
+        .await
+        .map_err(lease_error)?;
+    let (mut leading, task) = manager.watch().await;
+    // The Lease exists and is being contended for: until told otherwise, another leads.
+    health.set_leadership(Leadership::Standby);
+    info!(lease = %lease.name, identity = %lease.identity, "waiting for the leader Lease");
+
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        if *leading.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    // The election task ended; its result says why.
+                    return match task.await {
+                        Ok(Err(e)) => Err(lease_error(e)),
+                        _ => Err(LeaderError::Lost(lease.name.clone())),
+                    };
+                }
+            }
+            () = &mut shutdown_wait => {
+                info!("shutdown while standing by");
+                health.set_stopped();
+                return Ok(Ok(()));
+            }
+        }
+    }
+
+    info!(lease = %lease.name, identity = %lease.identity, "became the leader");
+    health.set_leadership(Leadership::Leader);
+    metrics.set_leader(true);
+
+    // Stop the work on shutdown, or as soon as the Lease is no longer ours.
+    let lost = {
+        let mut leading = leading.clone();
+        async move {
+            while leading.changed().await.is_ok() {
+                if !*leading.borrow_and_update() {
+                    return true;
+                }
+            }
+            // The election task ended without saying we lost: treat it as lost.
+            true
+        }
+    };
+    let lost = lost.shared();
+    let stop: Shutdown = {
+        let lost = lost.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            futures::future::select(std::pin::pin!(lost), shutdown).await;
+        }
+        .boxed()
+        .shared()
+    };
+    let result = work(stop).await;
+    health.set_stopped();
+    metrics.set_leader(false);
+
+    if lost.peek().is_some() && shutdown.peek().is_none() {
+        warn!(lease = %lease.name, "lost the leader Lease");
+        return Err(LeaderError::Lost(lease.name));
+    }
+    // Closing the channel (every receiver) makes the election task release the Lease.
+    drop(lost);
+    drop(leading);
+    match tokio::time::timeout(Duration::from_secs(5), task).await {
+        Ok(Ok(Ok(_))) => info!(lease = %lease.name, "released the leader Lease"),
+        Ok(Ok(Err(e))) => {
+            warn!(error = %e, "cannot release the leader Lease; it expires on its own")
+        }
+        Ok(Err(e)) => warn!(error = %e, "leader election task failed"),
+        Err(_) => warn!("releasing the leader Lease timed out; it expires on its own"),
+    }
+    Ok(result)
+}
