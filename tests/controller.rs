@@ -5,11 +5,16 @@
 mod support;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use audience_token_operator::api::AudienceToken;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
 use support::kube_double::KubeApiDouble;
 use support::oidc::{self, OidcServer};
-use support::operator::OperatorProcess;
-use support::scenarios::{self, TestEnv};
+use support::operator::{OperatorProcess, Options};
+use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
 
 /// Each harness runs a Node server and an operator process; on a 2-core machine more than
 /// two at once only slows them all down.
@@ -34,6 +39,10 @@ impl Drop for TempFile {
 
 /// A fresh API double, OAuth server, namespace with issuer `idp`, and a running operator.
 async fn start(namespace: &str) -> Harness {
+    start_with(namespace, Options::default()).await
+}
+
+async fn start_with(namespace: &str, options: Options) -> Harness {
     let slot = SLOTS.acquire().await.expect("semaphore open");
     let double = KubeApiDouble::start().await;
     let idp = OidcServer::start().await;
@@ -47,7 +56,7 @@ async fn start(namespace: &str) -> Harness {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let kubeconfig = TempFile(dir.join(format!("kubeconfig-{namespace}")));
     std::fs::write(&kubeconfig.0, double.kubeconfig_yaml()).expect("write kubeconfig");
-    let operator = OperatorProcess::start(&kubeconfig.0, namespace);
+    let operator = OperatorProcess::start_with(&kubeconfig.0, namespace, options);
     Harness {
         _slot: slot,
         env,
@@ -65,6 +74,172 @@ async fn issues_reissues_renews_and_survives_restart() {
     scenarios::forced_renewal(&h.env).await;
     scenarios::renews_before_expiry(&h.env).await;
     scenarios::restart_makes_no_token_requests(&h.env, &mut h.operator).await;
+}
+
+/// `/metrics` follows the tokens: requests by issuer and result, expiry and readiness per
+/// AudienceToken (gone when it is deleted), reconciles; `/healthz` and `/readyz` answer.
+#[tokio::test]
+async fn metrics_and_probes() {
+    let h = start("metrics").await;
+    scenarios::issues_one_token_per_audience(&h.env).await;
+    let op = &h.operator;
+    assert_eq!(op.http_get("/healthz").await.0, 200);
+    wait_role(op, "leader: caches synced", READY_TIMEOUT).await;
+    assert_eq!(op.metric("audience_token_leader").await, Some(1.0));
+
+    let requests = r#"audience_token_requests_total{issuer="TokenIssuer/metrics/idp",grant="client_credentials",result="success"}"#;
+    assert!(op.metric(requests).await >= Some(2.0), "two tokens issued");
+    let count =
+        r#"audience_token_request_duration_seconds_count{issuer="TokenIssuer/metrics/idp"}"#;
+    assert!(op.metric(count).await >= Some(2.0));
+    assert!(
+        op.metric(r#"audience_token_reconcile_total{result="success"}"#)
+            .await
+            >= Some(2.0)
+    );
+
+    let orders = h.env.tokens().get("orders").await.expect("orders");
+    let expires = orders.status.unwrap().expires_at.unwrap().0.as_second();
+    let expiry = r#"audience_token_expiry_timestamp_seconds{namespace="metrics",name="orders"}"#;
+    let ready = r#"audience_token_ready{namespace="metrics",name="orders"}"#;
+    #[allow(clippy::cast_precision_loss)]
+    let expected = Some(expires as f64);
+    eventually("the expiry metric", READY_TIMEOUT, || async {
+        let seen = op.metric(expiry).await;
+        if seen == expected {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+    assert_eq!(op.metric(ready).await, Some(1.0));
+
+    // A token that cannot be issued reports ready 0 and an error result.
+    h.env
+        .create_token("unknown", "idp", oidc::UNKNOWN_RESOURCE, &[], None)
+        .await;
+    h.env
+        .wait_condition("unknown", "False", "TokenRequestFailed", READY_TIMEOUT)
+        .await;
+    let failed = r#"audience_token_requests_total{issuer="TokenIssuer/metrics/idp",grant="client_credentials",result="error"}"#;
+    assert!(op.metric(failed).await >= Some(1.0));
+    eventually("ready 0 for the failing token", READY_TIMEOUT, || async {
+        match op
+            .metric(r#"audience_token_ready{namespace="metrics",name="unknown"}"#)
+            .await
+        {
+            Some(0.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    h.env
+        .tokens()
+        .delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete orders");
+    eventually(
+        "the deleted token's series to go",
+        READY_TIMEOUT,
+        || async {
+            let (_, body) = op.http_get("/metrics").await;
+            if body.contains(r#"name="orders""#) {
+                Err("still there".to_string())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Two replicas: only the Lease holder requests tokens; on SIGTERM it releases the Lease
+/// and the standby takes over within the Lease duration; a killed leader is replaced once
+/// its Lease expires.
+#[tokio::test]
+async fn leader_election_hands_over() {
+    const LEASE: Duration = Duration::from_secs(4);
+    // Lease expiry, plus the up-to-1 s pause kube-lease-manager takes after seeing it.
+    const TAKEOVER: Duration = Duration::from_secs(4 + 3);
+    let elect = |id: &str| Options {
+        leader_elect: Some((LEASE, id.to_string())),
+        ..Options::default()
+    };
+    let mut h = start_with("leader", elect("op-a")).await;
+    let kubeconfig = h._kubeconfig.0.clone();
+    wait_role(&h.operator, "leader", READY_TIMEOUT).await;
+    let mut b = OperatorProcess::start_with(&kubeconfig, "leader", elect("op-b"));
+    wait_role(&b, "standby", READY_TIMEOUT).await;
+    assert_eq!(b.metric("audience_token_leader").await, Some(0.0));
+    assert_eq!(lease_holder(&h.env).await.as_deref(), Some("op-a"));
+
+    h.env
+        .create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
+        .await;
+    h.env
+        .create_token("orders", "idp", oidc::ORDERS, &["orders/read"], None)
+        .await;
+    h.env
+        .wait_condition("orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let (_, standby_metrics) = b.http_get("/metrics").await;
+    assert!(
+        !standby_metrics.contains("audience_token_requests_total{"),
+        "the standby made no token request:\n{standby_metrics}"
+    );
+    assert!(!b.logs().contains("requesting token"), "{}", b.logs());
+
+    // SIGTERM: a clean exit that hands the Lease over.
+    let exit = h.operator.stop().await;
+    assert!(exit.is_some_and(|e| e.success()), "clean exit: {exit:?}");
+    assert!(h.operator.logs().contains("released the leader Lease"));
+    wait_role(&b, "leader", TAKEOVER).await;
+    assert_eq!(lease_holder(&h.env).await.as_deref(), Some("op-b"));
+
+    // The new leader writes: a forced renewal goes through it.
+    let first = h.env.token_in("orders").await;
+    Api::<AudienceToken>::namespaced(h.env.client.clone(), "leader")
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "audiencetoken.io/renew-requested-at": "2026-01-01T00:00:00Z"}}})),
+        )
+        .await
+        .expect("annotate");
+    h.env.wait_token_change("orders", &first).await;
+    assert!(b.logs().contains("requesting token"));
+
+    // A crashed leader releases nothing: the standby waits for the Lease to expire.
+    let mut a = OperatorProcess::start_with(&kubeconfig, "leader", elect("op-a"));
+    wait_role(&a, "standby", READY_TIMEOUT).await;
+    b.kill().await;
+    wait_role(&a, "leader", TAKEOVER).await;
+    assert_eq!(lease_holder(&h.env).await.as_deref(), Some("op-a"));
+    assert!(a.exit_status().is_none(), "the new leader keeps running");
+}
+
+/// Waits until `/readyz` says the operator is `role` (leader or standby).
+async fn wait_role(operator: &OperatorProcess, role: &str, timeout: Duration) {
+    eventually(&format!("the operator to be {role}"), timeout, || async {
+        let (status, body) = operator.http_get("/readyz").await;
+        if status == 200 && body.contains(role) {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+}
+
+async fn lease_holder(env: &TestEnv) -> Option<String> {
+    let lease = Api::<Lease>::namespaced(env.client.clone(), "default")
+        .get("audience-token-operator")
+        .await
+        .expect("the Lease");
+    lease.spec.and_then(|s| s.holder_identity)
 }
 
 #[tokio::test]

@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+/// How to run the operator beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `--leader-elect` with this Lease duration, and this identity (POD_NAME).
+    pub leader_elect: Option<(Duration, String)>,
+    /// `--log-format json`.
+    pub json_logs: bool,
+}
+
 /// A running `audience-token-operator run`. Its logs go to a file, printed when a test fails.
 pub struct OperatorProcess {
     child: Option<Child>,
@@ -14,22 +23,82 @@ pub struct OperatorProcess {
     namespace: String,
     log: PathBuf,
     starts: u32,
+    options: Options,
+    /// `/metrics`, `/healthz` and `/readyz` (one loopback port).
+    http_addr: String,
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl OperatorProcess {
     /// Starts the operator watching `namespace`, with its ClusterTokenIssuer Secrets there too.
     pub fn start(kubeconfig: &Path, namespace: &str) -> Self {
+        Self::start_with(kubeconfig, namespace, Options::default())
+    }
+
+    /// Like [`OperatorProcess::start`], with options. Several operators may watch one
+    /// namespace when their leader-election identities differ (each logs to its own file).
+    pub fn start_with(kubeconfig: &Path, namespace: &str, options: Options) -> Self {
         let dir = std::env::temp_dir().join(format!("ato-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        let suffix = options
+            .leader_elect
+            .as_ref()
+            .map(|(_, id)| format!("-{id}"))
+            .unwrap_or_default();
         let mut operator = OperatorProcess {
             child: None,
             kubeconfig: kubeconfig.to_path_buf(),
             namespace: namespace.to_string(),
-            log: dir.join(format!("operator-{namespace}.log")),
+            log: dir.join(format!("operator-{namespace}{suffix}.log")),
             starts: 0,
+            options,
+            http_addr: String::new(),
         };
         operator.spawn();
         operator
+    }
+
+    /// GET a path of the operator's HTTP endpoints: (status, body); status 0 when nothing
+    /// answers.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        match reqwest::get(format!("http://{}{path}", self.http_addr)).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// The value of a metric line (name with labels, exactly as exposed), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").await;
+        body.lines().find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+        })
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Kills the process at once (SIGKILL), as a node failure would: nothing is released.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
     }
 
     fn spawn(&mut self) {
@@ -39,14 +108,32 @@ impl OperatorProcess {
             .append(true)
             .open(&self.log)
             .expect("operator log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_audience-token-operator"))
-            .args([
-                "run",
-                "--namespace",
-                &self.namespace,
-                "--cluster-resource-namespace",
-                &self.namespace,
-            ])
+        self.http_addr = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_audience-token-operator"));
+        command.args([
+            "run",
+            "--namespace",
+            &self.namespace,
+            "--cluster-resource-namespace",
+            &self.namespace,
+            "--metrics-addr",
+            &self.http_addr,
+            "--health-addr",
+            &self.http_addr,
+        ]);
+        if let Some((duration, identity)) = &self.options.leader_elect {
+            command
+                .arg("--leader-elect")
+                .arg(format!(
+                    "--leader-elect-lease-duration={}s",
+                    duration.as_secs()
+                ))
+                .env("POD_NAME", identity);
+        }
+        if self.options.json_logs {
+            command.args(["--log-format", "json"]);
+        }
+        let child = command
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,audience_token_operator=debug,kube=warn")
             .stdin(Stdio::null())
@@ -58,22 +145,22 @@ impl OperatorProcess {
         self.child = Some(child);
     }
 
-    /// Stops the operator with SIGTERM (waits at most 10 s, then kills it).
-    pub async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    /// Stops the operator with SIGTERM (waits at most 10 s, then kills it) and returns how
+    /// it exited (`None` when it had to be killed).
+    pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
         if let Some(pid) = child.id() {
             let _ = Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status()
                 .await;
         }
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = child.kill().await;
+                None
+            }
         }
     }
 

@@ -388,6 +388,13 @@ pub async fn issues_one_token_per_audience(env: &TestEnv) {
         (0.6..=0.74).contains(&(renew_after / lifetime)),
         "renewal at about two thirds: {renew_after}/{lifetime}"
     );
+    let events = env.events_for("orders").await;
+    assert!(
+        events.iter().any(|(t, reason, note)| t == "Normal"
+            && reason == "Issued"
+            && note.contains("Secret orders")),
+        "an Issued Event names the Secret; events: {events:?}"
+    );
 }
 
 /// A token close to expiry is replaced by a new one in the same Secret.
@@ -410,6 +417,12 @@ pub async fn renews_before_expiry(env: &TestEnv) {
     env.wait_condition("short", "True", "Renewed", READY_TIMEOUT)
         .await;
     let events = env.events_for("short").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, reason, _)| t == "Normal" && reason == "Renewed"),
+        "a Renewed Event; events: {events:?}"
+    );
     assert!(
         events
             .iter()
@@ -590,6 +603,16 @@ pub async fn failures_reach_status_and_recover(env: &TestEnv) {
         env.secrets().get_opt("multi").await.unwrap().is_none(),
         "a multi-audience token is never written"
     );
+    for (name, reason) in [
+        ("unknown", "TokenRequestFailed"),
+        ("multi", "AudienceMismatch"),
+    ] {
+        let events = env.events_for(name).await;
+        assert!(
+            events.iter().any(|(t, r, _)| t == "Warning" && r == reason),
+            "a {reason} Warning Event on {name}; events: {events:?}"
+        );
+    }
 
     env.create_issuer("wrong-secret", &oidc::M2M_POST, "not-the-secret")
         .await;
@@ -689,7 +712,7 @@ impl TestEnv {
             .expect("create TokenIssuer");
     }
 
-    async fn token_in(&self, secret: &str) -> String {
+    pub async fn token_in(&self, secret: &str) -> String {
         data(
             &self.secrets().get(secret).await.expect("token Secret"),
             keys::TOKEN,
@@ -709,7 +732,7 @@ impl TestEnv {
             .map(|b| String::from_utf8(b.0.clone()).expect("UTF-8"))
     }
 
-    async fn wait_token_change(&self, secret: &str, from: &str) -> String {
+    pub async fn wait_token_change(&self, secret: &str, from: &str) -> String {
         let changed = self
             .wait_secret(secret, &format!("a new token in {secret}"), |s| {
                 data(s, keys::TOKEN) != from
@@ -795,6 +818,13 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
         env.idp.token_requests().await.for_resource(oidc::OPAQUE),
         before.for_resource(oidc::OPAQUE)
     );
+    let events = env.events_for("chain-elsewhere").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "NotAllowed"),
+        "a NotAllowed Warning Event; events: {events:?}"
+    );
 
     // The chain survives a restart between rotations: the state Secret carries it on.
     operator.stop().await;
@@ -866,6 +896,12 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
             .iter()
             .any(|(t, r, _)| t == "Warning" && r == "RefreshChainLost"),
         "{events:?}"
+    );
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Normal"
+            && r == "RefreshTokenRotated"
+            && note.contains("chain-refresh-state")),
+        "rotations are Events on the issuer; {events:?}"
     );
 
     // A new bootstrap token starts a new chain, and everything recovers by itself.
