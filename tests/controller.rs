@@ -76,13 +76,34 @@ async fn issues_reissues_renews_and_survives_restart() {
     scenarios::restart_makes_no_token_requests(&h.env, &mut h.operator).await;
 }
 
-/// `/metrics` follows the tokens: requests by issuer and result, expiry and readiness per
+/// JSON logs with fields; `/metrics` follows the tokens: requests by issuer and result, expiry and readiness per
 /// AudienceToken (gone when it is deleted), reconciles; `/healthz` and `/readyz` answer.
 #[tokio::test]
-async fn metrics_and_probes() {
-    let h = start("metrics").await;
+async fn metrics_and_probes_and_json_logs() {
+    let json_logs = Options {
+        json_logs: true,
+        ..Options::default()
+    };
+    let h = start_with("metrics", json_logs).await;
     scenarios::issues_one_token_per_audience(&h.env).await;
     let op = &h.operator;
+
+    // Logs: one JSON object per line; token lines carry namespace, name, issuer, resource.
+    let logs = op.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let published = lines
+        .iter()
+        .find(|l| l["message"] == "published token" && l["name"] == "orders")
+        .unwrap_or_else(|| panic!("a published-token line for orders in {logs}"));
+    assert_eq!(published["namespace"], "metrics");
+    assert_eq!(published["issuer"], "TokenIssuer/metrics/idp");
+    assert_eq!(published["resource"], oidc::ORDERS);
+    assert_eq!(published["level"], "INFO");
+
     assert_eq!(op.http_get("/healthz").await.0, 200);
     wait_role(op, "leader: caches synced", READY_TIMEOUT).await;
     assert_eq!(op.metric("audience_token_leader").await, Some(1.0));

@@ -48,6 +48,20 @@ pub struct ResolvedIssuer {
     pub object: ObjectReference,
 }
 
+/// The issuer as logs and metrics name it: `TokenIssuer/<namespace>/<name>` or
+/// `ClusterTokenIssuer/<name>`.
+pub fn issuer_key(token: &AudienceToken) -> String {
+    let issuer = &token.spec.issuer_ref;
+    match issuer.kind {
+        IssuerKind::TokenIssuer => format!(
+            "TokenIssuer/{}/{}",
+            token.namespace().unwrap_or_default(),
+            issuer.name
+        ),
+        IssuerKind::ClusterTokenIssuer => format!("ClusterTokenIssuer/{}", issuer.name),
+    }
+}
+
 /// Finds the issuer in the cache and applies the tenancy rules. No API call.
 pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, Failure> {
     let namespace = token.namespace().unwrap_or_default();
@@ -62,7 +76,7 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                     message: format!("TokenIssuer {namespace}/{} not found", issuer_ref.name),
                 })?;
             Ok(ResolvedIssuer {
-                key: format!("TokenIssuer/{namespace}/{}", issuer_ref.name),
+                key: issuer_key(token),
                 spec: found.spec.issuer.clone(),
                 secret_namespace: namespace,
                 generation: found.meta().generation.unwrap_or_default(),
@@ -85,7 +99,7 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                 .unwrap_or_default();
             check_tenancy(&found, &namespace, &labels, &token.spec.resource)?;
             Ok(ResolvedIssuer {
-                key: format!("ClusterTokenIssuer/{}", issuer_ref.name),
+                key: issuer_key(token),
                 spec: found.spec.issuer.clone(),
                 secret_namespace: ctx.settings.cluster_resource_namespace.clone(),
                 generation: found.meta().generation.unwrap_or_default(),

@@ -176,7 +176,7 @@ impl Context {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &token.object_ref(&())).await {
-            warn!(name = token.name_any(), error = %e, "cannot publish event");
+            warn!(namespace = token.namespace(), name = token.name_any(), error = %e, "cannot publish event");
         }
     }
 }
@@ -540,6 +540,13 @@ pub async fn run(
 
 /// Kubernetes API failures: retry soon. Token failures never get here.
 fn error_policy(token: Arc<AudienceToken>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(namespace = token.namespace(), name = token.name_any(), error = %error, "reconcile error; retrying");
+    warn!(
+        namespace = token.namespace(),
+        name = token.name_any(),
+        issuer = issuer::issuer_key(&token),
+        resource = token.spec.resource,
+        error = %error,
+        "reconcile error; retrying"
+    );
     Action::requeue(Duration::from_secs(5))
 }

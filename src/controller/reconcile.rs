@@ -279,6 +279,7 @@ async fn publish(
     info!(
         namespace = token.namespace().unwrap_or_default(),
         name = token.name_any(),
+        issuer = super::issuer::issuer_key(token),
         resource = token.spec.resource,
         expires_at = %issued.expires_at,
         renewal_time = %renewal.renewal_time,
