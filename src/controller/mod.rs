@@ -367,8 +367,16 @@ pub async fn run(
         cluster_issuers.wait_until_ready(),
         namespaces.wait_until_ready(),
         secrets.wait_until_ready(),
-    )
-    .await;
+    );
+    // An unreachable API server must not keep a stop request waiting.
+    let ready = tokio::select! {
+        ready = ready => ready,
+        () = stop.clone() => {
+            info!("stopped before the caches synced");
+            health.set_stopped();
+            return Ok(());
+        }
+    };
     if let (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) = ready {
         warn!(error = %e, "a cache stopped before it was ready");
     }
