@@ -206,6 +206,46 @@ const resetCounts = () => {
 };
 const bump = (map, key) => { map[key] = (map[key] ?? 0) + 1; };
 
+// Every secret value the server saw or handed out, served by GET /__test/secrets-seen so a
+// test can assert that none of them shows up in the operator's logs, Events or status.
+// Never reset (a leak of a value from before a reset is still a leak).
+const secretsSeen = {
+  accessTokens: new Set(),
+  refreshTokens: new Set(),
+  clientAssertions: new Set(),
+  clientSecrets: new Set(),
+};
+const remember = (kind, value) => {
+  if (typeof value === 'string' && value !== '') secretsSeen[kind].add(value);
+};
+
+// Records the secrets of one token request: those the client sent (client secret in the
+// Basic header or the form, client assertion, refresh token) and those in the response.
+function recordTokenRequestSecrets(ctx) {
+  const body = ctx.oidc?.body ?? {};
+  remember('clientSecrets', body.client_secret);
+  remember('clientAssertions', body.client_assertion);
+  remember('refreshTokens', body.refresh_token);
+  const match = /^basic\s+(.+)$/i.exec(ctx.get('authorization'));
+  if (match) {
+    const decoded = Buffer.from(match[1], 'base64').toString('utf8');
+    const i = decoded.indexOf(':');
+    if (i !== -1) {
+      const raw = decoded.slice(i + 1);
+      remember('clientSecrets', raw);
+      try {
+        remember('clientSecrets', decodeURIComponent(raw.replace(/\+/g, '%20')));
+      } catch {
+        // not form-urlencoded: the raw value is recorded
+      }
+    }
+  }
+  if (ctx.body && typeof ctx.body === 'object') {
+    remember('accessTokens', ctx.body.access_token);
+    remember('refreshTokens', ctx.body.refresh_token);
+  }
+}
+
 // The client id of a token request, even when authentication failed (then ctx.oidc.client
 // is not set): from client_id in the body, else from the HTTP Basic header.
 function requestClientId(ctx) {
@@ -381,8 +421,10 @@ async function mintRefreshToken(ctx) {
     resource: resources.length === 1 ? resources[0] : resources,
     expiresWithSession: false,
   });
+  const minted = await refreshToken.save();
+  remember('refreshTokens', minted);
   ctx.type = 'json';
-  ctx.body = { refresh_token: await refreshToken.save() };
+  ctx.body = { refresh_token: minted };
 }
 
 // Registered auth method, enforced strictly: oidc-provider itself accepts either
@@ -402,6 +444,13 @@ provider.use(async (ctx, next) => {
   if (ctx.path === '/__test/token-requests' && ctx.method === 'GET') {
     ctx.type = 'json';
     ctx.body = counts;
+    return;
+  }
+  if (ctx.path === '/__test/secrets-seen' && ctx.method === 'GET') {
+    ctx.type = 'json';
+    ctx.body = Object.fromEntries(
+      Object.entries(secretsSeen).map(([kind, values]) => [kind, [...values]]),
+    );
     return;
   }
   if (ctx.path === '/__test/reset' && ctx.method === 'POST') {
@@ -427,6 +476,9 @@ provider.use(async (ctx, next) => {
     await next();
   } finally {
     if (isTokenRequest) {
+      // Secrets the client sent, and any it was given (the response body is replaced below
+      // only by an error, never by another token).
+      recordTokenRequestSecrets(ctx);
       // Counted after the provider ran, so its parsed parameters are available; errors are
       // rendered by the provider's own error handler, so this also runs for failed requests.
       counts.total += 1;

@@ -135,6 +135,22 @@ impl TokenRequestCounts {
     }
 }
 
+/// Every secret value the server received or handed out since it started (never reset), as
+/// served by `/__test/secrets-seen`: for tests asserting that none of them leaks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretsSeen {
+    /// Access tokens in token responses.
+    pub access_tokens: Vec<String>,
+    /// Refresh tokens in token responses, presented in refresh requests, or minted by
+    /// [`OidcServer::mint_refresh_token`].
+    pub refresh_tokens: Vec<String>,
+    /// `client_assertion`s (private_key_jwt) received.
+    pub client_assertions: Vec<String>,
+    /// Client secrets received, from the Basic header (raw and form-decoded) or the form.
+    pub client_secrets: Vec<String>,
+}
+
 /// The private key of a private_key_jwt client, as served by `/__test/client-keys/<id>`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClientKey {
@@ -275,6 +291,23 @@ impl OidcServer {
             response.status()
         );
         response.json().await.expect("token request counts JSON")
+    }
+
+    /// Every secret value the server received or handed out since start.
+    pub async fn secrets_seen(&self) -> SecretsSeen {
+        let url = format!("{}/__test/secrets-seen", self.issuer);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .expect("GET /__test/secrets-seen");
+        assert!(
+            response.status().is_success(),
+            "GET {url}: {}",
+            response.status()
+        );
+        response.json().await.expect("secrets seen JSON")
     }
 
     /// Sets the token request counters back to zero.

@@ -164,6 +164,11 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             content_type: content_type.clone(),
             accept: accept.clone(),
             field_manager: query.get("fieldManager").cloned(),
+            bearer_token: header_value(header::AUTHORIZATION).and_then(|a| {
+                a.strip_prefix("Bearer ")
+                    .or_else(|| a.strip_prefix("bearer "))
+                    .map(str::to_string)
+            }),
         })
     });
     let Some(route) = route else {

@@ -139,6 +139,10 @@ pub struct RequestRecord {
     pub content_type: Option<String>,
     pub accept: Option<String>,
     pub field_manager: Option<String>,
+    /// The bearer token of the `Authorization` header, if any: tells apart the clients of
+    /// one double (see [`KubeApiDouble::kubeconfig_yaml_with_token`]). Tests compare it,
+    /// never print it.
+    pub bearer_token: Option<String>,
 }
 
 /// The running double. Dropping it stops the server and ends open watch streams.
@@ -195,6 +199,19 @@ impl KubeApiDouble {
              users:\n- name: kube-double\n  user: {{}}\ncontexts:\n- name: kube-double\n  context:\n    \
              cluster: kube-double\n    user: kube-double\n    namespace: default\ncurrent-context: kube-double\n",
             self.url()
+        )
+    }
+
+    /// Like [`KubeApiDouble::kubeconfig_yaml`], with a bearer `token` that the double does
+    /// not check but records ([`RequestRecord::bearer_token`]): a test gives its process
+    /// under test its own token to single out that process's requests.
+    pub fn kubeconfig_yaml_with_token(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-double\n  cluster:\n    server: {}\n\
+             users:\n- name: kube-double\n  user:\n    token: {}\ncontexts:\n- name: kube-double\n  context:\n    \
+             cluster: kube-double\n    user: kube-double\n    namespace: default\ncurrent-context: kube-double\n",
+            self.url(),
+            serde_json::to_string(token).expect("a string serializes")
         )
     }
 
