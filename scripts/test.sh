@@ -22,4 +22,5 @@ cargo test --locked --all-targets "$@"
 
 # Chart lint/render/schema/RBAC tests; the RBAC test asks the binary built above
 # (`audience-token-operator rbac`) what it needs.
-"$HELM_VENV/bin/python" -m pytest -q tests/helm
+# The binary `cargo test` just built (a `cargo run` would rebuild it with other features).
+ATO_BIN="$PWD/target/debug/audience-token-operator" "$HELM_VENV/bin/python" -m pytest -q tests/helm

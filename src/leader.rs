@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::server::{Health, Leadership};
@@ -76,6 +78,7 @@ where
     // slow API server.
     let duration_secs = lease.duration.as_secs().clamp(3, 3600);
     let grace_secs = (duration_secs / 3).max(1);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
     let manager = LeaseManagerBuilder::new(client, &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
@@ -117,16 +120,24 @@ where
     health.set_leadership(Leadership::Leader);
     metrics.set_leader(true);
 
-    // Stop the work on shutdown, or as soon as the Lease is no longer ours.
+    // Stop the work on shutdown, or as soon as the Lease is no longer ours: the election
+    // task says so, or this replica cannot confirm it holds the Lease for two thirds of its
+    // duration (cut off from the API server, it would otherwise go on requesting tokens
+    // while another replica takes over).
     let lost = {
         let mut leading = leading.clone();
-        async move {
+        let told = async move {
             while leading.changed().await.is_ok() {
                 if !*leading.borrow_and_update() {
-                    return true;
+                    return;
                 }
             }
             // The election task ended without saying we lost: treat it as lost.
+        };
+        let deadline = Duration::from_secs(duration_secs * 2 / 3);
+        let unconfirmed = confirm_holder(leases, lease.clone(), deadline);
+        async move {
+            futures::future::select(std::pin::pin!(told), std::pin::pin!(unconfirmed)).await;
             true
         }
     };
@@ -160,4 +171,33 @@ where
         Err(_) => warn!("releasing the leader Lease timed out; it expires on its own"),
     }
     Ok(result)
+}
+
+/// Reads the Lease every `deadline / 4` and returns when this replica has not been seen
+/// holding a current Lease for `deadline`, or sees another holder.
+async fn confirm_holder(leases: Api<Lease>, lease: LeaseSettings, deadline: Duration) {
+    let mut confirmed = Instant::now();
+    loop {
+        tokio::time::sleep(deadline / 4).await;
+        match leases.get(&lease.name).await {
+            Ok(current) => match held_by(&current) {
+                Some(holder) if holder == lease.identity => confirmed = Instant::now(),
+                Some(holder) => {
+                    warn!(lease = %lease.name, %holder, "another replica holds the leader Lease");
+                    return;
+                }
+                None => {}
+            },
+            Err(e) => warn!(lease = %lease.name, error = %e, "cannot read the leader Lease"),
+        }
+        if confirmed.elapsed() >= deadline {
+            warn!(lease = %lease.name, "could not confirm holding the leader Lease; stepping down");
+            return;
+        }
+    }
+}
+
+/// The Lease's holder, if it has one.
+fn held_by(lease: &Lease) -> Option<&str> {
+    lease.spec.as_ref()?.holder_identity.as_deref()
 }

@@ -240,6 +240,28 @@ async fn leader_election_hands_over() {
     wait_role(&a, "leader", TAKEOVER).await;
     assert_eq!(lease_holder(&h.env).await.as_deref(), Some("op-a"));
     assert!(a.exit_status().is_none(), "the new leader keeps running");
+
+    // A leader that finds another holder (it was cut off and someone took over) stops its
+    // controllers and exits 1, to come back as a standby.
+    let now = jiff::Timestamp::now().to_string();
+    Api::<Lease>::namespaced(h.env.client.clone(), "default")
+        .patch(
+            "audience-token-operator",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"holderIdentity": "intruder", "renewTime": now,
+                "acquireTime": now, "leaseDurationSeconds": 60}}),
+            ),
+        )
+        .await
+        .expect("take the Lease");
+    let exited = eventually("the displaced leader to exit", TAKEOVER, || {
+        let status = a.exit_status();
+        async move { status.ok_or_else(|| "still running".to_string()) }
+    })
+    .await;
+    assert_eq!(exited.code(), Some(1), "{}", a.logs());
+    assert!(a.logs().contains("lost the leader Lease"), "{}", a.logs());
 }
 
 /// Waits until `/readyz` says the operator is `role` (leader or standby).
