@@ -19,6 +19,7 @@ pub mod debug_token;
 pub mod issuer_params;
 pub mod leader;
 pub mod oauth;
+pub mod rate_limit;
 pub mod rbac;
 pub mod redact;
 pub mod renewal;

@@ -286,6 +286,12 @@ async fn lease_holder(env: &TestEnv) -> Option<String> {
 }
 
 #[tokio::test]
+async fn rate_limit_spaces_token_requests() {
+    let h = start("ratelimit").await;
+    scenarios::rate_limit_spaces_requests(&h.env).await;
+}
+
+#[tokio::test]
 async fn foreign_secret_is_never_written() {
     let h = start("conflict").await;
     h.env

@@ -77,8 +77,9 @@ pub struct IssuerSpec {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')").message("requestTimeout must be a duration such as 10s"))]
     pub request_timeout: Option<String>,
 
-    /// Client-side limit on token requests to this server. Absent: only the operator's
-    /// `--concurrency` limits them.
+    /// Client-side limit on token requests to this server (a token bucket). Requests over
+    /// the limit wait (up to 1s) or are deferred; a deferral is not a failure. Absent: only
+    /// the operator's `--concurrency` limits them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
 

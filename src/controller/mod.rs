@@ -92,6 +92,8 @@ pub struct Context {
     pub refresh_chains: refresh_chain::RefreshChains,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Issuers' `rateLimit` buckets.
+    pub rate_limiter: crate::rate_limit::RateLimiter,
     recorder: Recorder,
     /// For AudienceTokens whose last request failed: the issuer generation at that time. A
     /// new generation (the issuer was fixed) waives the backoff.
@@ -404,6 +406,7 @@ pub async fn run(
         issuer_caches: IssuerCaches::default(),
         refresh_chains: refresh_chain::RefreshChains::default(),
         metrics: metrics.clone(),
+        rate_limiter: Default::default(),
         recorder,
         failures: Mutex::new(HashMap::new()),
     });

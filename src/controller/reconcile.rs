@@ -10,7 +10,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::issuer::{self, ResolvedIssuer};
 use super::plan::{self, Decision, Failure, Observed, reason};
@@ -19,6 +19,7 @@ use crate::api::{
     AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
 use crate::oauth::{Grant, IssuedToken, TokenError, TokenRequest, issue};
+use crate::rate_limit::Admission;
 use crate::renewal::{RenewBefore, RenewalWarning, backoff_delay, unit_from_seed};
 use crate::secret::{
     MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
@@ -127,6 +128,22 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                     return Ok(Action::requeue(BLOCKED_RECHECK));
                 }
             };
+            if let Some(limit) = &issuer.spec.rate_limit {
+                match ctx
+                    .rate_limiter
+                    .admit(&issuer.key, limit, std::time::Instant::now())
+                {
+                    Admission::Now => {}
+                    Admission::After(wait) => tokio::time::sleep(wait).await,
+                    Admission::Later(wait) => {
+                        // Spread the retries so that they do not all come back at once.
+                        let spread = unit_from_seed(&format!("{uid}/{now}"));
+                        let wait = wait.mul_f64(1.0 + spread);
+                        debug!(namespace, name, issuer = issuer.key, resource = token.spec.resource, retry_in = ?wait, "rateLimit reached; token request deferred");
+                        return Ok(Action::requeue(wait));
+                    }
+                }
+            }
             info!(namespace, name, issuer = issuer.key, resource = token.spec.resource, reason = ?why, "requesting token");
             match request_token(&ctx, &token, &issuer, now).await {
                 Ok(issued) => publish(&ctx, &token, &secrets, &status, &issued, &observed).await,

@@ -72,6 +72,7 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::refresh_token_chain(&env, &mut operator).await;
         scenarios::private_key_jwt(&env).await;
         scenarios::signature_check(&env).await;
+        scenarios::rate_limit_spaces_requests(&env).await;
         operator.stop().await;
     })
     .await;
