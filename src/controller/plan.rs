@@ -99,6 +99,11 @@ impl Observed<'_> {
 
     /// The renewal plan for a published token.
     pub fn renewal_plan(&self, issued_at: Timestamp, expires_at: Timestamp) -> RenewalPlan {
+        // Whole seconds, as the Secret's annotations keep them: the plan made at issuance
+        // and the one rebuilt from the Secret after a restart must be the same, or every
+        // restart rewrites statuses.
+        let whole = |at: Timestamp| Timestamp::from_second(at.as_second()).unwrap_or(at);
+        let (issued_at, expires_at) = (whole(issued_at), whole(expires_at));
         let seed = format!("{}/{}", self.jitter_seed, issued_at.as_second());
         renewal_time(issued_at, expires_at, self.policy, stable_jitter(&seed))
     }
@@ -471,6 +476,23 @@ mod tests {
             next_attempt_time: Some(time(ts(next))),
             observed_generation: Some(generation),
             ..AudienceTokenStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_plan_rebuilt_from_the_secret_is_the_plan_made_at_issuance() {
+        let none = AudienceTokenStatus::default();
+        let o = observed(0, None, &none);
+        // Issued at a fraction of a second; the Secret's annotations keep whole seconds.
+        for millis in [1, 250, 500, 999] {
+            let issued = ts(0) + jiff::SignedDuration::from_millis(millis);
+            let expires = issued + jiff::SignedDuration::from_secs(3600);
+            let at_issuance = o.renewal_plan(issued, expires);
+            let from_secret = o.renewal_plan(ts(0), ts(3600));
+            assert_eq!(
+                at_issuance.renewal_time, from_secret.renewal_time,
+                "{millis} ms"
+            );
         }
     }
 
