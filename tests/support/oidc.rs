@@ -261,6 +261,11 @@ impl OidcServer {
         })
     }
 
+    /// The process id of the Node server (`None` once it has exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The token endpoint (`{issuer}/token`, as in the server's discovery document).
     pub fn token_endpoint(&self) -> String {
         format!("{}/token", self.issuer)

@@ -26,6 +26,8 @@ pub struct OperatorProcess {
     options: Options,
     /// `/metrics`, `/healthz` and `/readyz` (one loopback port).
     http_addr: String,
+    /// `RUST_LOG` for the process; `None`: the tests' default (debug for the operator).
+    log_filter: Option<String>,
 }
 
 /// A loopback port that was free a moment ago.
@@ -45,6 +47,18 @@ impl OperatorProcess {
     /// Like [`OperatorProcess::start`], with options. Several operators may watch one
     /// namespace when their leader-election identities differ (each logs to its own file).
     pub fn start_with(kubeconfig: &Path, namespace: &str, options: Options) -> Self {
+        Self::start_with_log_filter(kubeconfig, namespace, options, None)
+    }
+
+    /// Like [`OperatorProcess::start_with`], with `RUST_LOG` set to `log_filter` (kept across
+    /// restarts) instead of the tests' debug-level default, e.g. the binary's own default
+    /// `info,kube=warn` for a benchmark.
+    pub fn start_with_log_filter(
+        kubeconfig: &Path,
+        namespace: &str,
+        options: Options,
+        log_filter: Option<&str>,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("ato-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let suffix = options
@@ -60,6 +74,7 @@ impl OperatorProcess {
             starts: 0,
             options,
             http_addr: String::new(),
+            log_filter: log_filter.map(str::to_string),
         };
         operator.spawn();
         operator
@@ -85,6 +100,11 @@ impl OperatorProcess {
                 .and_then(|rest| rest.strip_prefix(' '))
                 .and_then(|value| value.trim().parse().ok())
         })
+    }
+
+    /// The process id of the running operator (`None` once it was stopped or killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// Whether the process has exited, and how.
@@ -135,7 +155,12 @@ impl OperatorProcess {
         }
         let child = command
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,audience_token_operator=debug,kube=warn")
+            .env(
+                "RUST_LOG",
+                self.log_filter
+                    .as_deref()
+                    .unwrap_or("info,audience_token_operator=debug,kube=warn"),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

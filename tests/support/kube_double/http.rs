@@ -251,20 +251,48 @@ fn list(
     metadata_only: bool,
 ) -> Outcome {
     let sel = selector(query)?;
-    let items: Vec<Value> = s
-        .objects
-        .iter()
-        .filter(|((gr, ns, _), obj)| {
-            *gr == route.gr && route.namespace.as_ref().is_none_or(|n| n == ns) && sel.matches(obj)
-        })
-        .map(|(_, obj)| {
-            if metadata_only {
-                partial(obj)
-            } else {
-                obj.clone()
+    // Pagination: `limit` caps a page; `continue` (from the previous page) is
+    // `{resourceVersion of the first page}/{namespace}/{name of the last item}`. Later pages
+    // come from the live store, not a snapshot, and report the first page's
+    // resourceVersion, so a watch started from it replays every change made meanwhile.
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l > 0);
+    let (list_rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let mut parts = token.splitn(3, '/');
+            let (rv, ns, name) = (parts.next(), parts.next(), parts.next());
+            match (rv.and_then(|rv| rv.parse::<u64>().ok()), ns, name) {
+                (Some(rv), Some(ns), Some(name)) => (rv, Some((ns.to_string(), name.to_string()))),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid continue token {token:?}"
+                    )));
+                }
             }
-        })
-        .collect();
+        }
+        None => (s.rv, None),
+    };
+    let mut matching = s.objects.iter().filter(|((gr, ns, name), obj)| {
+        *gr == route.gr
+            && route.namespace.as_ref().is_none_or(|n| n == ns)
+            && after
+                .as_ref()
+                .is_none_or(|(after_ns, after_name)| (ns, name) > (after_ns, after_name))
+            && sel.matches(obj)
+    });
+    let mut items: Vec<Value> = Vec::new();
+    let mut last = None;
+    for ((_, ns, name), obj) in matching.by_ref().take(limit.unwrap_or(usize::MAX)) {
+        items.push(if metadata_only {
+            partial(obj)
+        } else {
+            obj.clone()
+        });
+        last = Some((ns, name));
+    }
+    let more = matching.next().is_some();
     let (api_version, kind) = if metadata_only {
         (
             "meta.k8s.io/v1".to_string(),
@@ -276,7 +304,10 @@ fn list(
             .map_or("List".to_string(), |i| format!("{}List", i.kind));
         (route.api_version(), kind)
     };
-    let metadata = json!({"resourceVersion": s.rv.to_string()});
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if let (true, Some((ns, name))) = (more, last) {
+        metadata["continue"] = json!(format!("{list_rv}/{ns}/{name}"));
+    }
     Ok((
         200,
         json!({"apiVersion": api_version, "kind": kind, "metadata": metadata, "items": items}),
@@ -576,7 +607,7 @@ async fn run_watch(
                 ));
                 return None;
             }
-            for e in (s.history.iter()).filter(|e| e.rv > cursor && in_scope(&e.gr, &e.namespace)) {
+            for e in (s.events_after(cursor)).filter(|e| in_scope(&e.gr, &e.namespace)) {
                 let now = opts.sel.matches(&e.obj);
                 let before = e.prev.as_ref().is_some_and(|p| opts.sel.matches(p));
                 match (e.kind, before, now) {

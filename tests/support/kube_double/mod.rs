@@ -10,7 +10,9 @@
 //!   outside `metadata` and `status` changes, and when `deletionTimestamp` is set;
 //!   writes that change nothing are not persisted (no new resourceVersion, no event);
 //! - get (404 `Status` when absent), list (`labelSelector` with `=`, `==`, `!=`, `in`, `notin`,
-//!   `k`, `!k`; `fieldSelector` on `metadata.name`, `metadata.namespace` and `type`),
+//!   `k`, `!k`; `fieldSelector` on `metadata.name`, `metadata.namespace` and `type`; pages of
+//!   `limit` items with a `continue` token, later pages read from the live store (not a
+//!   snapshot) and report the first page's resourceVersion),
 //!   create (409 AlreadyExists; `generateName`), update (409 Conflict on a stale
 //!   `metadata.resourceVersion`), delete (with `preconditions`);
 //! - patch: `application/apply-patch+yaml` (server-side apply, JSON or YAML body, requires
@@ -45,7 +47,8 @@
 //! version conversion (objects are stored as written, `apiVersion` is taken from the URL);
 //! real server-side apply (no field ownership or managedFields, no conflicts, no removal of
 //! fields a manager stops applying, lists are replaced, not merged by key); strategic merge
-//! patch semantics; pagination (`limit`/`continue` are ignored, lists are complete);
+//! patch semantics; consistent pagination (pages are not a snapshot; an expired `continue`
+//! token is not refused);
 //! resourceVersion semantics on get/list (always the latest); the rule that updates without a
 //! resourceVersion are refused for custom resources; namespace existence and Terminating
 //! namespaces; dryRun; deletecollection; grace periods; other subresources; discovery
@@ -259,6 +262,24 @@ impl KubeApiDouble {
         })
     }
 
+    /// How many stored objects of `r` (in `namespace`, or in all namespaces when `None`)
+    /// satisfy `matches`: a cheap in-process poll (no copies, no HTTP).
+    pub fn count(
+        &self,
+        r: &ResourceKey,
+        namespace: Option<&str>,
+        matches: impl Fn(&Value) -> bool,
+    ) -> usize {
+        let gr = r.gr();
+        self.shared.with(|s| {
+            (s.objects.iter())
+                .filter(|((g, ns, _), obj)| {
+                    *g == gr && namespace.is_none_or(|n| n == ns) && matches(obj)
+                })
+                .count()
+        })
+    }
+
     /// The current (latest) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.with(|s| s.rv)
@@ -272,6 +293,21 @@ impl KubeApiDouble {
     /// Every HTTP request received so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.with(|s| s.requests.clone())
+    }
+
+    /// How many HTTP requests were received so far (a mark for [`KubeApiDouble::requests_since`]).
+    pub fn request_count(&self) -> usize {
+        self.shared.with(|s| s.requests.len())
+    }
+
+    /// The HTTP requests received after the first `mark` ones, in order.
+    pub fn requests_since(&self, mark: usize) -> Vec<RequestRecord> {
+        self.shared.with(|s| {
+            s.requests
+                .get(mark..)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default()
+        })
     }
 
     pub fn clear_requests(&self) {

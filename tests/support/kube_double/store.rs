@@ -63,6 +63,15 @@ pub struct Event {
     pub prev: Option<Value>,
 }
 
+impl Store {
+    /// The kept events after resourceVersion `rv`, oldest first. The history is in
+    /// resourceVersion order, so this is a binary search, not a scan of the whole history.
+    pub fn events_after(&self, rv: u64) -> impl Iterator<Item = &Event> {
+        let start = self.history.partition_point(|e| e.rv <= rv);
+        self.history.range(start..)
+    }
+}
+
 /// An API error, rendered as a `Status` body.
 #[derive(Debug)]
 pub struct ApiError {
@@ -148,14 +157,20 @@ impl Shared {
         }
     }
 
-    /// Runs `f` on the store, then wakes the watches.
+    /// Runs `f` on the store, then wakes the watches if it wrote something (a new
+    /// resourceVersion). Reads and the request log wake nobody: with thousands of objects,
+    /// waking every watch on every request made the double the bottleneck.
     pub fn with<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         let (result, rv) = {
             let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
             let result = f(&mut store);
             (result, store.rv)
         };
-        self.rv_tx.send_replace(rv);
+        self.rv_tx.send_if_modified(|current| {
+            let changed = *current != rv;
+            *current = rv;
+            changed
+        });
         result
     }
 }
