@@ -4,66 +4,20 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use audience_token_operator::api::AudienceToken;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use support::kube_double::KubeApiDouble;
-use support::oidc::{self, OidcServer};
+use support::harness::{self, Harness};
+use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
 
-/// Each harness runs a Node server and an operator process; on a 2-core machine more than
-/// two at once only slows them all down.
-static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
-struct Harness {
-    _slot: tokio::sync::SemaphorePermit<'static>,
-    env: TestEnv,
-    operator: OperatorProcess,
-    _double: KubeApiDouble,
-    _kubeconfig: TempFile,
-}
-
-/// A file removed on drop.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A fresh API double, OAuth server, namespace with issuer `idp`, and a running operator.
+/// A fresh API double, OAuth server, namespace, and a running operator.
 async fn start(namespace: &str) -> Harness {
-    start_with(namespace, Options::default()).await
-}
-
-async fn start_with(namespace: &str, options: Options) -> Harness {
-    let slot = SLOTS.acquire().await.expect("semaphore open");
-    let double = KubeApiDouble::start().await;
-    let idp = OidcServer::start().await;
-    let env = TestEnv {
-        client: double.client(),
-        namespace: namespace.to_string(),
-        idp,
-    };
-    env.create_namespace().await;
-    let dir = std::env::temp_dir().join(format!("ato-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kubeconfig = TempFile(dir.join(format!("kubeconfig-{namespace}")));
-    std::fs::write(&kubeconfig.0, double.kubeconfig_yaml()).expect("write kubeconfig");
-    let operator = OperatorProcess::start_with(&kubeconfig.0, namespace, options);
-    Harness {
-        _slot: slot,
-        env,
-        operator,
-        _double: double,
-        _kubeconfig: kubeconfig,
-    }
+    harness::start(namespace, Options::default()).await
 }
 
 #[tokio::test]
@@ -84,7 +38,7 @@ async fn metrics_and_probes_and_json_logs() {
         json_logs: true,
         ..Options::default()
     };
-    let h = start_with("metrics", json_logs).await;
+    let h = harness::start("metrics", json_logs).await;
     scenarios::issues_one_token_per_audience(&h.env).await;
     let op = &h.operator;
 
@@ -188,8 +142,8 @@ async fn leader_election_hands_over() {
         leader_elect: Some((LEASE, id.to_string())),
         ..Options::default()
     };
-    let mut h = start_with("leader", elect("op-a")).await;
-    let kubeconfig = h._kubeconfig.0.clone();
+    let mut h = harness::start("leader", elect("op-a")).await;
+    let kubeconfig = h.kubeconfig().to_path_buf();
     wait_role(&h.operator, "leader", READY_TIMEOUT).await;
     let mut b = OperatorProcess::start_with(&kubeconfig, "leader", elect("op-b"));
     wait_role(&b, "standby", READY_TIMEOUT).await;

@@ -11,7 +11,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use audience_token_operator::api::{AudienceToken, ClusterTokenIssuer};
@@ -21,65 +20,14 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
+use support::harness::{self, Harness, OPERATOR_TOKEN};
 use support::kube_double::{KubeApiDouble, RequestRecord, ResourceKey};
 use support::oidc::{self, OidcServer, SecretsSeen};
-use support::operator::{OperatorProcess, Options};
-use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
+use support::operator::Options;
+use support::scenarios::{self, READY_TIMEOUT, eventually};
 
-/// Each harness runs a Node server and an operator process; on a 2-core machine more than
-/// two at once only slows them all down.
-static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
-/// The bearer token in the operator's kubeconfig: singles out its requests to the double
-/// (the test's own client sends none). The double does not check it.
-const OPERATOR_TOKEN: &str = "operator";
-
-struct Harness {
-    // Dropped first: the operator stops before the double and the OAuth server go away.
-    operator: OperatorProcess,
-    env: TestEnv,
-    double: KubeApiDouble,
-    _kubeconfig: TempFile,
-    _slot: tokio::sync::SemaphorePermit<'static>,
-}
-
-/// A file removed on drop.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A fresh API double, OAuth server and namespace, and a running operator (with its own
-/// bearer token) watching that namespace, with its ClusterTokenIssuer Secrets there too.
 async fn start(namespace: &str, options: Options) -> Harness {
-    let slot = SLOTS.acquire().await.expect("semaphore open");
-    let double = KubeApiDouble::start().await;
-    let idp = OidcServer::start().await;
-    let env = TestEnv {
-        client: double.client(),
-        namespace: namespace.to_string(),
-        idp,
-    };
-    env.create_namespace().await;
-    let dir = std::env::temp_dir().join(format!("ato-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kubeconfig = TempFile(dir.join(format!("kubeconfig-security-{namespace}")));
-    std::fs::write(
-        &kubeconfig.0,
-        double.kubeconfig_yaml_with_token(OPERATOR_TOKEN),
-    )
-    .expect("write kubeconfig");
-    let operator = OperatorProcess::start_with(&kubeconfig.0, namespace, options);
-    Harness {
-        operator,
-        env,
-        double,
-        _kubeconfig: kubeconfig,
-        _slot: slot,
-    }
+    harness::start(namespace, options).await
 }
 
 fn audience_tokens() -> ResourceKey {

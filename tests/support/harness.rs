@@ -1,0 +1,72 @@
+//! One operator under test: a fresh Kubernetes API double, test OAuth server and namespace,
+//! and the operator binary watching that namespace (its ClusterTokenIssuer Secrets there
+//! too). Shared by `tests/controller.rs` and `tests/security.rs`.
+
+use std::path::{Path, PathBuf};
+
+use super::kube_double::KubeApiDouble;
+use super::oidc::OidcServer;
+use super::operator::{OperatorProcess, Options};
+use super::scenarios::TestEnv;
+
+/// Each harness runs a Node server and an operator process; on a 2-core machine more than
+/// two at once only slows them all down.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The bearer token in the operator's kubeconfig: singles out its requests to the double
+/// (the tests' own client sends none). The double does not check it.
+pub const OPERATOR_TOKEN: &str = "operator";
+
+/// Fields drop in order: the operator stops before the double and the OAuth server go.
+pub struct Harness {
+    pub operator: OperatorProcess,
+    pub env: TestEnv,
+    pub double: KubeApiDouble,
+    kubeconfig: TempFile,
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// A file removed on drop.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Harness {
+    /// The operator's kubeconfig, for starting more operators against the same double.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig.0
+    }
+}
+
+/// Starts a harness; waits while two others run.
+pub async fn start(namespace: &str, options: Options) -> Harness {
+    let slot = SLOTS.acquire().await.expect("semaphore open");
+    let double = KubeApiDouble::start().await;
+    let idp = OidcServer::start().await;
+    let env = TestEnv {
+        client: double.client(),
+        namespace: namespace.to_string(),
+        idp,
+    };
+    env.create_namespace().await;
+    let dir = std::env::temp_dir().join(format!("ato-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = TempFile(dir.join(format!("kubeconfig-{namespace}")));
+    std::fs::write(
+        &kubeconfig.0,
+        double.kubeconfig_yaml_with_token(OPERATOR_TOKEN),
+    )
+    .expect("write kubeconfig");
+    let operator = OperatorProcess::start_with(&kubeconfig.0, namespace, options);
+    Harness {
+        operator,
+        env,
+        double,
+        kubeconfig,
+        _slot: slot,
+    }
+}
