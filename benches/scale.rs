@@ -118,16 +118,6 @@ fn main() {
     runtime.block_on(run(mode));
 }
 
-fn audience_tokens() -> ResourceKey {
-    ResourceKey::custom(
-        "audiencetoken.io",
-        "v1alpha1",
-        "audiencetokens",
-        "AudienceToken",
-        true,
-    )
-}
-
 fn namespaces() -> ResourceKey {
     ResourceKey::namespaces()
 }
@@ -765,7 +755,7 @@ async fn run(mode: Mode) {
     let (rss_empty, _) = memory(pid).expect("operator memory");
 
     // Cold issuance.
-    let at = audience_tokens();
+    let at = ResourceKey::of::<AudienceToken>(true);
     let ticks = clock_ticks();
     let node_pid = env.idp.pid();
     let mark_cold = double.request_count();

@@ -13,7 +13,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use audience_token_operator::api::{AudienceToken, ClusterTokenIssuer};
+use audience_token_operator::api::{AudienceToken, ClusterTokenIssuer, TokenIssuer};
 use audience_token_operator::rbac::{self, Rule, Scope};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -28,36 +28,6 @@ use support::scenarios::{self, READY_TIMEOUT, eventually};
 
 async fn start(namespace: &str, options: Options) -> Harness {
     harness::start(namespace, options).await
-}
-
-fn audience_tokens() -> ResourceKey {
-    ResourceKey::custom(
-        "audiencetoken.io",
-        "v1alpha1",
-        "audiencetokens",
-        "AudienceToken",
-        true,
-    )
-}
-
-fn token_issuers() -> ResourceKey {
-    ResourceKey::custom(
-        "audiencetoken.io",
-        "v1alpha1",
-        "tokenissuers",
-        "TokenIssuer",
-        true,
-    )
-}
-
-fn cluster_token_issuers() -> ResourceKey {
-    ResourceKey::custom(
-        "audiencetoken.io",
-        "v1alpha1",
-        "clustertokenissuers",
-        "ClusterTokenIssuer",
-        false,
-    )
 }
 
 fn core_events() -> ResourceKey {
@@ -208,9 +178,12 @@ async fn observable_places(h: &Harness) -> Vec<Place> {
     for (label, key) in [
         ("Event (events.k8s.io)", ResourceKey::events()),
         ("Event (core)", core_events()),
-        ("AudienceToken", audience_tokens()),
-        ("TokenIssuer", token_issuers()),
-        ("ClusterTokenIssuer", cluster_token_issuers()),
+        ("AudienceToken", ResourceKey::of::<AudienceToken>(true)),
+        ("TokenIssuer", ResourceKey::of::<TokenIssuer>(true)),
+        (
+            "ClusterTokenIssuer",
+            ResourceKey::of::<ClusterTokenIssuer>(false),
+        ),
     ] {
         for obj in h.double.list(&key, None) {
             places.push(Place {

@@ -89,6 +89,16 @@ impl ResourceKey {
             kind: s(kind),
         }
     }
+    /// The key of a typed resource, e.g. one of the operator's CRDs.
+    pub fn of<K: kube::Resource<DynamicType = ()>>(namespaced: bool) -> Self {
+        Self::custom(
+            &K::group(&()),
+            &K::version(&()),
+            &K::plural(&()),
+            &K::kind(&()),
+            namespaced,
+        )
+    }
     pub fn secrets() -> Self {
         Self::custom("", "v1", "secrets", "Secret", true)
     }
