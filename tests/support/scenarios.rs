@@ -240,6 +240,28 @@ impl TestEnv {
             })
             .collect()
     }
+
+    /// Waits for an Event about `object` of this type and reason whose note contains
+    /// `note_part`. Events are published after the status write, so a test that has just
+    /// seen the condition may not see the Event yet.
+    pub async fn wait_event(&self, object: &str, type_: &str, reason: &str, note_part: &str) {
+        eventually(
+            &format!("a {type_} {reason} Event on {object} saying {note_part:?}"),
+            READY_TIMEOUT,
+            || async {
+                let events = self.events_for(object).await;
+                if events
+                    .iter()
+                    .any(|(t, r, note)| t == type_ && r == reason && note.contains(note_part))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{events:?}"))
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// Waits until object `name`'s Ready condition has this status and reason.
@@ -388,13 +410,8 @@ pub async fn issues_one_token_per_audience(env: &TestEnv) {
         (0.6..=0.74).contains(&(renew_after / lifetime)),
         "renewal at about two thirds: {renew_after}/{lifetime}"
     );
-    let events = env.events_for("orders").await;
-    assert!(
-        events.iter().any(|(t, reason, note)| t == "Normal"
-            && reason == "Issued"
-            && note.contains("Secret orders")),
-        "an Issued Event names the Secret; events: {events:?}"
-    );
+    env.wait_event("orders", "Normal", "Issued", "Secret orders")
+        .await;
 }
 
 /// A token close to expiry is replaced by a new one in the same Secret.
@@ -416,19 +433,10 @@ pub async fn renews_before_expiry(env: &TestEnv) {
     assert_eq!(claims["aud"], json!(oidc::SHORT_LIVED));
     env.wait_condition("short", "True", "Renewed", READY_TIMEOUT)
         .await;
-    let events = env.events_for("short").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, reason, _)| t == "Normal" && reason == "Renewed"),
-        "a Renewed Event; events: {events:?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|(t, reason, _)| t == "Warning" && reason == "RenewalWindow"),
-        "a 6 s token cannot be renewed 90 s before expiry: a Warning Event says so; events: {events:?}"
-    );
+    env.wait_event("short", "Normal", "Renewed", "").await;
+    // A 6 s token cannot be renewed 90 s before expiry: a Warning Event says so.
+    env.wait_event("short", "Warning", "RenewalWindow", "too short")
+        .await;
 }
 
 /// Changing the scopes issues a new token at once (exactly one request).
@@ -556,13 +564,8 @@ pub async fn never_writes_a_foreign_secret(env: &TestEnv) {
         before,
         "no token requested for a Secret we cannot write"
     );
-    let events = env.events_for("conflicted").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "SecretConflict"),
-        "{events:?}"
-    );
+    env.wait_event("conflicted", "Warning", "SecretConflict", "")
+        .await;
 }
 
 /// Server errors reach status (never a token), a multi-audience token is refused, and a
@@ -607,11 +610,7 @@ pub async fn failures_reach_status_and_recover(env: &TestEnv) {
         ("unknown", "TokenRequestFailed"),
         ("multi", "AudienceMismatch"),
     ] {
-        let events = env.events_for(name).await;
-        assert!(
-            events.iter().any(|(t, r, _)| t == "Warning" && r == reason),
-            "a {reason} Warning Event on {name}; events: {events:?}"
-        );
+        env.wait_event(name, "Warning", reason, "").await;
     }
 
     env.create_issuer("wrong-secret", &oidc::M2M_POST, "not-the-secret")
@@ -818,13 +817,8 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
         env.idp.token_requests().await.for_resource(oidc::OPAQUE),
         before.for_resource(oidc::OPAQUE)
     );
-    let events = env.events_for("chain-elsewhere").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "NotAllowed"),
-        "a NotAllowed Warning Event; events: {events:?}"
-    );
+    env.wait_event("chain-elsewhere", "Warning", "NotAllowed", "")
+        .await;
 
     // The chain survives a restart between rotations: the state Secret carries it on.
     operator.stop().await;
@@ -890,19 +884,16 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
         requests_after_loss,
         "a lost chain makes no further token requests"
     );
-    let events = env.events_for("chain").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "RefreshChainLost"),
-        "{events:?}"
-    );
-    assert!(
-        events.iter().any(|(t, r, note)| t == "Normal"
-            && r == "RefreshTokenRotated"
-            && note.contains("chain-refresh-state")),
-        "rotations are Events on the issuer; {events:?}"
-    );
+    env.wait_event("chain", "Warning", "RefreshChainLost", "")
+        .await;
+    // Rotations are Events on the issuer.
+    env.wait_event(
+        "chain",
+        "Normal",
+        "RefreshTokenRotated",
+        "chain-refresh-state",
+    )
+    .await;
 
     // A new bootstrap token starts a new chain, and everything recovers by itself.
     let fresh = env
