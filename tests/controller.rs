@@ -13,6 +13,7 @@ use serde_json::json;
 use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
+use support::refresh_recovery;
 use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -267,6 +268,35 @@ async fn failures_reach_status_and_recover() {
 async fn refresh_token_chain_is_shared_and_survives_restarts() {
     let mut h = start("chain").await;
     scenarios::refresh_token_chain(&h.env, &mut h.operator).await;
+}
+
+/// Issue 8: a lost chain recovered while three AudienceTokens renew at once, four rounds
+/// (the last across a restart): one request per token, no `invalid_grant`.
+#[tokio::test]
+async fn lost_refresh_chain_recovers_with_one_request_per_token() {
+    let mut h = start("recovery").await;
+    refresh_recovery::lost_chain_recovers_with_one_request_per_token(&h.env, &mut h.operator).await;
+}
+
+/// A crash between the server's answer and the write of the rotated refresh token: seen at
+/// the next start, survived where the server has a reuse grace period.
+#[tokio::test]
+async fn interrupted_rotation_is_resolved_at_start() {
+    let mut h = start("interrupted").await;
+    refresh_recovery::interrupted_rotation_is_resolved_at_start(
+        &h.env,
+        &mut h.operator,
+        &oidc::M2M_REFRESH,
+        false,
+    )
+    .await;
+    refresh_recovery::interrupted_rotation_is_resolved_at_start(
+        &h.env,
+        &mut h.operator,
+        &oidc::M2M_REFRESH_GRACE,
+        true,
+    )
+    .await;
 }
 
 #[tokio::test]

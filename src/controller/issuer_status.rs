@@ -9,15 +9,15 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use super::issuer::{self, ResolvedIssuer};
 use super::plan::{Failure, set_ready};
-use super::refresh_chain::{CHAIN_LOST_ANNOTATION, state_secret_name};
+use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
 use super::{Context, Error};
 use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
+use crate::oauth::Endpoint;
 
 /// Condition reasons on issuers.
 pub mod reason {
@@ -33,6 +33,14 @@ pub mod reason {
 const RECHECK_READY: Duration = Duration::from_secs(600);
 /// How often a failing issuer is checked again.
 const RECHECK_FAILING: Duration = Duration::from_secs(30);
+/// How often an issuer whose refresh-token chain waits for a (new) bootstrap value looks
+/// for one: after a lost chain, a new login must take effect within seconds.
+const RECHECK_BOOTSTRAP: Duration = Duration::from_secs(3);
+
+/// Whether the issuer waits for a bootstrap refresh token (lost chain, or none yet).
+fn waits_for_bootstrap(ready: &crate::api::Condition) -> bool {
+    ready.reason == reason::REFRESH_CHAIN_LOST || ready.message.starts_with(NO_CHAIN_YET)
+}
 
 fn resolved(
     key: String,
@@ -66,26 +74,6 @@ pub async fn reconcile_cluster_issuer(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     update_cluster_issuer(&ctx, &issuer).await
-}
-
-/// Recomputes an issuer's status now (after its refresh-token chain was lost, say).
-pub async fn refresh(ctx: &Context, issuer: &ObjectReference) {
-    let name = issuer.name.clone().unwrap_or_default();
-    let result = match (issuer.kind.as_deref(), issuer.namespace.as_deref()) {
-        (Some("TokenIssuer"), Some(ns)) => match ctx.issuers.get(&ObjectRef::new(&name).within(ns))
-        {
-            Some(found) => update_token_issuer(ctx, &found).await.map(|_| ()),
-            None => Ok(()),
-        },
-        (Some("ClusterTokenIssuer"), _) => match ctx.cluster_issuers.get(&ObjectRef::new(&name)) {
-            Some(found) => update_cluster_issuer(ctx, &found).await.map(|_| ()),
-            None => Ok(()),
-        },
-        _ => Ok(()),
-    };
-    if let Err(e) = result {
-        warn!(issuer = name, error = %e, "cannot update issuer status");
-    }
 }
 
 async fn update_token_issuer(ctx: &Context, issuer: &TokenIssuer) -> Result<Action, Error> {
@@ -148,9 +136,10 @@ async fn desired_status(
     let outcome = match issuer::endpoint(ctx, issuer).await {
         Ok(request) => {
             status.token_endpoint = Some(request.endpoint.token_endpoint.to_string());
-            match chain_lost(ctx, issuer).await {
-                Some(why) => Err((reason::REFRESH_CHAIN_LOST, why)),
-                None => Ok(format!(
+            match chain_health(ctx, issuer, &request.endpoint).await {
+                ChainHealth::Lost(why) => Err((reason::REFRESH_CHAIN_LOST, why)),
+                ChainHealth::WaitingForBootstrap(why) => Err((reason::NOT_READY, why)),
+                ChainHealth::Alive => Ok(format!(
                     "token endpoint {}",
                     request.endpoint.token_endpoint
                 )),
@@ -174,19 +163,12 @@ async fn desired_status(
     status
 }
 
-/// Whether the issuer's refresh-token chain is lost: as this process saw it, or as the state
-/// Secret's annotation says (after a restart).
-async fn chain_lost(ctx: &Context, issuer: &ResolvedIssuer) -> Option<String> {
+/// The refresh-token chain's health; always alive for other grants.
+async fn chain_health(ctx: &Context, issuer: &ResolvedIssuer, endpoint: &Endpoint) -> ChainHealth {
     if issuer.spec.grant.type_ != GrantType::RefreshToken {
-        return None;
+        return ChainHealth::Alive;
     }
-    if let Some(why) = ctx.refresh_chains.lost(&issuer.key).await {
-        return Some(why);
-    }
-    let state = ctx
-        .secrets
-        .get(&ObjectRef::new(&state_secret_name(&issuer.name)).within(&issuer.secret_namespace))?;
-    state.annotations().get(CHAIN_LOST_ANNOTATION).cloned()
+    ctx.refresh_chains.health(ctx, issuer, endpoint).await
 }
 
 async fn write<K>(
@@ -201,16 +183,16 @@ where
     let ready = next
         .conditions
         .iter()
-        .any(|c| c.type_ == crate::api::READY && c.status == "True");
+        .find(|c| c.type_ == crate::api::READY);
     if previous != Some(next) {
         let patch = serde_json::json!({ "status": next });
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-    Ok(Action::requeue(if ready {
-        RECHECK_READY
-    } else {
-        RECHECK_FAILING
+    Ok(Action::requeue(match ready {
+        Some(c) if c.status == "True" => RECHECK_READY,
+        Some(c) if waits_for_bootstrap(c) => RECHECK_BOOTSTRAP,
+        _ => RECHECK_FAILING,
     }))
 }
 

@@ -10,6 +10,7 @@ pub mod issuer_status;
 pub mod plan;
 pub mod reconcile;
 pub mod refresh_chain;
+pub mod signals;
 pub mod signature;
 
 use std::collections::HashMap;
@@ -99,27 +100,64 @@ pub struct Context {
     recorder: Recorder,
     /// Who reports Events (for the one-off recorders of Normal token Events).
     reporter: Reporter,
-    /// For AudienceTokens whose last request failed: the issuer generation at that time. A
-    /// new generation (the issuer was fixed) waives the backoff.
-    failures: Mutex<HashMap<ObjectRef<AudienceToken>, i64>>,
+    /// Asks the other controllers to look again.
+    pub signals: signals::Signals,
+    /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
+    /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
+    /// backoff.
+    failures: Mutex<HashMap<ObjectRef<AudienceToken>, IssuerRevision>>,
+}
+
+/// What may fix a failed token request when it changes: the issuer's spec, and for a
+/// refresh-token chain, its bootstrap value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IssuerRevision {
+    /// The issuer's `metadata.generation`.
+    pub generation: i64,
+    /// New bootstrap values this process saw for the issuer's chain (0 after a start).
+    pub bootstrap_epoch: u64,
 }
 
 impl Context {
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AudienceToken>, i64>> {
+    fn failures(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AudienceToken>, IssuerRevision>> {
         self.failures
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The issuer generation recorded at this token's last failure.
-    pub fn failed_with_issuer_generation(&self, token: &AudienceToken) -> Option<i64> {
-        self.failures().get(&ObjectRef::from_obj(token)).copied()
+    /// The issuer as it is now, for comparing with a recorded failure.
+    pub fn issuer_revision(&self, issuer: &issuer::ResolvedIssuer) -> IssuerRevision {
+        IssuerRevision {
+            generation: issuer.generation,
+            bootstrap_epoch: self.refresh_chains.bootstrap_epoch(&issuer.key),
+        }
     }
 
-    /// Remembers a failure against the issuer generation it happened with.
-    pub fn record_failure(&self, token: &AudienceToken, issuer_generation: i64) {
-        self.failures()
-            .insert(ObjectRef::from_obj(token), issuer_generation);
+    /// Whether the issuer changed since this token's last failure. A failure from before
+    /// this process started counts as the current generation at epoch 0, so a new bootstrap
+    /// value seen since the start still waives its backoff.
+    pub fn issuer_changed_since_failure(
+        &self,
+        token: &AudienceToken,
+        issuer: &issuer::ResolvedIssuer,
+    ) -> bool {
+        let now = self.issuer_revision(issuer);
+        let then = self
+            .failures()
+            .get(&ObjectRef::from_obj(token))
+            .copied()
+            .unwrap_or(IssuerRevision {
+                generation: now.generation,
+                bootstrap_epoch: 0,
+            });
+        then != now
+    }
+
+    /// Remembers a failure against the issuer revision it happened with.
+    pub fn record_failure(&self, token: &AudienceToken, revision: IssuerRevision) {
+        self.failures().insert(ObjectRef::from_obj(token), revision);
     }
 
     /// Forgets a failure after success.
@@ -403,6 +441,7 @@ pub async fn run(
         "caches synced"
     );
 
+    let (signals, signal_streams) = signals::Signals::new();
     let reporter = Reporter {
         controller: crate::secret::MANAGER.into(),
         instance: settings.instance.clone(),
@@ -420,6 +459,7 @@ pub async fn run(
         refresh_chains: refresh_chain::RefreshChains::default(),
         metrics: metrics.clone(),
         rate_limiter: Default::default(),
+        signals,
         recorder,
         reporter,
         failures: Mutex::new(HashMap::new()),
@@ -467,9 +507,16 @@ pub async fn run(
             )
         }
     };
-    let cluster_issuer_mapper = move |issuer: ClusterTokenIssuer| {
-        by_issuer(IssuerKind::ClusterTokenIssuer, None, issuer.name_any())
+    let cluster_issuer_mapper = {
+        let by_issuer = by_issuer.clone();
+        move |issuer: ClusterTokenIssuer| {
+            by_issuer(IssuerKind::ClusterTokenIssuer, None, issuer.name_any())
+        }
     };
+    // Signalled by refresh chains: every token of the issuer, now.
+    let tokens_of_issuer = signal_streams.tokens_of_issuer.flat_map(move |issuer| {
+        futures::stream::iter(by_issuer(issuer.kind, issuer.namespace, issuer.name))
+    });
     let namespace_mapper = {
         let reader = reader.clone();
         move |ns: PartialObjectMeta<Namespace>| {
@@ -523,6 +570,7 @@ pub async fn run(
         .watches_stream(cluster_issuer_triggers, cluster_issuer_mapper)
         .watches_stream(namespace_triggers, namespace_mapper)
         .watches_stream(secret_triggers, secret_mapper)
+        .reconcile_on(tokens_of_issuer)
         .graceful_shutdown_on(stop.clone())
         .run(reconcile::reconcile, error_policy, ctx.clone())
         .for_each(|result| {
@@ -540,6 +588,7 @@ pub async fn run(
             futures::future::ready(())
         });
     let issuer_statuses = Controller::for_stream(issuer_status_triggers, ctx.issuers.clone())
+        .reconcile_on(signal_streams.token_issuer_status)
         .graceful_shutdown_on(stop.clone())
         .run(
             issuer_status::reconcile_token_issuer,
@@ -549,6 +598,7 @@ pub async fn run(
         .for_each(|_| async {});
     let cluster_issuer_statuses =
         Controller::for_stream(cluster_issuer_status_triggers, ctx.cluster_issuers.clone())
+            .reconcile_on(signal_streams.cluster_issuer_status)
             .graceful_shutdown_on(stop)
             .run(
                 issuer_status::reconcile_cluster_issuer,

@@ -86,9 +86,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
 
     let resolved = issuer::resolve(&ctx, &token);
     let backoff_waived = match &resolved {
-        Ok(issuer) => ctx
-            .failed_with_issuer_generation(&token)
-            .is_some_and(|g| g != issuer.generation),
+        Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer),
         Err(_) => false,
     };
 
@@ -148,7 +146,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             match request_token(&ctx, &token, &issuer, now).await {
                 Ok(issued) => publish(&ctx, &token, &secrets, &status, &issued, &observed).await,
                 Err(failure) => {
-                    ctx.record_failure(&token, issuer.generation);
+                    ctx.record_failure(&token, ctx.issuer_revision(&issuer));
                     let attempts = u32::try_from(status.failed_attempts)
                         .unwrap_or(0)
                         .saturating_add(1);
@@ -193,11 +191,6 @@ async fn request_token(
             failure,
             retry_after: None,
         })?;
-    let audience = crate::issuer_params::audience_param(
-        issuer.spec.audience_parameter,
-        &token.spec.resource,
-        token.expected_audience(),
-    );
     let failed = |error: TokenError| {
         ctx.issuer_caches.invalidate(issuer, &error);
         let reason = match &error {
@@ -221,8 +214,8 @@ async fn request_token(
                 issuer,
                 &settings.endpoint,
                 &token.spec.scopes,
-                audience,
                 &token.spec.resource,
+                token.expected_audience(),
             )
             .await
             .map_err(|failure| RequestFailure {
@@ -233,7 +226,11 @@ async fn request_token(
             let request = TokenRequest {
                 grant: Grant::ClientCredentials,
                 scopes: token.spec.scopes.clone(),
-                audience,
+                audience: crate::issuer_params::audience_param(
+                    issuer.spec.audience_parameter,
+                    &token.spec.resource,
+                    token.expected_audience(),
+                ),
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await

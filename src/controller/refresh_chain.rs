@@ -3,27 +3,40 @@
 //! time.
 //!
 //! The current refresh token lives in an operator-owned state Secret
-//! (`<issuer>-refresh-state`, beside the issuer's other Secrets). The bootstrap Secret is
-//! adopted only when there is no state yet or when its value changed. A rotated refresh token
-//! is written (with a resourceVersion precondition) before the access token it came with is
-//! published, so a crash never loses the chain. `invalid_grant` marks the chain lost until a
-//! new bootstrap value appears: no request is made for a lost chain.
+//! (`<issuer>-refresh-state`, beside the issuer's other Secrets). What this process knows of
+//! a chain is kept in memory behind the chain's lock and is the only thing a request decides
+//! from: the state Secret is read once (at first use), and the bootstrap Secret is read fresh,
+//! under the lock, when the chain needs one or at most every [`BOOTSTRAP_RECHECK`]. A
+//! bootstrap value is adopted once per chain and value; a cache that lags our own writes is
+//! never asked.
+//!
+//! Before a refresh request that may rotate the token, the state Secret records that a
+//! rotation is in flight; the rotated token replaces that record as soon as the answer
+//! arrives, before the access token is published. A crash between the two leaves the record,
+//! and the next start retries once with the recorded token (servers with a reuse grace period
+//! accept it; strict ones refuse it, and the chain shows as lost at once). `invalid_grant`
+//! marks the chain lost until a new bootstrap value appears: no request is made for a lost
+//! chain, and the issuer status looks for a new bootstrap value every few seconds.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::Context;
-use super::issuer::{ResolvedIssuer, cached_secret_key, read_secret_key};
+use super::issuer::{ResolvedIssuer, read_secret_key};
 use super::plan::{Failure, reason};
-use crate::oauth::{AudienceParam, Endpoint, Grant, TokenRequest, TokenResponse};
+use crate::api::RefreshTokenGrant;
+use crate::oauth::{Endpoint, Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
 use crate::secret::{MANAGED_BY_LABEL, MANAGER};
@@ -38,11 +51,28 @@ pub const CHAIN_LABEL: &str = "audiencetoken.io/refresh-chain";
 pub const BOOTSTRAP_HASH_ANNOTATION: &str = "audiencetoken.io/bootstrap-hash";
 /// Annotation: why the chain is lost (absent while it is alive).
 pub const CHAIN_LOST_ANNOTATION: &str = "audiencetoken.io/chain-lost";
+/// Annotation: a refresh request with the stored token was sent and its answer is not yet
+/// persisted (JSON: since, resource, audience, scopes; nothing secret).
+pub const IN_FLIGHT_ANNOTATION: &str = "audiencetoken.io/refresh-in-flight";
+
+/// How the issuer status starts its message while the chain has no refresh token.
+pub const NO_CHAIN_YET: &str = "no refresh token yet";
+
+/// A live chain re-reads its bootstrap Secret this often (a changed value starts a new chain).
+pub const BOOTSTRAP_RECHECK: Duration = Duration::from_secs(300);
 
 /// Every issuer's chain, each behind its own async lock.
 #[derive(Default)]
 pub struct RefreshChains {
-    chains: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ChainState>>>>,
+    chains: Mutex<HashMap<String, Arc<Chain>>>,
+}
+
+struct Chain {
+    state: tokio::sync::Mutex<ChainState>,
+    /// Counts the bootstrap values this process saw the chain start from or wait on. Read
+    /// without the lock: a token whose last failure happened at an older epoch retries at
+    /// once instead of waiting out its backoff.
+    bootstrap_epoch: AtomicU64,
 }
 
 /// What this process knows of one chain (loaded from the state Secret on first use).
@@ -52,8 +82,42 @@ struct ChainState {
     refresh_token: Option<SecretString>,
     /// resourceVersion of the state Secret as last read or written; `None` when absent.
     resource_version: Option<String>,
+    /// Hash of the bootstrap value the chain was started from.
     bootstrap_hash: Option<String>,
+    /// When the bootstrap Secret was last read (fresh, under the lock).
+    bootstrap_read_at: Option<Instant>,
     lost: Option<String>,
+    /// The in-flight record as the state Secret holds it.
+    in_flight: Option<InFlight>,
+    /// An in-flight record found at load: the last process stopped before persisting an
+    /// answer. Cleared by the next answer.
+    interrupted: bool,
+    /// Whether the server rotated the refresh token last time; a server that does not needs
+    /// no in-flight record (its token stays valid).
+    rotates: Option<bool>,
+    /// Memory differs from the state Secret (a bootstrap adopted, not yet written).
+    dirty: bool,
+}
+
+/// The record of a refresh request whose answer is not persisted yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct InFlight {
+    since: String,
+    resource: String,
+    audience: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+/// A chain as the issuer status shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainHealth {
+    /// A refresh token is at hand.
+    Alive,
+    /// The server refused the chain; a new bootstrap value is needed.
+    Lost(String),
+    /// No chain yet and no usable bootstrap value.
+    WaitingForBootstrap(String),
 }
 
 /// The state Secret's name for an issuer.
@@ -66,20 +130,88 @@ fn bootstrap_hash(value: &SecretString) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+impl ChainState {
+    /// Whether the bootstrap Secret must be read now: the chain has no token (absent or
+    /// lost), or the last read is older than [`BOOTSTRAP_RECHECK`].
+    fn bootstrap_read_due(&self, now: Instant) -> bool {
+        self.refresh_token.is_none()
+            || self.lost.is_some()
+            || self
+                .bootstrap_read_at
+                .is_none_or(|at| now.duration_since(at) >= BOOTSTRAP_RECHECK)
+    }
+
+    /// Takes a freshly read bootstrap value: a value the chain did not start from starts a
+    /// new chain. Returns whether it was adopted.
+    fn offer_bootstrap(&mut self, value: SecretString, now: Instant) -> bool {
+        self.bootstrap_read_at = Some(now);
+        let hash = bootstrap_hash(&value);
+        if self.bootstrap_hash.as_deref() == Some(hash.as_str()) {
+            return false;
+        }
+        self.bootstrap_hash = Some(hash);
+        self.refresh_token = Some(value);
+        self.lost = None;
+        self.in_flight = None;
+        self.interrupted = false;
+        self.rotates = None;
+        self.dirty = true;
+        true
+    }
+
+    /// Whether a request with the current token needs an in-flight record first.
+    fn needs_in_flight_record(&self) -> bool {
+        self.in_flight.is_none() && self.rotates != Some(false)
+    }
+
+    /// The server answered with a token: the rotated refresh token (if any) replaces ours.
+    fn answered(&mut self, rotated: Option<SecretString>) {
+        self.rotates = Some(rotated.is_some());
+        self.dirty |= rotated.is_some() || self.in_flight.is_some();
+        if let Some(rotated) = rotated {
+            self.refresh_token = Some(rotated);
+        }
+        self.in_flight = None;
+        self.interrupted = false;
+    }
+
+    /// The server refused the refresh token: the chain is lost until a new bootstrap.
+    fn refused(&mut self, why: String) {
+        self.lost = Some(why);
+        self.refresh_token = None;
+        self.in_flight = None;
+        self.interrupted = false;
+        self.dirty = true;
+    }
+}
+
 impl RefreshChains {
-    fn chain(&self, key: &str) -> Arc<tokio::sync::Mutex<ChainState>> {
+    fn chain(&self, key: &str) -> Arc<Chain> {
         let mut chains = self
             .chains
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        chains.entry(key.to_string()).or_default().clone()
+        chains
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                Arc::new(Chain {
+                    state: tokio::sync::Mutex::new(ChainState::default()),
+                    bootstrap_epoch: AtomicU64::new(0),
+                })
+            })
+            .clone()
     }
 
-    /// Whether this process saw the chain of `issuer_key` lost, and why.
-    pub async fn lost(&self, issuer_key: &str) -> Option<String> {
-        let chain = self.chain(issuer_key);
-        let state = chain.lock().await;
-        state.lost.clone()
+    /// How many new bootstrap values this process saw for the issuer's chain (0 after a
+    /// start). A failure recorded at an older epoch waives its backoff.
+    pub fn bootstrap_epoch(&self, issuer_key: &str) -> u64 {
+        let chains = self
+            .chains
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        chains
+            .get(issuer_key)
+            .map_or(0, |c| c.bootstrap_epoch.load(Ordering::Relaxed))
     }
 
     /// One token request on the issuer's chain: refuses resources the grant does not cover
@@ -91,21 +223,10 @@ impl RefreshChains {
         issuer: &ResolvedIssuer,
         endpoint: &Endpoint,
         scopes: &[String],
-        audience: AudienceParam,
         resource: &str,
+        audience: &str,
     ) -> Result<TokenResponse, Failure> {
-        let grant = issuer
-            .spec
-            .grant
-            .refresh_token
-            .as_ref()
-            .ok_or_else(|| Failure {
-                reason: reason::ISSUER_NOT_READY,
-                message: format!(
-                    "{}: grant type RefreshToken needs grant.refreshToken",
-                    issuer.key
-                ),
-            })?;
+        let grant = grant(issuer)?;
         if !grant.resources.iter().any(|r| r == resource) {
             return Err(Failure {
                 reason: reason::NOT_ALLOWED,
@@ -117,113 +238,270 @@ impl RefreshChains {
                 ),
             });
         }
-
         let chain = self.chain(&issuer.key);
-        let mut state = chain.lock().await;
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &issuer.secret_namespace);
-        let state_name = state_secret_name(&issuer.name);
-        if !state.loaded {
-            load(&secrets, &state_name, &mut state).await?;
-        }
-
-        // The bootstrap Secret may be deleted once adopted; it only matters when it changes.
-        // A live chain reads it through the 5-minute credential cache (a changed value is
-        // adopted within that time); a lost or absent chain reads it fresh each attempt, so a
-        // new bootstrap value is seen at the next retry.
-        let bootstrap_read = if state.lost.is_some() || state.refresh_token.is_none() {
-            read_secret_key(ctx, &issuer.secret_namespace, &grant.bootstrap_secret_ref).await
-        } else {
-            cached_secret_key(ctx, &issuer.secret_namespace, &grant.bootstrap_secret_ref).await
-        };
-        let bootstrap = match bootstrap_read {
-            Ok(value) => Some(value),
-            Err(_) if state.refresh_token.is_some() || state.lost.is_some() => None,
-            Err(failure) => return Err(failure),
-        };
-        let adopting = match &bootstrap {
-            Some(value) => state.bootstrap_hash.as_deref() != Some(bootstrap_hash(value).as_str()),
-            None => false,
-        };
-        let was_lost = state.lost.is_some();
-        if let (true, Some(value)) = (adopting, bootstrap) {
-            info!(issuer = issuer.key, "adopting the bootstrap refresh token");
-            state.bootstrap_hash = Some(bootstrap_hash(&value));
-            state.refresh_token = Some(value);
-            state.lost = None;
-        } else if let Some(why) = &state.lost {
+        let mut state = chain.state.lock().await;
+        let mut session = Session::new(ctx, issuer, grant, &chain);
+        session.prepare(&mut state).await?;
+        if let Some(why) = &state.lost {
             return Err(chain_lost_failure(issuer, grant, why));
         }
+        let wanted = InFlight {
+            since: crate::secret::rfc3339(jiff::Timestamp::now()),
+            resource: resource.to_string(),
+            audience: audience.to_string(),
+            scopes: scopes.to_vec(),
+        };
+        session.send(&mut state, endpoint, wanted).await
+    }
+
+    /// The chain as the issuer status shows it. Loads the chain if this process has not yet;
+    /// after a start that found a rotation in flight, retries it once now (so a lost chain
+    /// shows at once, not at the next renewal); and while the chain has no token, reads the
+    /// bootstrap Secret, so a new value is noticed within one issuer recheck.
+    pub async fn health(
+        &self,
+        ctx: &Context,
+        issuer: &ResolvedIssuer,
+        endpoint: &Endpoint,
+    ) -> ChainHealth {
+        let Ok(grant) = grant(issuer) else {
+            return ChainHealth::WaitingForBootstrap("grant.refreshToken is missing".into());
+        };
+        let chain = self.chain(&issuer.key);
+        let mut state = chain.state.lock().await;
+        let mut session = Session::new(ctx, issuer, grant, &chain);
+        if let Err(failure) = session.prepare(&mut state).await {
+            return ChainHealth::WaitingForBootstrap(format!(
+                "{NO_CHAIN_YET}: {}",
+                failure.message
+            ));
+        }
+        if state.interrupted
+            && state.lost.is_none()
+            && state.refresh_token.is_some()
+            && let Some(recorded) = state.in_flight.clone()
+        {
+            info!(
+                issuer = issuer.key,
+                since = recorded.since,
+                "a refresh request was in flight when the operator stopped; retrying it once"
+            );
+            let covered = grant.resources.contains(&recorded.resource);
+            let retry = if covered {
+                recorded
+            } else {
+                InFlight {
+                    resource: grant.resources.first().cloned().unwrap_or_default(),
+                    audience: grant.resources.first().cloned().unwrap_or_default(),
+                    scopes: Vec::new(),
+                    ..recorded
+                }
+            };
+            if let Err(failure) = session.send(&mut state, endpoint, retry).await {
+                warn!(issuer = issuer.key, error = %failure.message, "retry of the interrupted refresh request failed");
+            }
+        }
+        match (&state.lost, &state.refresh_token) {
+            (Some(why), _) => ChainHealth::Lost(chain_lost_failure(issuer, grant, why).message),
+            (None, Some(_)) => ChainHealth::Alive,
+            (None, None) => ChainHealth::WaitingForBootstrap(format!(
+                "{NO_CHAIN_YET}: put one in Secret {}/{} (key {:?})",
+                issuer.secret_namespace,
+                grant.bootstrap_secret_ref.name,
+                grant.bootstrap_secret_ref.key
+            )),
+        }
+    }
+}
+
+fn grant(issuer: &ResolvedIssuer) -> Result<&RefreshTokenGrant, Failure> {
+    issuer
+        .spec
+        .grant
+        .refresh_token
+        .as_ref()
+        .ok_or_else(|| Failure {
+            reason: reason::ISSUER_NOT_READY,
+            message: format!(
+                "{}: grant type RefreshToken needs grant.refreshToken",
+                issuer.key
+            ),
+        })
+}
+
+/// One holder of a chain's lock: the API handles and what it needs to tell others.
+struct Session<'a> {
+    ctx: &'a Context,
+    issuer: &'a ResolvedIssuer,
+    grant: &'a RefreshTokenGrant,
+    chain: &'a Chain,
+    secrets: Api<Secret>,
+    state_name: String,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        ctx: &'a Context,
+        issuer: &'a ResolvedIssuer,
+        grant: &'a RefreshTokenGrant,
+        chain: &'a Chain,
+    ) -> Self {
+        Self {
+            ctx,
+            issuer,
+            grant,
+            chain,
+            secrets: Api::namespaced(ctx.client.clone(), &issuer.secret_namespace),
+            state_name: state_secret_name(&issuer.name),
+        }
+    }
+
+    /// Loads the chain on first use and reads the bootstrap Secret when due. A new value is
+    /// adopted here, once: the next holder of the lock sees it as the chain's own.
+    async fn prepare(&mut self, state: &mut ChainState) -> Result<(), Failure> {
+        if !state.loaded {
+            load(&self.secrets, &self.state_name, state).await?;
+        }
+        let now = Instant::now();
+        if !state.bootstrap_read_due(now) {
+            return Ok(());
+        }
+        let was_lost = state.lost.is_some();
+        let namespace = &self.issuer.secret_namespace;
+        match read_secret_key(self.ctx, namespace, &self.grant.bootstrap_secret_ref).await {
+            Ok(value) => {
+                if state.offer_bootstrap(value, now) {
+                    info!(
+                        issuer = self.issuer.key,
+                        "adopting the bootstrap refresh token"
+                    );
+                    self.chain.bootstrap_epoch.fetch_add(1, Ordering::Relaxed);
+                    if was_lost {
+                        // Tokens backing off on the lost chain retry now; the issuer's
+                        // status reads the chain again.
+                        self.ctx.signals.retry_tokens_of(&self.issuer.object);
+                        self.ctx.signals.recheck_issuer(&self.issuer.object);
+                    }
+                }
+                Ok(())
+            }
+            // Once adopted, the bootstrap Secret may be deleted; it only matters when it
+            // changes.
+            Err(_) if state.refresh_token.is_some() || state.lost.is_some() => {
+                state.bootstrap_read_at = Some(now);
+                Ok(())
+            }
+            Err(failure) => Err(failure),
+        }
+    }
+
+    /// Sends one refresh request with the chain's token: records it as in flight first
+    /// (when the server may rotate), persists the answer's refresh token before returning.
+    async fn send(
+        &mut self,
+        state: &mut ChainState,
+        endpoint: &Endpoint,
+        wanted: InFlight,
+    ) -> Result<TokenResponse, Failure> {
+        let issuer = self.issuer;
         let Some(current) = state.refresh_token.clone() else {
             return Err(Failure {
                 reason: reason::TOKEN_REQUEST_FAILED,
                 message: "no refresh token".into(),
             });
         };
-
+        let record_now = state.needs_in_flight_record();
+        if record_now || state.dirty {
+            // Nothing is sent unless the record is down: a crash after this point is seen
+            // at the next start.
+            if record_now {
+                state.in_flight = Some(wanted.clone());
+            }
+            if let Err(failure) = persist(&self.secrets, issuer, &self.state_name, state).await {
+                if record_now {
+                    state.in_flight = None;
+                }
+                return Err(failure);
+            }
+        }
+        let was_interrupted = state.interrupted;
         let request = TokenRequest {
             grant: Grant::RefreshToken(current),
-            scopes: scopes.to_vec(),
-            audience,
+            scopes: wanted.scopes.clone(),
+            audience: crate::issuer_params::audience_param(
+                issuer.spec.audience_parameter,
+                &wanted.resource,
+                &wanted.audience,
+            ),
         };
-        match ctx.token_request(&issuer.key, endpoint, &request).await {
+        match self
+            .ctx
+            .token_request(&issuer.key, endpoint, &request)
+            .await
+        {
             Ok(mut response) => {
                 let rotated = response.refresh_token.take();
-                if let Some(rotated) = rotated.clone() {
-                    state.refresh_token = Some(rotated);
-                }
+                let rotated_now = rotated.is_some();
+                state.answered(rotated);
                 // Persist before the caller publishes the access token: the server may
-                // already have invalidated the refresh token we used.
-                if adopting || rotated.is_some() {
-                    persist(&secrets, issuer, &state_name, &mut state).await?;
-                    if rotated.is_some() {
-                        info!(
-                            issuer = issuer.key,
-                            resource, "refresh token rotated and persisted"
-                        );
-                        ctx.metrics.refresh_rotated(&issuer.key);
-                    }
+                // already have invalidated the refresh token we used. If this write fails,
+                // memory keeps the new token and the next request writes it first.
+                if state.dirty {
+                    persist(&self.secrets, issuer, &self.state_name, state).await?;
                 }
-                // Other requests on this chain need not wait for the Event or status.
-                drop(state);
-                if rotated.is_some() {
-                    ctx.issuer_event(
-                        &issuer.object,
-                        EventType::Normal,
-                        reason::REFRESH_TOKEN_ROTATED,
-                        format!(
-                            "the server rotated the refresh token; the new one is kept in Secret {}/{state_name}",
-                            issuer.secret_namespace
-                        ),
-                    )
-                    .await;
-                }
-                if was_lost && adopting {
-                    super::issuer_status::refresh(ctx, &issuer.object).await;
+                if rotated_now {
+                    info!(
+                        issuer = issuer.key,
+                        resource = wanted.resource,
+                        "refresh token rotated and persisted"
+                    );
+                    self.ctx.metrics.refresh_rotated(&issuer.key);
+                    self.ctx
+                        .issuer_event(
+                            &issuer.object,
+                            EventType::Normal,
+                            reason::REFRESH_TOKEN_ROTATED,
+                            format!(
+                                "the server rotated the refresh token; the new one is kept in Secret {}/{}",
+                                issuer.secret_namespace, self.state_name
+                            ),
+                        )
+                        .await;
                 }
                 Ok(response)
             }
             Err(error) if error.oauth_error() == Some("invalid_grant") => {
-                let why = format!("the refresh token was refused ({error})");
+                let why = if was_interrupted {
+                    format!(
+                        "the operator stopped while a refresh request was in flight (since {}), and the \
+                         server refused the refresh token on the retry ({error}); the rotated token it \
+                         issued then never reached the state Secret",
+                        wanted.since
+                    )
+                } else {
+                    format!("the refresh token was refused ({error})")
+                };
                 warn!(issuer = issuer.key, "refresh-token chain lost");
-                state.lost = Some(why.clone());
-                state.refresh_token = None;
-                if let Err(failure) = persist(&secrets, issuer, &state_name, &mut state).await {
+                state.refused(why.clone());
+                if let Err(failure) = persist(&self.secrets, issuer, &self.state_name, state).await
+                {
                     warn!(issuer = issuer.key, error = %failure.message, "cannot record the lost chain");
                 }
-                ctx.issuer_event(
-                    &issuer.object,
-                    EventType::Warning,
-                    reason::REFRESH_CHAIN_LOST,
-                    chain_lost_failure(issuer, grant, &why).message,
-                )
-                .await;
-                // The issuer's status reads the chain state: release the chain first.
-                drop(state);
-                super::issuer_status::refresh(ctx, &issuer.object).await;
-                Err(chain_lost_failure(issuer, grant, &why))
+                let failure = chain_lost_failure(issuer, self.grant, &why);
+                self.ctx
+                    .issuer_event(
+                        &issuer.object,
+                        EventType::Warning,
+                        reason::REFRESH_CHAIN_LOST,
+                        failure.message.clone(),
+                    )
+                    .await;
+                self.ctx.signals.recheck_issuer(&issuer.object);
+                Err(failure)
             }
             Err(error) => {
-                ctx.issuer_caches.invalidate(issuer, &error);
+                // The server may or may not have used the token: the in-flight record stays.
+                self.ctx.issuer_caches.invalidate(issuer, &error);
                 Err(Failure {
                     reason: reason::TOKEN_REQUEST_FAILED,
                     message: error.to_string(),
@@ -233,11 +511,7 @@ impl RefreshChains {
     }
 }
 
-fn chain_lost_failure(
-    issuer: &ResolvedIssuer,
-    grant: &crate::api::RefreshTokenGrant,
-    why: &str,
-) -> Failure {
+fn chain_lost_failure(issuer: &ResolvedIssuer, grant: &RefreshTokenGrant, why: &str) -> Failure {
     Failure {
         reason: reason::REFRESH_CHAIN_LOST,
         message: format!(
@@ -250,7 +524,7 @@ fn chain_lost_failure(
     }
 }
 
-fn kube_failure(what: &str, error: kube::Error) -> Failure {
+fn kube_failure(what: &str, error: &kube::Error) -> Failure {
     Failure {
         reason: reason::TOKEN_REQUEST_FAILED,
         message: format!("{what}: {error}"),
@@ -261,12 +535,16 @@ async fn load(secrets: &Api<Secret>, name: &str, state: &mut ChainState) -> Resu
     let found = secrets
         .get_opt(name)
         .await
-        .map_err(|e| kube_failure("cannot read the refresh-token state", e))?;
+        .map_err(|e| kube_failure("cannot read the refresh-token state", &e))?;
     if let Some(secret) = found {
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
         state.resource_version = secret.metadata.resource_version.clone();
         state.bootstrap_hash = annotations.get(BOOTSTRAP_HASH_ANNOTATION).cloned();
         state.lost = annotations.get(CHAIN_LOST_ANNOTATION).cloned();
+        state.in_flight = annotations
+            .get(IN_FLIGHT_ANNOTATION)
+            .and_then(|v| serde_json::from_str(v).ok());
+        state.interrupted = state.in_flight.is_some();
         state.refresh_token = secret
             .data
             .as_ref()
@@ -295,6 +573,11 @@ async fn persist(
     }
     if let Some(lost) = &state.lost {
         annotations.insert(CHAIN_LOST_ANNOTATION.to_string(), lost.clone());
+    }
+    if let Some(in_flight) = &state.in_flight
+        && let Ok(json) = serde_json::to_string(in_flight)
+    {
+        annotations.insert(IN_FLIGHT_ANNOTATION.to_string(), json);
     }
     let data = state.refresh_token.as_ref().map(|t| {
         BTreeMap::from([(
@@ -327,6 +610,7 @@ async fn persist(
         match written {
             Ok(written) => {
                 state.resource_version = written.metadata.resource_version;
+                state.dirty = false;
                 return Ok(());
             }
             Err(kube::Error::Api(status))
@@ -335,11 +619,11 @@ async fn persist(
                 let current = secrets
                     .get_metadata_opt(name)
                     .await
-                    .map_err(|e| kube_failure("cannot read the refresh-token state", e))?;
+                    .map_err(|e| kube_failure("cannot read the refresh-token state", &e))?;
                 secret.metadata.resource_version =
                     current.and_then(|m| m.metadata.resource_version);
             }
-            Err(error) => return Err(kube_failure(PERSIST_FAILED, error)),
+            Err(error) => return Err(kube_failure(PERSIST_FAILED, &error)),
         }
     }
     Err(Failure {
@@ -348,8 +632,8 @@ async fn persist(
     })
 }
 
-const PERSIST_FAILED: &str =
-    "cannot persist the rotated refresh token; the access token is not published";
+const PERSIST_FAILED: &str = "cannot write the refresh-token state Secret; no access token is published \
+     (the chain's newest refresh token is kept in memory and written with the next request)";
 
 /// The issuer owns its state Secret, so deleting the issuer removes the chain.
 fn owner_reference(issuer: &ResolvedIssuer) -> Option<OwnerReference> {
@@ -361,4 +645,85 @@ fn owner_reference(issuer: &ResolvedIssuer) -> Option<OwnerReference> {
         controller: Some(true),
         block_owner_deletion: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(token: &str) -> ChainState {
+        let mut state = ChainState {
+            loaded: true,
+            ..ChainState::default()
+        };
+        assert!(state.offer_bootstrap(SecretString::new(token), Instant::now()));
+        state
+    }
+
+    #[test]
+    fn a_bootstrap_value_is_adopted_once() {
+        let now = Instant::now();
+        let mut state = live("boot-1");
+        state.answered(Some(SecretString::new("rotated-1")));
+        // The same value again (a cache that lags, a GitOps re-sync): the chain keeps its
+        // rotated token.
+        assert!(!state.offer_bootstrap(SecretString::new("boot-1"), now));
+        assert_eq!(
+            state.refresh_token.as_ref().map(SecretString::expose),
+            Some("rotated-1")
+        );
+        // A new value starts a new chain and clears a loss.
+        state.refused("refused".into());
+        assert!(state.offer_bootstrap(SecretString::new("boot-2"), now));
+        assert_eq!(state.lost, None);
+        assert_eq!(
+            state.refresh_token.as_ref().map(SecretString::expose),
+            Some("boot-2")
+        );
+        assert!(!state.offer_bootstrap(SecretString::new("boot-2"), now));
+    }
+
+    #[test]
+    fn bootstrap_is_read_when_the_chain_needs_it_or_the_recheck_is_due() {
+        let now = Instant::now();
+        let mut state = ChainState::default();
+        assert!(state.bootstrap_read_due(now), "no chain yet");
+        state = live("boot");
+        let now = state.bootstrap_read_at.unwrap();
+        assert!(!state.bootstrap_read_due(now), "just read");
+        assert!(state.bootstrap_read_due(now + BOOTSTRAP_RECHECK));
+        state.refused("refused".into());
+        assert!(state.bootstrap_read_due(now), "lost: look for a new value");
+    }
+
+    #[test]
+    fn in_flight_records_only_where_the_server_may_rotate() {
+        let mut state = live("boot");
+        assert!(state.needs_in_flight_record(), "unknown server");
+        state.answered(Some(SecretString::new("r1")));
+        assert!(state.needs_in_flight_record(), "a rotating server");
+        state.answered(None);
+        assert!(!state.needs_in_flight_record(), "the token stays valid");
+        assert_eq!(
+            state.refresh_token.as_ref().map(SecretString::expose),
+            Some("r1")
+        );
+    }
+
+    #[test]
+    fn the_in_flight_record_holds_nothing_secret() {
+        let record = InFlight {
+            since: "2026-01-01T00:00:00Z".into(),
+            resource: "urn:a".into(),
+            audience: "urn:a".into(),
+            scopes: vec!["read".into()],
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            json,
+            r#"{"since":"2026-01-01T00:00:00Z","resource":"urn:a","audience":"urn:a","scopes":["read"]}"#
+        );
+        let back: InFlight = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, record);
+    }
 }

@@ -20,8 +20,9 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 
-use support::oidc::OidcServer;
+use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
+use support::refresh_recovery;
 use support::scenarios::{self, TestEnv, eventually};
 
 #[tokio::test]
@@ -70,6 +71,21 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::never_writes_a_foreign_secret(&env).await;
         scenarios::failures_reach_status_and_recover(&env).await;
         scenarios::refresh_token_chain(&env, &mut operator).await;
+        refresh_recovery::lost_chain_recovers_with_one_request_per_token(&env, &mut operator).await;
+        refresh_recovery::interrupted_rotation_is_resolved_at_start(
+            &env,
+            &mut operator,
+            &oidc::M2M_REFRESH,
+            false,
+        )
+        .await;
+        refresh_recovery::interrupted_rotation_is_resolved_at_start(
+            &env,
+            &mut operator,
+            &oidc::M2M_REFRESH_GRACE,
+            true,
+        )
+        .await;
         scenarios::private_key_jwt(&env).await;
         scenarios::signature_check(&env).await;
         scenarios::rate_limit_spaces_requests(&env).await;

@@ -159,6 +159,9 @@ function privateKeyJwtClient(clientId, alg) {
   };
 }
 
+const GRACE_CLIENT = 'm2m-refresh-grace';
+const REUSE_GRACE_MS = 120_000;
+
 const CLIENTS = [
   m2mClient('m2m-basic', 'm2m-basic-secret', 'client_secret_basic'),
   m2mClient('m2m-post', 'm2m-post-secret', 'client_secret_post'),
@@ -182,6 +185,14 @@ const CLIENTS = [
     ...m2mClient('m2m-refresh', 'm2m-refresh-secret', 'client_secret_basic'),
     grant_types: ['client_credentials', 'refresh_token'],
   },
+  // Like m2m-refresh, but this server gives it a reuse grace period (as Auth0's "reuse
+  // interval", Okta's grace period and Keycloak's refresh-token max reuse do): a refresh
+  // token presented again within REUSE_GRACE_MS of its first use gets that first answer
+  // again, whose rotated refresh token is still unused.
+  {
+    ...m2mClient(GRACE_CLIENT, 'm2m-refresh-grace-secret', 'client_secret_basic'),
+    grant_types: ['client_credentials', 'refresh_token'],
+  },
 ];
 
 const TEST_ACCOUNT = 'test-account';
@@ -198,12 +209,22 @@ function generateSigningJwk() {
 // ---------------------------------------------------------------------------------------
 // Token request counters, served by the /__test/ endpoints.
 // ---------------------------------------------------------------------------------------
-const counts = { total: 0, byResource: {}, byClient: {} };
+const counts = { total: 0, byResource: {}, byClient: {}, byError: {}, held: 0 };
 const resetCounts = () => {
   counts.total = 0;
   counts.byResource = {};
   counts.byClient = {};
+  counts.byError = {};
+  counts.held = 0;
 };
+
+// POST /__test/hold-next-refresh {"ms": N}: the next refresh_token answer is held N ms after
+// the provider made it (the refresh token is already rotated), so a test can stop a client
+// between the server's answer and the client's receipt. `held` counts answers held.
+let holdNextRefreshMs = 0;
+
+// The reuse grace period of GRACE_CLIENT: first answers by the refresh token they used.
+const graceAnswers = new Map();
 const bump = (map, key) => { map[key] = (map[key] ?? 0) + 1; };
 
 // Every secret value the server saw or handed out, served by GET /__test/secrets-seen so a
@@ -262,20 +283,21 @@ function requestClientId(ctx) {
       // not a JWT: fall through
     }
   }
-  const header = ctx.get('authorization');
-  const match = /^basic\s+(.+)$/i.exec(header);
-  if (match) {
-    const decoded = Buffer.from(match[1], 'base64').toString('utf8');
-    const i = decoded.indexOf(':');
-    if (i !== -1) {
-      try {
-        return decodeURIComponent(decoded.slice(0, i).replace(/\+/g, '%20'));
-      } catch {
-        return decoded.slice(0, i);
-      }
-    }
+  return basicClientId(ctx) ?? '(none)';
+}
+
+// The client id of an HTTP Basic Authorization header (RFC 6749 §2.3.1), if there is one.
+function basicClientId(ctx) {
+  const match = /^basic\s+(.+)$/i.exec(ctx.get('authorization'));
+  if (!match) return undefined;
+  const decoded = Buffer.from(match[1], 'base64').toString('utf8');
+  const i = decoded.indexOf(':');
+  if (i === -1) return undefined;
+  try {
+    return decodeURIComponent(decoded.slice(0, i).replace(/\+/g, '%20'));
+  } catch {
+    return decoded.slice(0, i);
   }
-  return '(none)';
 }
 
 // ---------------------------------------------------------------------------------------
@@ -369,7 +391,7 @@ provider.on('grant.error', (ctx, err) => {
 provider.on('server_error', (ctx, err) => log(`server_error: ${err.stack ?? err}`));
 
 // Reads a small JSON request body (test-only endpoints; provider routes parse their own).
-async function readJson(ctx) {
+async function readText(ctx) {
   const chunks = [];
   let size = 0;
   for await (const chunk of ctx.req) {
@@ -377,7 +399,11 @@ async function readJson(ctx) {
     if (size > 64 * 1024) ctx.throw(413, 'body too large');
     chunks.push(chunk);
   }
-  const text = Buffer.concat(chunks).toString('utf8');
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function readJson(ctx) {
+  const text = await readText(ctx);
   if (!text) return {};
   try {
     return JSON.parse(text);
@@ -470,10 +496,50 @@ provider.use(async (ctx, next) => {
     await mintRefreshToken(ctx);
     return;
   }
+  if (ctx.path === '/__test/hold-next-refresh' && ctx.method === 'POST') {
+    const body = await readJson(ctx);
+    holdNextRefreshMs = Number(body.ms ?? 0);
+    ctx.status = 204;
+    return;
+  }
 
   const isTokenRequest = ctx.method === 'POST' && ctx.path === tokenPath;
+  let graceKey;
+  if (isTokenRequest && basicClientId(ctx) === GRACE_CLIENT) {
+    // Read the form here (oidc-provider takes an already read body as it is), to answer a
+    // reused refresh token from the grace record without asking the provider.
+    const form = new URLSearchParams(await readText(ctx));
+    ctx.request.body = form.toString();
+    if (form.get('grant_type') === 'refresh_token') {
+      graceKey = form.get('refresh_token') ?? '';
+      const earlier = graceAnswers.get(graceKey);
+      // Only the client that made the first request gets its answer again.
+      if (earlier && earlier.authorization === ctx.get('authorization')
+        && Date.now() - earlier.at < REUSE_GRACE_MS) {
+        log(`refresh token of ${GRACE_CLIENT} reused within the grace period: first answer repeated`);
+        counts.total += 1;
+        bump(counts.byResource, form.get('resource') ?? '(none)');
+        bump(counts.byClient, GRACE_CLIENT);
+        ctx.type = 'json';
+        ctx.body = earlier.body;
+        return;
+      }
+    }
+  }
   try {
     await next();
+    if (isTokenRequest && ctx.oidc?.params?.grant_type === 'refresh_token') {
+      if (graceKey !== undefined && ctx.status === 200) {
+        graceAnswers.set(graceKey, { at: Date.now(), body: ctx.body, authorization: ctx.get('authorization') });
+      }
+      if (holdNextRefreshMs > 0) {
+        const ms = holdNextRefreshMs;
+        holdNextRefreshMs = 0;
+        counts.held += 1;
+        log(`holding a refresh_token answer for ${ms} ms`);
+        await new Promise((resolve) => { setTimeout(resolve, ms); });
+      }
+    }
   } finally {
     if (isTokenRequest) {
       // Secrets the client sent, and any it was given (the response body is replaced below
@@ -485,6 +551,7 @@ provider.use(async (ctx, next) => {
       const resource = ctx.oidc?.params?.resource;
       bump(counts.byResource, Array.isArray(resource) ? resource.join(' ') : (resource ?? '(none)'));
       bump(counts.byClient, requestClientId(ctx));
+      if (ctx.status !== 200) bump(counts.byError, ctx.body?.error ?? `http_${ctx.status}`);
     }
   }
   if (!isTokenRequest || ctx.status !== 200) return;

@@ -114,6 +114,14 @@ pub const M2M_REFRESH: TestClient = TestClient {
     method: AuthMethod::ClientSecretBasic,
 };
 
+/// Like [`M2M_REFRESH`], on a server with a refresh-token reuse grace period of 120 s: a
+/// refresh token presented again within that time gets its first answer again.
+pub const M2M_REFRESH_GRACE: TestClient = TestClient {
+    id: "m2m-refresh-grace",
+    secret: "m2m-refresh-grace-secret",
+    method: AuthMethod::ClientSecretBasic,
+};
+
 /// Token endpoint requests seen by the server since start or the last reset, successful or
 /// not. A request without `resource` is counted under `"(none)"`; one with several under
 /// the values joined by a space.
@@ -123,6 +131,12 @@ pub struct TokenRequestCounts {
     pub total: u64,
     pub by_resource: BTreeMap<String, u64>,
     pub by_client: BTreeMap<String, u64>,
+    /// Failed requests by OAuth `error` code (`http_<status>` when the body had none).
+    #[serde(default)]
+    pub by_error: BTreeMap<String, u64>,
+    /// Answers held by [`OidcServer::hold_next_refresh`].
+    #[serde(default)]
+    pub held: u64,
 }
 
 impl TokenRequestCounts {
@@ -132,6 +146,10 @@ impl TokenRequestCounts {
 
     pub fn for_client(&self, client_id: &str) -> u64 {
         self.by_client.get(client_id).copied().unwrap_or(0)
+    }
+
+    pub fn errors(&self, error: &str) -> u64 {
+        self.by_error.get(error).copied().unwrap_or(0)
     }
 }
 
@@ -389,6 +407,51 @@ impl OidcServer {
         serde_json::from_str::<Minted>(&text)
             .expect("refresh token JSON")
             .refresh_token
+    }
+}
+
+impl OidcServer {
+    /// Holds the next `refresh_token` answer for `hold` after the server made it (the
+    /// refresh token is rotated already): a client stopped meanwhile never sees it.
+    pub async fn hold_next_refresh(&self, hold: Duration) {
+        let url = format!("{}/__test/hold-next-refresh", self.issuer);
+        let millis = u64::try_from(hold.as_millis()).expect("hold fits");
+        let response = self
+            .http
+            .post(&url)
+            .json(&serde_json::json!({ "ms": millis }))
+            .send()
+            .await
+            .expect("POST /__test/hold-next-refresh");
+        assert!(
+            response.status().is_success(),
+            "POST {url}: {}",
+            response.status()
+        );
+    }
+
+    /// Spends `refresh_token` as another client of the chain would: one refresh request
+    /// for `resource`. Returns the server's answer (status, JSON body).
+    pub async fn spend_refresh_token(
+        &self,
+        client: &TestClient,
+        refresh_token: &str,
+        resource: &str,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.token_endpoint())
+            .basic_auth(client.id, Some(client.secret))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+                ("resource", resource),
+            ])
+            .send()
+            .await
+            .expect("POST token endpoint");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
     }
 }
 

@@ -189,6 +189,13 @@ impl OperatorProcess {
         }
     }
 
+    /// Starts the operator again after [`kill`](Self::kill) or [`stop`](Self::stop).
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     /// Stops and starts the operator again, as a rollout or a crash would.
     pub async fn restart(&mut self) {
         self.stop().await;

@@ -687,16 +687,27 @@ impl TestEnv {
         bootstrap_secret: &str,
         resources: &[&str],
     ) {
-        let secret_name = format!("{name}-client");
-        self.put_client_secret(&secret_name, oidc::M2M_REFRESH.secret)
+        self.create_refresh_issuer_for(name, &oidc::M2M_REFRESH, bootstrap_secret, resources)
             .await;
+    }
+
+    /// A TokenIssuer using the RefreshToken grant of `client` (HTTP Basic) for `resources`.
+    pub async fn create_refresh_issuer_for(
+        &self,
+        name: &str,
+        client: &TestClient,
+        bootstrap_secret: &str,
+        resources: &[&str],
+    ) {
+        let secret_name = format!("{name}-client");
+        self.put_client_secret(&secret_name, client.secret).await;
         let issuer: TokenIssuer = serde_json::from_value(json!({
             "apiVersion": "audiencetoken.io/v1alpha1",
             "kind": "TokenIssuer",
             "metadata": {"name": name},
             "spec": {
                 "issuerURL": self.idp.issuer,
-                "clientID": oidc::M2M_REFRESH.id,
+                "clientID": client.id,
                 "clientAuth": {"method": "ClientSecretBasic", "clientSecretRef": {"name": secret_name, "key": "client-secret"}},
                 "grant": {
                     "type": "RefreshToken",
@@ -718,7 +729,7 @@ impl TestEnv {
         )
     }
 
-    async fn state_refresh_token(&self, issuer: &str) -> Option<String> {
+    pub async fn state_refresh_token(&self, issuer: &str) -> Option<String> {
         let state = self
             .secrets()
             .get_opt(&format!("{issuer}-refresh-state"))
@@ -895,14 +906,44 @@ pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) 
     )
     .await;
 
-    // A new bootstrap token starts a new chain, and everything recovers by itself.
+    // A new bootstrap token starts a new chain, and everything recovers by itself, within
+    // seconds and without an annotation: before chain-short's next attempt would be due.
+    let api = env.tokens();
+    let next_attempt = eventually(
+        "chain-short's backoff to grow past 30 s",
+        Duration::from_secs(180),
+        || {
+            let api = api.clone();
+            async move {
+                let status = api
+                    .get("chain-short")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let next = status.next_attempt_time.map(|t| t.0);
+                match next {
+                    Some(at) if at > jiff::Timestamp::now() + Duration::from_secs(30) => Ok(at),
+                    other => Err(format!("nextAttemptTime {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
     let fresh = env
         .idp
         .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
         .await;
     env.put_bootstrap("chain-bootstrap", &fresh).await;
-    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(120))
+    // The issuer looks for a new bootstrap value every few seconds, and a new value waives
+    // the backoff of the chain's tokens.
+    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(25))
         .await;
+    assert!(
+        jiff::Timestamp::now() < next_attempt,
+        "renewed before the backed-off attempt at {next_attempt} was due"
+    );
+    env.wait_issuer("chain", "True", "Ready").await;
     assert_eq!(
         claims(&env.token_in("chain-short").await)["aud"],
         json!(oidc::SHORT_LIVED)
