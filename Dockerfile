@@ -7,8 +7,8 @@
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /build
-# The whole crate (Cargo.toml, Cargo.lock, src/main.rs, src/lib.rs and whatever else the
-# manifest names); .dockerignore keeps target/, node_modules and .git out.
+# The whole workspace (Cargo.toml, Cargo.lock, src/, crates/oauth and whatever else the
+# manifests name); .dockerignore keeps target/, node_modules and .git out.
 COPY . .
 # Cache mounts keep the registry and the build between builds (BuildKit); the binary is
 # copied out of the cached target directory.

@@ -4,7 +4,9 @@
 //! Where things are:
 //! - [`api`]: the CRDs (the user-facing contract).
 //! - [`oauth`]: the token client (discovery, request building, client authentication,
-//!   response parsing, the audience check). Knows nothing of Kubernetes.
+//!   response parsing, the audience check), and [`redact`], the secret string type it
+//!   uses. Both are crate `audience-token-oauth` (`crates/oauth`), re-exported here; it
+//!   knows nothing of Kubernetes and depends on no Kubernetes crate.
 //! - [`renewal`]: pure time maths: when to renew, how long to back off.
 //! - [`secret`]: the desired Secret for an issued token, and reading one back.
 //! - [`controller`]: the reconcile loop and its wiring.
@@ -18,11 +20,14 @@ pub mod controller;
 pub mod debug_token;
 pub mod issuer_params;
 pub mod leader;
-pub mod oauth;
 pub mod rate_limit;
 pub mod rbac;
-pub mod redact;
 pub mod renewal;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+
+/// The OAuth 2.0 token client: crate `audience-token-oauth` (`crates/oauth`).
+pub use audience_token_oauth as oauth;
+/// Secret values that never print: `audience_token_oauth::redact`.
+pub use audience_token_oauth::redact;

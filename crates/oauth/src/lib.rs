@@ -3,6 +3,12 @@
 //!
 //! Pure parts (request building, response parsing, JWT claims, the audience check,
 //! discovery URL rules) are separate from the HTTP calls in [`client`].
+//!
+//! This is crate `audience-token-oauth` (`crates/oauth`), apart from audience-token-operator
+//! so that the compiler holds it to that: it depends on no Kubernetes crate. The operator
+//! re-exports it as `audience_token_operator::oauth`. Secrets (tokens, client secrets,
+//! keys) are [`redact::SecretString`]s, which never print their value.
+#![warn(missing_docs)]
 
 pub mod assertion;
 pub mod client;
@@ -10,6 +16,7 @@ pub mod discovery;
 mod error;
 pub mod jwks;
 pub mod jwt;
+pub mod redact;
 pub mod request;
 pub mod response;
 mod token;

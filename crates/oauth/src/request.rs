@@ -294,7 +294,7 @@ mod tests {
     }
 
     fn private_key_jwt() -> (Endpoint, jsonwebtoken::DecodingKey) {
-        let key = crate::oauth::assertion::test_keys::ec(crate::oauth::assertion::KeyKind::EcP256);
+        let key = crate::assertion::test_keys::ec(crate::assertion::KeyKind::EcP256);
         let client_key = ClientKey::parse(&key.pkcs8_pem, None, Some("k1")).unwrap();
         let credentials = ClientCredentials::PrivateKeyJwt {
             key: Arc::new(client_key),

@@ -651,8 +651,10 @@ mod der {
 }
 
 /// Test keys, generated at run time (never stored): each in every form a Secret may hold.
-#[cfg(test)]
-pub(crate) mod test_keys {
+/// For tests only: compiled for this crate's tests and, with the `test-keys` feature, for
+/// the tests of crates that depend on it. Panics on failure.
+#[cfg(any(test, feature = "test-keys"))]
+pub mod test_keys {
     use aws_lc_rs::encoding::{AsBigEndian, AsDer};
     use aws_lc_rs::rsa::KeySize;
     use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, RsaKeyPair};
@@ -674,6 +676,7 @@ pub(crate) mod test_keys {
         pub public: DecodingKey,
     }
 
+    /// `der` as PEM with the given label (`PRIVATE KEY`, `EC PRIVATE KEY`, …).
     pub fn pem(label: &str, der: &[u8]) -> String {
         let b64 = STANDARD.encode(der);
         let lines: Vec<&str> = b64
@@ -699,6 +702,7 @@ pub(crate) mod test_keys {
         }
     }
 
+    /// A new RSA 2048 key.
     pub fn rsa() -> TestKey {
         let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
         let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
@@ -728,6 +732,7 @@ pub(crate) mod test_keys {
         }
     }
 
+    /// A new EC key on the curve of `kind` (P-256 or P-384).
     pub fn ec(kind: KeyKind) -> TestKey {
         let (curve, _) = CURVES.into_iter().find(|(_, k)| *k == kind).unwrap();
         let pair = EcdsaKeyPair::generate(curve).unwrap();

@@ -86,7 +86,7 @@ fn add(at: Timestamp, duration: Duration) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oauth::jwt::tests::jwt;
+    use crate::jwt::tests::jwt;
 
     fn now() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()
