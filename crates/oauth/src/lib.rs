@@ -5,9 +5,10 @@
 //! discovery URL rules) are separate from the HTTP calls in [`client`].
 //!
 //! This is crate `audience-token-oauth` (`crates/oauth`), apart from audience-token-operator
-//! so that the compiler holds it to that: it depends on no Kubernetes crate. The operator
-//! re-exports it as `audience_token_operator::oauth`. Secrets (tokens, client secrets,
-//! keys) are [`redact::SecretString`]s, which never print their value.
+//! so that the compiler holds it to that: it depends on no Kubernetes crate (the operator's
+//! `tests/boundaries.rs` checks its dependency graph). The operator re-exports it as
+//! `audience_token_operator::oauth`. Secrets (tokens, client secrets, keys) are
+//! [`redact::SecretString`]s, which never print their value.
 #![warn(missing_docs)]
 
 pub mod assertion;
