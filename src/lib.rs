@@ -18,6 +18,7 @@
 pub mod api;
 pub mod controller;
 pub mod debug_token;
+pub mod failure;
 pub mod issuer_params;
 pub mod leader;
 pub mod rate_limit;

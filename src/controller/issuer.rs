@@ -14,11 +14,11 @@ use kube::{Resource, ResourceExt};
 use url::Url;
 
 use super::Context;
-use super::plan::{Failure, reason};
 use crate::api::{
     AudienceToken, ClientAuthMethod, ClusterTokenIssuer, IssuerKind, IssuerSpec, SecretKeySelector,
     SigningAlgorithm, TokenIssuer, parse_duration,
 };
+use crate::failure::{Failure, reason};
 use crate::oauth::assertion::{ClientKey, SigningAlg};
 use crate::oauth::client::check_transport_security;
 use crate::oauth::discovery::ServerMetadata;
@@ -74,6 +74,7 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                 .ok_or_else(|| Failure {
                     reason: reason::ISSUER_NOT_READY,
                     message: format!("TokenIssuer {namespace}/{} not found", issuer_ref.name),
+                    retry_after: None,
                 })?;
             Ok(ResolvedIssuer {
                 key: issuer_key(token),
@@ -91,6 +92,7 @@ pub fn resolve(ctx: &Context, token: &AudienceToken) -> Result<ResolvedIssuer, F
                 .ok_or_else(|| Failure {
                     reason: reason::ISSUER_NOT_READY,
                     message: format!("ClusterTokenIssuer {} not found", issuer_ref.name),
+                    retry_after: None,
                 })?;
             let labels = ctx
                 .namespaces
@@ -122,6 +124,7 @@ pub fn check_tenancy(
     let not_allowed = |message: String| Failure {
         reason: reason::NOT_ALLOWED,
         message,
+        retry_after: None,
     };
     let selector = issuer.spec.allowed_namespaces.clone().ok_or_else(|| {
         not_allowed(format!(
@@ -224,6 +227,7 @@ fn not_ready(message: String) -> Failure {
     Failure {
         reason: reason::ISSUER_NOT_READY,
         message,
+        retry_after: None,
     }
 }
 

@@ -58,6 +58,17 @@ pub enum Error {
     TokenClient(#[from] TokenError),
 }
 
+impl Error {
+    /// A short, fixed name of the kind of error, for log fields and metric labels.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::MissingField(_) => "missing_field",
+            Error::TokenClient(_) => "token_client",
+        }
+    }
+}
+
 /// Operator-wide settings (the `run` flags).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -620,6 +631,7 @@ fn error_policy(token: Arc<AudienceToken>, error: &Error, _ctx: Arc<Context>) ->
         name = token.name_any(),
         issuer = issuer::issuer_key(&token),
         resource = token.spec.resource,
+        kind = error.metric_label(),
         error = %error,
         "reconcile error; retrying"
     );

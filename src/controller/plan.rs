@@ -5,35 +5,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AudienceTokenStatus, Condition, READY};
+pub use crate::failure::{Failure, reason};
 use crate::oauth::IssuedToken;
 use crate::renewal::{RenewBefore, RenewalPlan, renewal_time, stable_jitter};
 use crate::secret::{PublishedToken, rfc3339};
-
-/// Condition reasons (DESIGN.md).
-pub mod reason {
-    /// A first token was issued.
-    pub const ISSUED: &str = "Issued";
-    /// A token was replaced by a newer one.
-    pub const RENEWED: &str = "Renewed";
-    /// The issuer is missing, or its credentials or metadata cannot be read.
-    pub const ISSUER_NOT_READY: &str = "IssuerNotReady";
-    /// The authorization server refused or failed the token request.
-    pub const TOKEN_REQUEST_FAILED: &str = "TokenRequestFailed";
-    /// The token's `aud` is not exactly the expected audience.
-    pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
-    /// A Secret of that name exists and is not ours.
-    pub const SECRET_CONFLICT: &str = "SecretConflict";
-    /// The last token expired and no new one could be obtained.
-    pub const EXPIRED: &str = "Expired";
-    /// The ClusterTokenIssuer does not allow this namespace or resource, or the
-    /// refresh-token grant does not cover the resource.
-    pub const NOT_ALLOWED: &str = "NotAllowed";
-    /// The issuer's refresh-token chain was refused (`invalid_grant`); a new bootstrap
-    /// refresh token is needed.
-    pub const REFRESH_CHAIN_LOST: &str = "RefreshChainLost";
-    /// Event on an issuer: the server rotated the refresh token and the new one is persisted.
-    pub const REFRESH_TOKEN_ROTATED: &str = "RefreshTokenRotated";
-}
 
 /// What the reconciler knows when it decides.
 #[derive(Clone, Copy, Debug)]
@@ -137,15 +112,6 @@ pub fn decide(o: &Observed, backoff_waived: bool) -> Decision {
         return Decision::Wait { until: next.0 };
     }
     Decision::Request(reason)
-}
-
-/// A failed attempt (or a reason not to attempt), for status.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// Condition reason, from [`reason`].
-    pub reason: &'static str,
-    /// Human-readable detail, never a secret.
-    pub message: String,
 }
 
 fn time(at: Timestamp) -> Time {
@@ -602,6 +568,7 @@ mod tests {
         let failure = Failure {
             reason: reason::TOKEN_REQUEST_FAILED,
             message: "token endpoint answered 400 invalid_target".into(),
+            retry_after: None,
         };
         let o = observed(3000, Some(&fresh), &none);
         let s = status_failed(&none, &failure, Some(ts(3005)), true, &o);

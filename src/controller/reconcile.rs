@@ -78,6 +78,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                 "Secret {namespace}/{} exists and is not managed by this AudienceToken; it is left untouched",
                 token.secret_name()
             ),
+            retry_after: None,
         };
         let next = plan::status_failed(&status, &failure, None, false, &observed);
         write_status(&ctx, &token, &status, &next, Some(&failure)).await?;
@@ -153,15 +154,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                     let jitter = unit_from_seed(&format!("{uid}/{attempts}"));
                     let delay = backoff_delay(attempts, jitter, failure.retry_after);
                     let retry_at = now + delay;
-                    warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.failure.message, retry_in = ?delay, "token request failed");
-                    let next = plan::status_failed(
-                        &status,
-                        &failure.failure,
-                        Some(retry_at),
-                        true,
-                        &observed,
-                    );
-                    write_status(&ctx, &token, &status, &next, Some(&failure.failure)).await?;
+                    warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.message, retry_in = ?delay, "token request failed");
+                    let next =
+                        plan::status_failed(&status, &failure, Some(retry_at), true, &observed);
+                    write_status(&ctx, &token, &status, &next, Some(&failure)).await?;
                     let wake = match &published {
                         Some(p) if p.expires_at > now => retry_at.min(p.expires_at),
                         _ => retry_at,
@@ -173,55 +169,30 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     }
 }
 
-/// A failed token request, with the server's requested wait.
-struct RequestFailure {
-    failure: Failure,
-    retry_after: Option<Duration>,
-}
-
 async fn request_token(
     ctx: &Context,
     token: &AudienceToken,
     issuer: &ResolvedIssuer,
     now: Timestamp,
-) -> Result<IssuedToken, RequestFailure> {
-    let settings = issuer::endpoint(ctx, issuer)
-        .await
-        .map_err(|failure| RequestFailure {
-            failure,
-            retry_after: None,
-        })?;
+) -> Result<IssuedToken, Failure> {
+    let settings = issuer::endpoint(ctx, issuer).await?;
     let failed = |error: TokenError| {
         ctx.issuer_caches.invalidate(issuer, &error);
-        let reason = match &error {
-            TokenError::AudienceMismatch { .. } => reason::AUDIENCE_MISMATCH,
-            TokenError::Config(_) | TokenError::Discovery { .. } => reason::ISSUER_NOT_READY,
-            _ => reason::TOKEN_REQUEST_FAILED,
-        };
-        RequestFailure {
-            retry_after: error.retry_after(),
-            failure: Failure {
-                reason,
-                message: error.to_string(),
-            },
-        }
+        Failure::from_token_error(&error)
     };
     let response = match issuer.spec.grant.type_ {
-        GrantType::RefreshToken => ctx
-            .refresh_chains
-            .request(
-                ctx,
-                issuer,
-                &settings.endpoint,
-                &token.spec.scopes,
-                &token.spec.resource,
-                token.expected_audience(),
-            )
-            .await
-            .map_err(|failure| RequestFailure {
-                failure,
-                retry_after: None,
-            })?,
+        GrantType::RefreshToken => {
+            ctx.refresh_chains
+                .request(
+                    ctx,
+                    issuer,
+                    &settings.endpoint,
+                    &token.spec.scopes,
+                    &token.spec.resource,
+                    token.expected_audience(),
+                )
+                .await?
+        }
         GrantType::ClientCredentials => {
             let request = TokenRequest {
                 grant: Grant::ClientCredentials,
@@ -248,9 +219,7 @@ async fn request_token(
     // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).
     if issuer.spec.verify_access_token_signature {
         let timeout = settings.endpoint.timeout;
-        super::signature::verify(ctx, issuer, issued.access_token.expose(), timeout)
-            .await
-            .map_err(failed)?;
+        super::signature::verify(ctx, issuer, issued.access_token.expose(), timeout).await?;
     }
     // RFC 6749 §4.4.3: a refresh token in a client-credentials response is not used; the
     // refresh-token chain took its own already.

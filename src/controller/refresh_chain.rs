@@ -34,8 +34,8 @@ use tracing::{info, warn};
 
 use super::Context;
 use super::issuer::{ResolvedIssuer, read_secret_key};
-use super::plan::{Failure, reason};
 use crate::api::RefreshTokenGrant;
+use crate::failure::{Failure, reason};
 use crate::oauth::{Endpoint, Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
@@ -236,6 +236,7 @@ impl RefreshChains {
                     issuer.key,
                     grant.resources.join(", ")
                 ),
+                retry_after: None,
             });
         }
         let chain = self.chain(&issuer.key);
@@ -326,6 +327,7 @@ fn grant(issuer: &ResolvedIssuer) -> Result<&RefreshTokenGrant, Failure> {
                 "{}: grant type RefreshToken needs grant.refreshToken",
                 issuer.key
             ),
+            retry_after: None,
         })
 }
 
@@ -408,6 +410,7 @@ impl<'a> Session<'a> {
             return Err(Failure {
                 reason: reason::TOKEN_REQUEST_FAILED,
                 message: "no refresh token".into(),
+                retry_after: None,
             });
         };
         let record_now = state.needs_in_flight_record();
@@ -502,10 +505,7 @@ impl<'a> Session<'a> {
             Err(error) => {
                 // The server may or may not have used the token: the in-flight record stays.
                 self.ctx.issuer_caches.invalidate(issuer, &error);
-                Err(Failure {
-                    reason: reason::TOKEN_REQUEST_FAILED,
-                    message: error.to_string(),
-                })
+                Err(Failure::from_token_error(&error))
             }
         }
     }
@@ -521,6 +521,7 @@ fn chain_lost_failure(issuer: &ResolvedIssuer, grant: &RefreshTokenGrant, why: &
             grant.bootstrap_secret_ref.name,
             grant.bootstrap_secret_ref.key
         ),
+        retry_after: None,
     }
 }
 
@@ -528,6 +529,7 @@ fn kube_failure(what: &str, error: &kube::Error) -> Failure {
     Failure {
         reason: reason::TOKEN_REQUEST_FAILED,
         message: format!("{what}: {error}"),
+        retry_after: None,
     }
 }
 
@@ -629,6 +631,7 @@ async fn persist(
     Err(Failure {
         reason: reason::TOKEN_REQUEST_FAILED,
         message: PERSIST_FAILED.into(),
+        retry_after: None,
     })
 }
 

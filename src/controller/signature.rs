@@ -14,6 +14,7 @@ use url::Url;
 
 use super::Context;
 use super::issuer::{self, ResolvedIssuer};
+use crate::failure::Failure;
 use crate::oauth::TokenError;
 use crate::oauth::jwks::{self, JwkSet};
 use crate::oauth::jwt::decode_claims;
@@ -129,25 +130,23 @@ async fn key_source(
     ctx: &Context,
     issuer: &ResolvedIssuer,
     timeout: Duration,
-) -> Result<(Url, Option<String>), TokenError> {
+) -> Result<(Url, Option<String>), Failure> {
     let spec = &issuer.spec;
     let expected_issuer = spec.issuer_url.clone();
     if let Some(configured) = &spec.jwks_uri {
         let url = Url::parse(configured)
-            .map_err(|e| TokenError::Config(format!("jwksURI {configured:?}: {e}")))?;
+            .map_err(|e| Failure::issuer_not_ready(format!("jwksURI {configured:?}: {e}")))?;
         return Ok((url, expected_issuer));
     }
     if spec.issuer_url.is_none() {
-        return Err(TokenError::Config(format!(
+        return Err(Failure::issuer_not_ready(format!(
             "{}: verifyAccessTokenSignature needs issuerURL or jwksURI",
             issuer.key
         )));
     }
-    let metadata = issuer::server_metadata(ctx, issuer, timeout)
-        .await
-        .map_err(|failure| TokenError::Config(failure.message))?;
+    let metadata = issuer::server_metadata(ctx, issuer, timeout).await?;
     let url = metadata.jwks_uri.ok_or_else(|| {
-        TokenError::Config(format!(
+        Failure::issuer_not_ready(format!(
             "{}: verifyAccessTokenSignature is set but the server's metadata has no usable jwks_uri; set jwksURI",
             issuer.key
         ))
@@ -163,7 +162,7 @@ pub async fn verify(
     issuer: &ResolvedIssuer,
     access_token: &str,
     timeout: Duration,
-) -> Result<(), TokenError> {
+) -> Result<(), Failure> {
     if decode_claims(access_token).is_none() {
         return Ok(());
     }
@@ -173,5 +172,9 @@ pub async fn verify(
         .jwks
         .key_set(ctx, issuer, &url, timeout, access_token)
         .await?;
-    jwks::verify_signature(access_token, &set, expected_issuer.as_deref())
+    Ok(jwks::verify_signature(
+        access_token,
+        &set,
+        expected_issuer.as_deref(),
+    )?)
 }
