@@ -9,7 +9,6 @@
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -17,22 +16,21 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize as _;
 use serde_json::{Value, json};
-use url::Url;
 
 use crate::api::{
-    ClientAuthMethod, ClusterTokenIssuer, GROUP, GrantType, IssuerSpec, SecretKeySelector,
-    TokenIssuer, parse_duration,
+    ClusterTokenIssuer, GROUP, GrantType, IssuerSpec, SecretKeySelector, TokenIssuer,
 };
-use crate::controller::issuer::{glob_match, signing_alg};
-use crate::issuer_params::{
-    DEFAULT_REQUEST_TIMEOUT, DEFAULT_TOKEN_LIFETIME, assertion_audience, audience_param,
+use crate::failure::Failure;
+use crate::issuer::params::{DEFAULT_REQUEST_TIMEOUT, DEFAULT_TOKEN_LIFETIME, audience_param};
+use crate::issuer::tenancy::glob_match;
+use crate::issuer::{
+    Credential, CredentialKind, CredentialRef, IssuerEndpoints, IssuerTarget, method_name,
+    optional_duration,
 };
-use crate::oauth::assertion::ClientKey;
-use crate::oauth::client::check_transport_security;
 use crate::oauth::jwt::{Claims, decode_claims};
 use crate::oauth::{
-    AudienceParam, ClientCredentials, Endpoint, Grant, TokenClient, TokenError, TokenRequest,
-    TokenResponse, issue,
+    AudienceParam, ClientCredentials, Grant, TokenClient, TokenError, TokenRequest, TokenResponse,
+    issue,
 };
 use crate::redact::SecretString;
 
@@ -86,6 +84,10 @@ pub enum DebugTokenError {
     /// Discovery failed, or the HTTP client could not be built.
     #[error("{0}")]
     Setup(#[source] TokenError),
+    /// The issuer layer could not make an endpoint of the issuer (a missing or unusable
+    /// credential, a bad setting, failed discovery): its message.
+    #[error("{0}")]
+    Issuer(String),
     /// The token request failed: the server's OAuth error, or no answer.
     #[error("token request to {token_endpoint} failed: {source}")]
     Token {
@@ -368,83 +370,66 @@ fn reference_text(field: &str, reference: Option<&SecretKeySelector>) -> String 
         .unwrap_or_default()
 }
 
-/// Client authentication as far as it is known before the token endpoint is.
-#[derive(Clone, Debug)]
-pub enum PlannedCredentials {
-    /// Complete.
-    Ready(ClientCredentials),
-    /// PrivateKeyJWT: the assertion's `aud` may be the token endpoint or the discovered
-    /// issuer, so it is set once those are known.
-    PrivateKey(Arc<ClientKey>),
-}
-
-/// The client authentication for the issuer's `clientAuth.method`, with the credential from
-/// `sources`. A private key is parsed (and checked against `signingAlgorithm`) here.
-pub fn client_credentials(
-    spec: &IssuerSpec,
-    sources: &CredentialSources,
-) -> Result<(PlannedCredentials, Option<CredentialSource>), DebugTokenError> {
-    let auth = &spec.client_auth;
-    let method = method_name(auth.method);
-    let secret = || {
-        resolve_credential(
-            sources.client_secret_file.as_deref(),
-            sources.client_secret_env.as_ref(),
-            CLIENT_SECRET_ENV,
-        )?
-        .ok_or_else(|| DebugTokenError::MissingCredential {
-            method,
-            what: "a client secret",
-            reference: reference_text("clientSecretRef", auth.client_secret_ref.as_ref()),
-            flag: "--client-secret-file",
-            env: CLIENT_SECRET_ENV,
-        })
-    };
-    let ready = |credentials, source| Ok((PlannedCredentials::Ready(credentials), source));
-    match auth.method {
-        ClientAuthMethod::ClientSecretBasic => {
-            let (value, source) = secret()?;
-            ready(ClientCredentials::Basic(value), Some(source))
-        }
-        ClientAuthMethod::ClientSecretPost => {
-            let (value, source) = secret()?;
-            ready(ClientCredentials::Post(value), Some(source))
-        }
-        ClientAuthMethod::NoAuth => ready(ClientCredentials::None, None),
-        ClientAuthMethod::PrivateKeyJwt => {
-            let (text, source) = resolve_credential(
-                sources.private_key_file.as_deref(),
-                sources.private_key_env.as_ref(),
+/// The `token` command's credential source: the issuer's Secrets cannot be read without a
+/// cluster, so a client secret or private key comes from a file or the environment.
+impl crate::issuer::CredentialSource for CredentialSources {
+    async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
+        let (file, env, env_name, what, field, flag) = match reference.kind {
+            CredentialKind::ClientSecret => (
+                self.client_secret_file.as_deref(),
+                self.client_secret_env.as_ref(),
+                CLIENT_SECRET_ENV,
+                "a client secret",
+                "clientSecretRef",
+                "--client-secret-file",
+            ),
+            CredentialKind::PrivateKey => (
+                self.private_key_file.as_deref(),
+                self.private_key_env.as_ref(),
                 PRIVATE_KEY_ENV,
-            )?
-            .ok_or_else(|| DebugTokenError::MissingCredential {
-                method,
-                what: "a private key",
-                reference: reference_text("privateKeyRef", auth.private_key_ref.as_ref()),
-                flag: "--private-key-file",
-                env: PRIVATE_KEY_ENV,
-            })?;
-            let key = ClientKey::parse(
-                text.expose(),
-                auth.signing_algorithm.map(signing_alg),
-                auth.key_id.as_deref(),
+                "a private key",
+                "privateKeyRef",
+                "--private-key-file",
+            ),
+            CredentialKind::BootstrapRefreshToken => {
+                return Err(Failure::issuer_not_ready(
+                    "the token command never uses a refresh token",
+                ));
+            }
+        };
+        let found = resolve_credential(file, env, env_name)
+            .map_err(|e| Failure::issuer_not_ready(e.to_string()))?;
+        let (value, source) = found.ok_or_else(|| {
+            Failure::issuer_not_ready(
+                DebugTokenError::MissingCredential {
+                    method: reference.method,
+                    what,
+                    reference: reference_text(field, reference.secret),
+                    flag,
+                    env: env_name,
+                }
+                .to_string(),
             )
-            .map_err(|e| {
-                DebugTokenError::Credential(format!(
-                    "the private key from {source} is not usable: {e}"
-                ))
-            })?;
-            Ok((PlannedCredentials::PrivateKey(Arc::new(key)), Some(source)))
-        }
+        })?;
+        Ok(Credential {
+            value,
+            from: source.to_string(),
+        })
     }
 }
 
-fn method_name(method: ClientAuthMethod) -> &'static str {
-    match method {
-        ClientAuthMethod::ClientSecretBasic => "ClientSecretBasic",
-        ClientAuthMethod::ClientSecretPost => "ClientSecretPost",
-        ClientAuthMethod::PrivateKeyJwt => "PrivateKeyJWT",
-        ClientAuthMethod::NoAuth => "None",
+/// How the report names the client authentication: the method, and for PrivateKeyJWT the
+/// algorithm, `kid` and assertion `aud`.
+fn client_auth_text(spec: &IssuerSpec, credentials: &ClientCredentials) -> String {
+    match credentials {
+        ClientCredentials::PrivateKeyJwt { key, audience } => format!(
+            "PrivateKeyJWT, {}{}, assertion aud {audience}",
+            key.algorithm(),
+            key.key_id()
+                .map(|k| format!(", kid {k}"))
+                .unwrap_or_default()
+        ),
+        _ => method_name(spec.client_auth.method).to_string(),
     }
 }
 
@@ -478,15 +463,16 @@ pub fn split_scopes(values: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Everything about the request except the token endpoint, worked out before any I/O.
+/// Everything about the request that needs no I/O; the issuer layer supplies the rest
+/// (credentials, token endpoint).
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// What the report says about the request.
     pub summary: RequestSummary,
     /// The token request.
     pub request: TokenRequest,
-    /// How the client authenticates.
-    pub credentials: PlannedCredentials,
+    /// The issuer's spec, with `--timeout` applied.
+    pub spec: IssuerSpec,
     /// Timeout of discovery and the token request.
     pub timeout: Duration,
     /// Lifetime assumed when the response does not say.
@@ -526,13 +512,10 @@ fn setting(
     default: Duration,
     field: &str,
 ) -> Result<Duration, DebugTokenError> {
-    value.map_or(Ok(default), |v| {
-        parse_duration(v).map_err(|e| DebugTokenError::Config(format!("{field}: {e}")))
-    })
+    optional_duration(value, default, field).map_err(|f| DebugTokenError::Config(f.message))
 }
 
-/// Works out the request for an issuer and the options. No I/O except reading credential
-/// files.
+/// Works out the request for an issuer and the options. No I/O.
 pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTokenError> {
     let spec = &issuer.spec;
     if spec.grant.type_ == GrantType::RefreshToken {
@@ -555,7 +538,8 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
         DEFAULT_TOKEN_LIFETIME,
         "defaultTokenLifetime",
     )?;
-    let (credentials, source) = client_credentials(spec, &options.credentials)?;
+    let mut spec_for_request = spec.clone();
+    spec_for_request.request_timeout = Some(format!("{}ms", timeout.as_millis()));
     let expected_audience = options
         .audience
         .clone()
@@ -581,17 +565,8 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
         summary: RequestSummary {
             issuer: issuer.label(),
             client_id: spec.client_id.clone(),
-            client_auth: match &credentials {
-                PlannedCredentials::PrivateKey(key) => format!(
-                    "PrivateKeyJWT, {}{}",
-                    key.algorithm(),
-                    key.key_id()
-                        .map(|k| format!(", kid {k}"))
-                        .unwrap_or_default()
-                ),
-                PlannedCredentials::Ready(_) => method_name(spec.client_auth.method).to_string(),
-            },
-            credential_source: source.map(|s| s.to_string()),
+            client_auth: method_name(spec.client_auth.method).to_string(),
+            credential_source: None,
             token_endpoint: String::new(),
             token_endpoint_source: String::new(),
             resource: options.resource.clone(),
@@ -609,79 +584,10 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
             scopes,
             audience,
         },
-        credentials,
+        spec: spec_for_request,
         timeout,
         default_lifetime,
     })
-}
-
-/// The token endpoint, configured or discovered.
-struct ResolvedEndpoint {
-    url: Url,
-    /// `tokenEndpoint` or `discovery from issuerURL …`.
-    source: String,
-    /// The issuer identifier the discovery document declared.
-    discovered_issuer: Option<String>,
-}
-
-/// The configured token endpoint, or the discovered one; and where it came from.
-async fn token_endpoint(
-    client: &TokenClient,
-    spec: &IssuerSpec,
-    timeout: Duration,
-) -> Result<ResolvedEndpoint, DebugTokenError> {
-    if let Some(configured) = &spec.token_endpoint {
-        let url = Url::parse(configured)
-            .map_err(|e| DebugTokenError::Config(format!("tokenEndpoint {configured:?}: {e}")))?;
-        check_transport_security(&url, spec.allow_insecure_http).map_err(DebugTokenError::Setup)?;
-        return Ok(ResolvedEndpoint {
-            url,
-            source: "tokenEndpoint".to_string(),
-            discovered_issuer: None,
-        });
-    }
-    let issuer_url = spec.issuer_url.as_deref().ok_or_else(|| {
-        DebugTokenError::Config("neither issuerURL nor tokenEndpoint is set".into())
-    })?;
-    let parsed = Url::parse(issuer_url)
-        .map_err(|e| DebugTokenError::Config(format!("issuerURL {issuer_url:?}: {e}")))?;
-    let metadata = client
-        .discover(
-            &parsed,
-            spec.ca_bundle.as_deref(),
-            timeout,
-            spec.allow_insecure_http,
-        )
-        .await
-        .map_err(DebugTokenError::Setup)?;
-    Ok(ResolvedEndpoint {
-        url: metadata.token_endpoint,
-        source: format!("discovery from issuerURL {issuer_url}"),
-        discovered_issuer: Some(metadata.issuer),
-    })
-}
-
-/// The credentials once the token endpoint is known: a PrivateKeyJWT assertion gets its `aud`.
-fn complete_credentials(
-    planned: PlannedCredentials,
-    spec: &IssuerSpec,
-    endpoint: &ResolvedEndpoint,
-    summary: &mut RequestSummary,
-) -> Result<ClientCredentials, DebugTokenError> {
-    match planned {
-        PlannedCredentials::Ready(credentials) => Ok(credentials),
-        PlannedCredentials::PrivateKey(key) => {
-            let issuer = endpoint
-                .discovered_issuer
-                .as_deref()
-                .or(spec.issuer_url.as_deref());
-            let audience =
-                assertion_audience(spec.client_auth.assertion_audience, issuer, &endpoint.url)
-                    .map_err(|e| DebugTokenError::Config(e.to_string()))?;
-            let _ = write!(summary.client_auth, ", assertion aud {audience}");
-            Ok(ClientCredentials::PrivateKeyJwt { key, audience })
-        }
-    }
 }
 
 /// Reads the manifest, makes one token request and reports on the answer. A token the
@@ -691,21 +597,26 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
     let issuer = parse_manifest(&read_manifest(&options.manifest)?)?;
     let mut plan = plan(&issuer, options)?;
     let client = TokenClient::new().map_err(DebugTokenError::Setup)?;
-    let resolved = token_endpoint(&client, &issuer.spec, plan.timeout).await?;
-    let credentials =
-        complete_credentials(plan.credentials, &issuer.spec, &resolved, &mut plan.summary)?;
-    plan.summary.token_endpoint = resolved.url.to_string();
-    plan.summary.token_endpoint_source = resolved.source;
-    let endpoint = Endpoint {
-        token_endpoint: resolved.url,
-        client_id: issuer.spec.client_id.clone(),
-        credentials,
-        ca_bundle: issuer.spec.ca_bundle.clone(),
-        timeout: plan.timeout,
+    // The same issuer layer as the operator's, with credentials from files or env.
+    let layer = IssuerEndpoints::new(client, options.credentials.clone());
+    let label = issuer.label();
+    let target = IssuerTarget {
+        key: &label,
+        spec: &plan.spec,
+        secret_namespace: "",
     };
+    let ready = layer
+        .endpoint(target)
+        .await
+        .map_err(|failure| DebugTokenError::Issuer(failure.message))?;
+    plan.summary.client_auth = client_auth_text(&plan.spec, &ready.endpoint.credentials);
+    plan.summary.credential_source = ready.credential_from.clone();
+    plan.summary.token_endpoint = ready.endpoint.token_endpoint.to_string();
+    plan.summary.token_endpoint_source = ready.token_endpoint_source.clone();
     let now = Timestamp::now();
-    let response = client
-        .request(&endpoint, &plan.request)
+    let response = layer
+        .tokens()
+        .request(&ready.endpoint, &plan.request)
         .await
         .map_err(|source| DebugTokenError::Token {
             token_endpoint: plan.summary.token_endpoint.clone(),
@@ -1067,7 +978,7 @@ fn pretty(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AudienceParameter, ClientAuth};
+    use crate::api::{AudienceParameter, ClientAuth, ClientAuthMethod};
 
     const ISSUER_YAML: &str = r#"
 apiVersion: audiencetoken.io/v1alpha1
@@ -1249,17 +1160,39 @@ spec:
         assert!(err.to_string().contains("cannot read"), "{err}");
     }
 
-    #[test]
-    fn credentials_follow_the_method() {
+    /// The endpoint the issuer layer makes of `spec` with these credential sources (a
+    /// configured token endpoint: no I/O besides reading credential files).
+    async fn endpoint(
+        spec: &IssuerSpec,
+        sources: &CredentialSources,
+    ) -> Result<crate::issuer::ReadyEndpoint, Failure> {
+        let mut spec = spec.clone();
+        spec.token_endpoint = Some("https://idp.example.com/connect/token".into());
+        let layer = IssuerEndpoints::new(TokenClient::new().unwrap(), sources.clone());
+        let target = IssuerTarget {
+            key: "TokenIssuer shop/corp-idp",
+            spec: &spec,
+            secret_namespace: "",
+        };
+        layer.endpoint(target).await
+    }
+
+    #[tokio::test]
+    async fn credentials_follow_the_method() {
         let mut spec = parse_manifest(ISSUER_YAML).unwrap().spec;
-        let (credentials, source) = client_credentials(&spec, &env_secret("pw")).unwrap();
+        let ready = endpoint(&spec, &env_secret("pw")).await.unwrap();
         assert!(matches!(
-            credentials,
-            PlannedCredentials::Ready(ClientCredentials::Basic(s)) if s.expose() == "pw"
+            ready.endpoint.credentials,
+            ClientCredentials::Basic(ref s) if s.expose() == "pw"
         ));
-        assert_eq!(source, Some(CredentialSource::Env(CLIENT_SECRET_ENV)));
-        let err = client_credentials(&spec, &CredentialSources::default()).unwrap_err();
-        let message = err.to_string();
+        assert_eq!(
+            ready.credential_from.as_deref(),
+            Some("env ATO_CLIENT_SECRET")
+        );
+        let err = endpoint(&spec, &CredentialSources::default())
+            .await
+            .unwrap_err();
+        let message = err.message;
         for part in [
             "ClientSecretBasic needs a client secret",
             "Secret corp-idp-client, key client-secret",
@@ -1269,26 +1202,26 @@ spec:
             assert!(message.contains(part), "{message}");
         }
         spec.client_auth.method = ClientAuthMethod::ClientSecretPost;
-        let (credentials, _) = client_credentials(&spec, &env_secret("pw")).unwrap();
+        let ready = endpoint(&spec, &env_secret("pw")).await.unwrap();
         assert!(matches!(
-            credentials,
-            PlannedCredentials::Ready(ClientCredentials::Post(_))
+            ready.endpoint.credentials,
+            ClientCredentials::Post(_)
         ));
         spec.client_auth = ClientAuth {
             method: ClientAuthMethod::NoAuth,
             ..ClientAuth::default()
         };
-        let (credentials, source) = client_credentials(&spec, &env_secret("pw")).unwrap();
+        let ready = endpoint(&spec, &env_secret("pw")).await.unwrap();
         assert!(matches!(
-            credentials,
-            PlannedCredentials::Ready(ClientCredentials::None)
+            ready.endpoint.credentials,
+            ClientCredentials::None
         ));
-        assert_eq!(source, None);
+        assert_eq!(ready.credential_from, None);
     }
 
-    #[test]
-    fn private_key_jwt_reads_and_checks_the_key() {
-        use crate::api::SigningAlgorithm;
+    #[tokio::test]
+    async fn private_key_jwt_reads_and_checks_the_key() {
+        use crate::api::{AssertionAudience, SigningAlgorithm};
         use crate::oauth::assertion::{KeyKind, test_keys};
         let mut spec = parse_manifest(ISSUER_YAML).unwrap().spec;
         spec.client_auth = ClientAuth {
@@ -1298,11 +1231,13 @@ spec:
                 key: "key.pem".into(),
             }),
             key_id: Some("k1".into()),
+            assertion_audience: AssertionAudience::TokenEndpoint,
             ..ClientAuth::default()
         };
-        let err = client_credentials(&spec, &env_secret("a client secret is not enough"))
+        let err = endpoint(&spec, &env_secret("a client secret is not enough"))
+            .await
             .unwrap_err()
-            .to_string();
+            .message;
         for part in [
             "PrivateKeyJWT needs a private key",
             "privateKeyRef: Secret idp-key, key key.pem",
@@ -1317,51 +1252,34 @@ spec:
             private_key_file: Some(file.clone()),
             ..CredentialSources::default()
         };
-        let (credentials, source) = client_credentials(&spec, &sources).unwrap();
-        let PlannedCredentials::PrivateKey(key) = credentials else {
-            panic!("a private key")
-        };
-        assert_eq!(key.key_id(), Some("k1"));
-        assert_eq!(source, Some(CredentialSource::File(file)));
-
-        let issuer = ManifestIssuer {
-            kind: IssuerKind::TokenIssuer,
-            name: "shop/corp-idp".into(),
-            spec: spec.clone(),
-            allowed_resources: None,
-        };
-        let mut plan = plan(&issuer, &options(sources.clone())).unwrap();
-        assert_eq!(plan.summary.client_auth, "PrivateKeyJWT, ES256, kid k1");
-        let endpoint = ResolvedEndpoint {
-            url: Url::parse("https://idp.example.com/connect/token").unwrap(),
-            source: "discovery".into(),
-            discovered_issuer: Some("https://idp.example.com/".into()),
-        };
-        let credentials =
-            complete_credentials(plan.credentials, &spec, &endpoint, &mut plan.summary).unwrap();
-        let ClientCredentials::PrivateKeyJwt { audience, .. } = credentials else {
+        let ready = endpoint(&spec, &sources).await.unwrap();
+        let ClientCredentials::PrivateKeyJwt { key, audience } = &ready.endpoint.credentials else {
             panic!("PrivateKeyJwt credentials")
         };
+        assert_eq!(key.key_id(), Some("k1"));
+        assert_eq!(audience, "https://idp.example.com/connect/token");
         assert_eq!(
-            audience, "https://idp.example.com/",
-            "the discovered issuer"
+            ready.credential_from,
+            Some(CredentialSource::File(file).to_string())
         );
-        assert!(
-            plan.summary
-                .client_auth
-                .ends_with("assertion aud https://idp.example.com/")
+        assert_eq!(
+            client_auth_text(&spec, &ready.endpoint.credentials),
+            "PrivateKeyJWT, ES256, kid k1, assertion aud https://idp.example.com/connect/token"
         );
 
         spec.client_auth.signing_algorithm = Some(SigningAlgorithm::RS256);
-        let err = client_credentials(&spec, &sources).unwrap_err().to_string();
-        assert!(err.contains("is not usable"), "{err}");
+        let err = endpoint(&spec, &sources).await.unwrap_err().message;
+        assert!(err.contains("is not a usable private key"), "{err}");
         assert!(!err.contains("PRIVATE KEY"), "{err}");
         let garbage = CredentialSources {
             private_key_env: Some(SecretString::new("not a key")),
             ..CredentialSources::default()
         };
-        let err = client_credentials(&spec, &garbage).unwrap_err().to_string();
-        assert!(err.contains("env ATO_PRIVATE_KEY is not usable"), "{err}");
+        let err = endpoint(&spec, &garbage).await.unwrap_err().message;
+        assert!(
+            err.contains("env ATO_PRIVATE_KEY is not a usable private key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod api;
 pub mod controller;
 pub mod debug_token;
 pub mod failure;
-pub mod issuer_params;
+pub mod issuer;
 pub mod leader;
 pub mod rate_limit;
 pub mod rbac;

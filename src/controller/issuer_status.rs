@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
-use super::issuer::{self, ResolvedIssuer};
+use super::issuer::ResolvedIssuer;
 use super::plan::{Failure, set_ready};
 use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
 use super::{Context, Error};
@@ -133,7 +133,7 @@ async fn desired_status(
     let mut status = previous.cloned().unwrap_or_default();
     status.observed_generation = generation;
     let now = Timestamp::now();
-    let outcome = match issuer::endpoint(ctx, issuer).await {
+    let outcome = match ctx.endpoints.endpoint(issuer.target()).await {
         Ok(request) => {
             status.token_endpoint = Some(request.endpoint.token_endpoint.to_string());
             match chain_health(ctx, issuer, &request.endpoint).await {

@@ -11,7 +11,6 @@ pub mod plan;
 pub mod reconcile;
 pub mod refresh_chain;
 pub mod signals;
-pub mod signature;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -41,7 +40,8 @@ use crate::secret::{NAME_LABEL, managed_selector};
 use crate::server::Health;
 use crate::telemetry::{GrantLabel, Metrics, request_result};
 
-use issuer::IssuerCaches;
+use crate::issuer::IssuerEndpoints;
+use crate::issuer::credentials::SecretSource;
 
 /// Errors that make a reconcile retry: Kubernetes API failures and malformed objects.
 /// Token-request failures are not errors here; they are recorded in status.
@@ -86,8 +86,8 @@ pub struct Settings {
 pub struct Context {
     /// Kubernetes API client.
     pub client: Client,
-    /// OAuth token client.
-    pub tokens: TokenClient,
+    /// The issuer layer: endpoints, credentials from Secrets, discovery and key-set caches.
+    pub endpoints: IssuerEndpoints<SecretSource>,
     /// Operator settings.
     pub settings: Settings,
     /// TokenIssuers.
@@ -98,8 +98,6 @@ pub struct Context {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Secrets the operator manages, metadata only.
     pub secrets: Store<PartialObjectMeta<Secret>>,
-    /// Client secrets and discovery documents.
-    pub issuer_caches: IssuerCaches,
     /// Refresh-token chains, one per issuer using the RefreshToken grant.
     pub refresh_chains: refresh_chain::RefreshChains,
     /// Prometheus metrics.
@@ -189,7 +187,7 @@ impl Context {
             crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
         };
         let started = std::time::Instant::now();
-        let response = self.tokens.request(endpoint, request).await;
+        let response = self.endpoints.tokens().request(endpoint, request).await;
         let result = request_result(response.as_ref().map(|_| ()));
         self.metrics
             .token_request(issuer_key, grant, result, started.elapsed());
@@ -459,14 +457,13 @@ pub async fn run(
     };
     let recorder = Recorder::new(client.clone(), reporter.clone());
     let ctx = Arc::new(Context {
+        endpoints: IssuerEndpoints::new(TokenClient::new()?, SecretSource::new(client.clone())),
         client,
-        tokens: TokenClient::new()?,
         settings: settings.clone(),
         issuers,
         cluster_issuers,
         namespaces,
         secrets,
-        issuer_caches: IssuerCaches::default(),
         refresh_chains: refresh_chain::RefreshChains::default(),
         metrics: metrics.clone(),
         rate_limiter: Default::default(),

@@ -175,9 +175,9 @@ async fn request_token(
     issuer: &ResolvedIssuer,
     now: Timestamp,
 ) -> Result<IssuedToken, Failure> {
-    let settings = issuer::endpoint(ctx, issuer).await?;
+    let settings = ctx.endpoints.endpoint(issuer.target()).await?;
     let failed = |error: TokenError| {
-        ctx.issuer_caches.invalidate(issuer, &error);
+        ctx.endpoints.invalidate(issuer.target(), &error);
         Failure::from_token_error(&error)
     };
     let response = match issuer.spec.grant.type_ {
@@ -197,7 +197,7 @@ async fn request_token(
             let request = TokenRequest {
                 grant: Grant::ClientCredentials,
                 scopes: token.spec.scopes.clone(),
-                audience: crate::issuer_params::audience_param(
+                audience: crate::issuer::params::audience_param(
                     issuer.spec.audience_parameter,
                     &token.spec.resource,
                     token.expected_audience(),
@@ -219,7 +219,9 @@ async fn request_token(
     // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).
     if issuer.spec.verify_access_token_signature {
         let timeout = settings.endpoint.timeout;
-        super::signature::verify(ctx, issuer, issued.access_token.expose(), timeout).await?;
+        ctx.endpoints
+            .verify_signature(issuer.target(), issued.access_token.expose(), timeout)
+            .await?;
     }
     // RFC 6749 §4.4.3: a refresh token in a client-credentials response is not used; the
     // refresh-token chain took its own already.

@@ -33,9 +33,10 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::Context;
-use super::issuer::{ResolvedIssuer, read_secret_key};
+use super::issuer::ResolvedIssuer;
 use crate::api::RefreshTokenGrant;
 use crate::failure::{Failure, reason};
+use crate::issuer::CredentialKind;
 use crate::oauth::{Endpoint, Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
@@ -369,8 +370,16 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let was_lost = state.lost.is_some();
-        let namespace = &self.issuer.secret_namespace;
-        match read_secret_key(self.ctx, namespace, &self.grant.bootstrap_secret_ref).await {
+        let bootstrap = self
+            .ctx
+            .endpoints
+            .read_fresh(
+                self.issuer.target(),
+                CredentialKind::BootstrapRefreshToken,
+                &self.grant.bootstrap_secret_ref,
+            )
+            .await;
+        match bootstrap {
             Ok(value) => {
                 if state.offer_bootstrap(value, now) {
                     info!(
@@ -431,7 +440,7 @@ impl<'a> Session<'a> {
         let request = TokenRequest {
             grant: Grant::RefreshToken(current),
             scopes: wanted.scopes.clone(),
-            audience: crate::issuer_params::audience_param(
+            audience: crate::issuer::params::audience_param(
                 issuer.spec.audience_parameter,
                 &wanted.resource,
                 &wanted.audience,
@@ -504,7 +513,7 @@ impl<'a> Session<'a> {
             }
             Err(error) => {
                 // The server may or may not have used the token: the in-flight record stays.
-                self.ctx.issuer_caches.invalidate(issuer, &error);
+                self.ctx.endpoints.invalidate(issuer.target(), &error);
                 Err(Failure::from_token_error(&error))
             }
         }

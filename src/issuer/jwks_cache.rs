@@ -1,5 +1,5 @@
-//! The optional signature check of JWT access tokens (`verifyAccessTokenSignature`): which
-//! key set (JWKS) to use, and a cache of key sets per URL.
+//! The key sets (JWKS) of the optional signature check of JWT access tokens
+//! (`verifyAccessTokenSignature`), cached per URL.
 //!
 //! A key set is fetched once and kept for [`JWKS_TTL`]. A token naming a key the set lacks
 //! (the server rotated its keys) makes it fetch again, at most every [`JWKS_MIN_REFRESH`] per
@@ -12,12 +12,9 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use url::Url;
 
-use super::Context;
-use super::issuer::{self, ResolvedIssuer};
-use crate::failure::Failure;
-use crate::oauth::TokenError;
+use crate::api::IssuerSpec;
 use crate::oauth::jwks::{self, JwkSet};
-use crate::oauth::jwt::decode_claims;
+use crate::oauth::{TokenClient, TokenError};
 
 /// How long a fetched key set is used before it is fetched again.
 pub const JWKS_TTL: Duration = Duration::from_secs(3600);
@@ -62,10 +59,11 @@ impl JwksCache {
 
     /// The key set to verify `token` with: cached, or fetched when absent, older than the
     /// TTL, or lacking the token's key (rate limited).
-    async fn key_set(
+    pub(super) async fn key_set(
         &self,
-        ctx: &Context,
-        issuer: &ResolvedIssuer,
+        tokens: &TokenClient,
+        issuer_key: &str,
+        spec: &IssuerSpec,
         url: &Url,
         timeout: Duration,
         token: &str,
@@ -82,9 +80,7 @@ impl JwksCache {
         {
             return Ok(entry.set.clone());
         }
-        let spec = &issuer.spec;
-        let fetched = ctx
-            .tokens
+        let fetched = tokens
             .fetch_jwks(
                 url,
                 spec.ca_bundle.as_deref(),
@@ -109,7 +105,7 @@ impl JwksCache {
             }
             // Keep using the keys we have; the check fails anyway if they do not fit.
             (Err(error), Some(entry)) => {
-                warn!(issuer = issuer.key, jwks_uri = %url, error = %error, "cannot refresh the JWKS; using the cached one");
+                warn!(issuer = issuer_key, jwks_uri = %url, error = %error, "cannot refresh the JWKS; using the cached one");
                 let set = entry.set.clone();
                 sets.insert(
                     url.to_string(),
@@ -123,58 +119,4 @@ impl JwksCache {
             (Err(error), None) => Err(error),
         }
     }
-}
-
-/// Where an issuer's keys are, and the `iss` its tokens must carry.
-async fn key_source(
-    ctx: &Context,
-    issuer: &ResolvedIssuer,
-    timeout: Duration,
-) -> Result<(Url, Option<String>), Failure> {
-    let spec = &issuer.spec;
-    let expected_issuer = spec.issuer_url.clone();
-    if let Some(configured) = &spec.jwks_uri {
-        let url = Url::parse(configured)
-            .map_err(|e| Failure::issuer_not_ready(format!("jwksURI {configured:?}: {e}")))?;
-        return Ok((url, expected_issuer));
-    }
-    if spec.issuer_url.is_none() {
-        return Err(Failure::issuer_not_ready(format!(
-            "{}: verifyAccessTokenSignature needs issuerURL or jwksURI",
-            issuer.key
-        )));
-    }
-    let metadata = issuer::server_metadata(ctx, issuer, timeout).await?;
-    let url = metadata.jwks_uri.ok_or_else(|| {
-        Failure::issuer_not_ready(format!(
-            "{}: verifyAccessTokenSignature is set but the server's metadata has no usable jwks_uri; set jwksURI",
-            issuer.key
-        ))
-    })?;
-    // Discovery checked that the document's issuer is issuerURL (up to a trailing `/`).
-    Ok((url, Some(metadata.issuer)))
-}
-
-/// Verifies the signature of a JWT access token against the issuer's JWKS. Opaque tokens
-/// cannot be verified locally and pass. Call only with `verifyAccessTokenSignature` set.
-pub async fn verify(
-    ctx: &Context,
-    issuer: &ResolvedIssuer,
-    access_token: &str,
-    timeout: Duration,
-) -> Result<(), Failure> {
-    if decode_claims(access_token).is_none() {
-        return Ok(());
-    }
-    let (url, expected_issuer) = key_source(ctx, issuer, timeout).await?;
-    let set = ctx
-        .issuer_caches
-        .jwks
-        .key_set(ctx, issuer, &url, timeout, access_token)
-        .await?;
-    Ok(jwks::verify_signature(
-        access_token,
-        &set,
-        expected_issuer.as_deref(),
-    )?)
 }

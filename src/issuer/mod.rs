@@ -1,0 +1,566 @@
+//! The issuer layer: an issuer's spec plus a [`CredentialSource`] become a ready endpoint
+//! (token endpoint URL, client authentication with its key material, timeouts, CA bundle,
+//! default lifetime), for the controller, the issuer status and the `token` command alike.
+//! It owns the caches that make a renewal cost no extra reads: credentials (5 min, dropped
+//! after `invalid_client`), discovery documents (1 h, dropped after a transport error or a
+//! 404) and key sets for the signature check.
+//!
+//! It knows Kubernetes only through [`credentials::SecretSource`]; the OAuth client under it
+//! ([`crate::oauth`]) knows nothing of it.
+
+pub mod credentials;
+mod jwks_cache;
+pub mod params;
+pub mod tenancy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use url::Url;
+
+use crate::api::{ClientAuthMethod, IssuerSpec, SecretKeySelector, SigningAlgorithm};
+use crate::failure::Failure;
+use crate::oauth::assertion::{ClientKey, SigningAlg};
+use crate::oauth::client::check_transport_security;
+use crate::oauth::discovery::ServerMetadata;
+use crate::oauth::jwks;
+use crate::oauth::jwt::decode_claims;
+use crate::oauth::{ClientCredentials, Endpoint, TokenClient, TokenError};
+use crate::redact::SecretString;
+pub use credentials::{Credential, CredentialKind, CredentialRef, CredentialSource};
+pub use jwks_cache::{JWKS_MIN_REFRESH, JWKS_TTL};
+
+/// Credentials are re-read at most this often (and at once after `invalid_client`), so a
+/// renewal costs no Secret read while a rotated secret is still picked up.
+pub const CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+/// Discovery documents are re-fetched this often, and after a failure.
+pub const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+
+/// The issuer an endpoint is wanted for.
+#[derive(Clone, Copy, Debug)]
+pub struct IssuerTarget<'a> {
+    /// `TokenIssuer/<ns>/<name>` or `ClusterTokenIssuer/<name>`: for messages, logs and
+    /// caches.
+    pub key: &'a str,
+    /// The issuer's spec.
+    pub spec: &'a IssuerSpec,
+    /// Where the issuer's Secrets live.
+    pub secret_namespace: &'a str,
+}
+
+/// Everything one token request needs from the issuer.
+#[derive(Clone, Debug)]
+pub struct ReadyEndpoint {
+    /// Where and as whom to ask.
+    pub endpoint: Endpoint,
+    /// Lifetime assumed when the response does not say.
+    pub default_lifetime: Duration,
+    /// `tokenEndpoint`, or `discovery from issuerURL <url>`.
+    pub token_endpoint_source: String,
+    /// Where the client credential came from (`Secret ns/name key k`, `file …`), if any.
+    pub credential_from: Option<String>,
+}
+
+/// Namespace, kind, Secret name and key of a cached credential.
+type CredentialKey = (String, &'static str, String, String);
+
+/// The issuer layer for one credential source. See the module docs.
+pub struct IssuerEndpoints<S> {
+    tokens: TokenClient,
+    source: S,
+    credentials: Mutex<HashMap<CredentialKey, (Credential, Instant)>>,
+    discovery: Mutex<HashMap<String, (ServerMetadata, Instant)>>,
+    jwks: jwks_cache::JwksCache,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn kind_name(kind: CredentialKind) -> &'static str {
+    match kind {
+        CredentialKind::ClientSecret => "client-secret",
+        CredentialKind::PrivateKey => "private-key",
+        CredentialKind::BootstrapRefreshToken => "bootstrap",
+    }
+}
+
+fn credential_key(reference: &CredentialRef<'_>) -> CredentialKey {
+    let (name, key) = reference
+        .secret
+        .map(|s| (s.name.clone(), s.key.clone()))
+        .unwrap_or_default();
+    (
+        reference.namespace.to_string(),
+        kind_name(reference.kind),
+        name,
+        key,
+    )
+}
+
+/// The issuer's `clientAuth.method` as written in the spec.
+pub fn method_name(method: ClientAuthMethod) -> &'static str {
+    match method {
+        ClientAuthMethod::ClientSecretBasic => "ClientSecretBasic",
+        ClientAuthMethod::ClientSecretPost => "ClientSecretPost",
+        ClientAuthMethod::PrivateKeyJwt => "PrivateKeyJWT",
+        ClientAuthMethod::NoAuth => "None",
+    }
+}
+
+/// The API's `signingAlgorithm` as the token client's algorithm.
+pub fn signing_alg(algorithm: SigningAlgorithm) -> SigningAlg {
+    match algorithm {
+        SigningAlgorithm::RS256 => SigningAlg::RS256,
+        SigningAlgorithm::PS256 => SigningAlg::PS256,
+        SigningAlgorithm::ES256 => SigningAlg::ES256,
+        SigningAlgorithm::ES384 => SigningAlg::ES384,
+    }
+}
+
+/// A duration setting of the spec, or its default.
+pub fn optional_duration(
+    value: Option<&str>,
+    default: Duration,
+    field: &str,
+) -> Result<Duration, Failure> {
+    match value {
+        None => Ok(default),
+        Some(v) => crate::api::parse_duration(v)
+            .map_err(|e| Failure::issuer_not_ready(format!("{field}: {e}"))),
+    }
+}
+
+/// The `aud` of a client assertion: with `assertionAudience: Issuer` the issuer identifier
+/// (as discovery declared it, else `issuerURL`), with `TokenEndpoint` the token endpoint URL.
+/// `label` names the issuer in the error.
+pub fn assertion_audience(
+    spec: &IssuerSpec,
+    label: &str,
+    discovered_issuer: Option<&str>,
+    token_endpoint: &Url,
+) -> Result<String, Failure> {
+    let issuer = discovered_issuer.or(spec.issuer_url.as_deref());
+    params::assertion_audience(spec.client_auth.assertion_audience, issuer, token_endpoint)
+        .map_err(|why| Failure::issuer_not_ready(format!("{label}: {why}")))
+}
+
+impl<S: CredentialSource> IssuerEndpoints<S> {
+    /// A layer that sends requests with `tokens` and reads credentials from `source`.
+    pub fn new(tokens: TokenClient, source: S) -> Self {
+        Self {
+            tokens,
+            source,
+            credentials: Mutex::default(),
+            discovery: Mutex::default(),
+            jwks: jwks_cache::JwksCache::default(),
+        }
+    }
+
+    /// The token client requests go through.
+    pub fn tokens(&self) -> &TokenClient {
+        &self.tokens
+    }
+
+    /// The endpoint for an issuer: credentials from the (cached) source, the token endpoint
+    /// from the spec or (cached) discovery.
+    pub async fn endpoint(&self, issuer: IssuerTarget<'_>) -> Result<ReadyEndpoint, Failure> {
+        let spec = issuer.spec;
+        let timeout = optional_duration(
+            spec.request_timeout.as_deref(),
+            params::DEFAULT_REQUEST_TIMEOUT,
+            "requestTimeout",
+        )?;
+        let default_lifetime = optional_duration(
+            spec.default_token_lifetime.as_deref(),
+            params::DEFAULT_TOKEN_LIFETIME,
+            "defaultTokenLifetime",
+        )?;
+        let (token_endpoint, token_endpoint_source, discovered_issuer) =
+            self.token_endpoint(issuer, timeout).await?;
+        let auth = &spec.client_auth;
+        let method = method_name(auth.method);
+        let secret_ref = |kind, secret| CredentialRef {
+            kind,
+            method,
+            namespace: issuer.secret_namespace,
+            secret,
+        };
+        let (credentials, credential_from) = match auth.method {
+            ClientAuthMethod::ClientSecretBasic | ClientAuthMethod::ClientSecretPost => {
+                let credential = self
+                    .cached(secret_ref(
+                        CredentialKind::ClientSecret,
+                        auth.client_secret_ref.as_ref(),
+                    ))
+                    .await?;
+                let value = credential.value;
+                let credentials = if auth.method == ClientAuthMethod::ClientSecretBasic {
+                    ClientCredentials::Basic(value)
+                } else {
+                    ClientCredentials::Post(value)
+                };
+                (credentials, Some(credential.from))
+            }
+            ClientAuthMethod::NoAuth => (ClientCredentials::None, None),
+            ClientAuthMethod::PrivateKeyJwt => {
+                let reference =
+                    secret_ref(CredentialKind::PrivateKey, auth.private_key_ref.as_ref());
+                let credential = self.cached(reference).await?;
+                let key = ClientKey::parse(
+                    credential.value.expose(),
+                    auth.signing_algorithm.map(signing_alg),
+                    auth.key_id.as_deref(),
+                )
+                .map_err(|e| {
+                    // Not kept: a fixed key is read again at the next attempt.
+                    lock(&self.credentials).remove(&credential_key(&reference));
+                    Failure::issuer_not_ready(format!(
+                        "{} is not a usable private key: {e}",
+                        credential.from
+                    ))
+                })?;
+                let audience = assertion_audience(
+                    spec,
+                    issuer.key,
+                    discovered_issuer.as_deref(),
+                    &token_endpoint,
+                )?;
+                (
+                    ClientCredentials::PrivateKeyJwt {
+                        key: Arc::new(key),
+                        audience,
+                    },
+                    Some(credential.from),
+                )
+            }
+        };
+        Ok(ReadyEndpoint {
+            endpoint: Endpoint {
+                token_endpoint,
+                client_id: spec.client_id.clone(),
+                credentials,
+                ca_bundle: spec.ca_bundle.clone(),
+                timeout,
+            },
+            default_lifetime,
+            token_endpoint_source,
+            credential_from,
+        })
+    }
+
+    /// The configured token endpoint, or the discovered one; where it came from; and the
+    /// issuer identifier discovery declared.
+    async fn token_endpoint(
+        &self,
+        issuer: IssuerTarget<'_>,
+        timeout: Duration,
+    ) -> Result<(Url, String, Option<String>), Failure> {
+        let spec = issuer.spec;
+        if let Some(configured) = &spec.token_endpoint {
+            let url = Url::parse(configured).map_err(|e| {
+                Failure::issuer_not_ready(format!("tokenEndpoint {configured:?}: {e}"))
+            })?;
+            check_transport_security(&url, spec.allow_insecure_http)
+                .map_err(|e| Failure::issuer_not_ready(e.to_string()))?;
+            return Ok((url, "tokenEndpoint".to_string(), None));
+        }
+        let metadata = self.server_metadata(issuer, timeout).await?;
+        let source = format!(
+            "discovery from issuerURL {}",
+            spec.issuer_url.as_deref().unwrap_or_default()
+        );
+        Ok((metadata.token_endpoint, source, Some(metadata.issuer)))
+    }
+
+    /// The server metadata from discovery at issuerURL (cached for [`DISCOVERY_TTL`]).
+    pub async fn server_metadata(
+        &self,
+        issuer: IssuerTarget<'_>,
+        timeout: Duration,
+    ) -> Result<ServerMetadata, Failure> {
+        let spec = issuer.spec;
+        let issuer_url = spec.issuer_url.as_deref().ok_or_else(|| {
+            Failure::issuer_not_ready(format!(
+                "{}: neither issuerURL nor tokenEndpoint is set",
+                issuer.key
+            ))
+        })?;
+        if let Some((metadata, fetched)) = lock(&self.discovery).get(issuer_url)
+            && fetched.elapsed() < DISCOVERY_TTL
+        {
+            return Ok(metadata.clone());
+        }
+        let parsed = Url::parse(issuer_url)
+            .map_err(|e| Failure::issuer_not_ready(format!("issuerURL {issuer_url:?}: {e}")))?;
+        let metadata = self
+            .tokens
+            .discover(
+                &parsed,
+                spec.ca_bundle.as_deref(),
+                timeout,
+                spec.allow_insecure_http,
+            )
+            .await
+            .map_err(|e| Failure::issuer_not_ready(e.to_string()))?;
+        lock(&self.discovery).insert(issuer_url.to_string(), (metadata.clone(), Instant::now()));
+        Ok(metadata)
+    }
+
+    /// A credential through the cache ([`CREDENTIAL_TTL`], dropped after `invalid_client`).
+    async fn cached(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
+        let cache_key = credential_key(&reference);
+        if let Some((credential, read_at)) = lock(&self.credentials).get(&cache_key)
+            && read_at.elapsed() < CREDENTIAL_TTL
+        {
+            return Ok(credential.clone());
+        }
+        let credential = self.source.read(reference).await?;
+        lock(&self.credentials).insert(cache_key, (credential.clone(), Instant::now()));
+        Ok(credential)
+    }
+
+    /// Reads one credential fresh, past the cache: a refresh-token chain's bootstrap value,
+    /// whose every read must see the newest write.
+    pub async fn read_fresh(
+        &self,
+        issuer: IssuerTarget<'_>,
+        kind: CredentialKind,
+        secret: &SecretKeySelector,
+    ) -> Result<SecretString, Failure> {
+        let reference = CredentialRef {
+            kind,
+            method: method_name(issuer.spec.client_auth.method),
+            namespace: issuer.secret_namespace,
+            secret: Some(secret),
+        };
+        Ok(self.source.read(reference).await?.value)
+    }
+
+    /// Forgets what was cached for an issuer after a failure that stale material may explain.
+    pub fn invalidate(&self, issuer: IssuerTarget<'_>, error: &TokenError) {
+        if error.is_client_auth_failure() {
+            let auth = &issuer.spec.client_auth;
+            lock(&self.credentials).retain(|(namespace, kind, name, key), _| {
+                let refers = |r: &Option<SecretKeySelector>| {
+                    r.as_ref().is_none_or(|r| &r.name == name && &r.key == key)
+                };
+                let stale = namespace == issuer.secret_namespace
+                    && match *kind {
+                        "client-secret" => refers(&auth.client_secret_ref),
+                        "private-key" => refers(&auth.private_key_ref),
+                        _ => false,
+                    };
+                !stale
+            });
+        }
+        if matches!(
+            error,
+            TokenError::Transport { .. } | TokenError::Server { status: 404, .. }
+        ) && let Some(url) = &issuer.spec.issuer_url
+        {
+            lock(&self.discovery).remove(url);
+        }
+    }
+
+    /// Verifies the signature of a JWT access token against the issuer's JWKS
+    /// (`jwksURI`, else discovery's `jwks_uri`; `iss` must be the issuer). Opaque tokens
+    /// cannot be verified locally and pass. Call only with `verifyAccessTokenSignature` set.
+    pub async fn verify_signature(
+        &self,
+        issuer: IssuerTarget<'_>,
+        access_token: &str,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
+        if decode_claims(access_token).is_none() {
+            return Ok(());
+        }
+        let (url, expected_issuer) = self.key_source(issuer, timeout).await?;
+        let set = self
+            .jwks
+            .key_set(
+                &self.tokens,
+                issuer.key,
+                issuer.spec,
+                &url,
+                timeout,
+                access_token,
+            )
+            .await?;
+        Ok(jwks::verify_signature(
+            access_token,
+            &set,
+            expected_issuer.as_deref(),
+        )?)
+    }
+
+    /// Where an issuer's keys are, and the `iss` its tokens must carry.
+    async fn key_source(
+        &self,
+        issuer: IssuerTarget<'_>,
+        timeout: Duration,
+    ) -> Result<(Url, Option<String>), Failure> {
+        let spec = issuer.spec;
+        let expected_issuer = spec.issuer_url.clone();
+        if let Some(configured) = &spec.jwks_uri {
+            let url = Url::parse(configured)
+                .map_err(|e| Failure::issuer_not_ready(format!("jwksURI {configured:?}: {e}")))?;
+            return Ok((url, expected_issuer));
+        }
+        if spec.issuer_url.is_none() {
+            return Err(Failure::issuer_not_ready(format!(
+                "{}: verifyAccessTokenSignature needs issuerURL or jwksURI",
+                issuer.key
+            )));
+        }
+        let metadata = self.server_metadata(issuer, timeout).await?;
+        let url = metadata.jwks_uri.ok_or_else(|| {
+            Failure::issuer_not_ready(format!(
+                "{}: verifyAccessTokenSignature is set but the server's metadata has no usable jwks_uri; set jwksURI",
+                issuer.key
+            ))
+        })?;
+        // Discovery checked that the document's issuer is issuerURL (up to a trailing `/`).
+        Ok((url, Some(metadata.issuer)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AssertionAudience;
+
+    #[test]
+    fn assertion_audience_is_the_issuer_or_the_token_endpoint() {
+        let token_endpoint = Url::parse("https://idp.example.com/oauth2/token").unwrap();
+        let mut spec = IssuerSpec {
+            issuer_url: Some("https://idp.example.com".into()),
+            ..IssuerSpec::default()
+        };
+        let audience = |spec: &IssuerSpec, discovered: Option<&str>| {
+            assertion_audience(spec, "TokenIssuer/ns/idp", discovered, &token_endpoint)
+        };
+        assert_eq!(audience(&spec, None).unwrap(), "https://idp.example.com");
+        // Discovery's `issuer` is the identifier, even when issuerURL differs by a slash.
+        assert_eq!(
+            audience(&spec, Some("https://idp.example.com/")).unwrap(),
+            "https://idp.example.com/"
+        );
+        spec.client_auth.assertion_audience = AssertionAudience::TokenEndpoint;
+        assert_eq!(
+            audience(&spec, None).unwrap(),
+            "https://idp.example.com/oauth2/token"
+        );
+        spec.issuer_url = None;
+        spec.token_endpoint = Some(token_endpoint.to_string());
+        assert!(audience(&spec, None).is_ok());
+        spec.client_auth.assertion_audience = AssertionAudience::Issuer;
+        let err = audience(&spec, None).unwrap_err();
+        assert_eq!(err.reason, crate::failure::reason::ISSUER_NOT_READY);
+        assert!(
+            err.message
+                .contains("set issuerURL, or set assertionAudience: TokenEndpoint"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A source that counts reads and answers from a map.
+    struct Counting {
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CredentialSource for Counting {
+        async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let secret = reference
+                .secret
+                .ok_or_else(|| Failure::issuer_not_ready("no ref"))?;
+            Ok(Credential {
+                value: SecretString::new(format!("value-of-{}", secret.name)),
+                from: format!("map {}", secret.name),
+            })
+        }
+    }
+
+    fn basic_spec() -> IssuerSpec {
+        let mut spec = IssuerSpec {
+            token_endpoint: Some("https://idp.example.com/token".into()),
+            client_id: "shop".into(),
+            ..IssuerSpec::default()
+        };
+        spec.client_auth.method = ClientAuthMethod::ClientSecretBasic;
+        spec.client_auth.client_secret_ref = Some(SecretKeySelector {
+            name: "idp-client".into(),
+            key: "client-secret".into(),
+        });
+        spec
+    }
+
+    #[tokio::test]
+    async fn credentials_are_cached_until_the_server_refuses_them() {
+        let layer = IssuerEndpoints::new(
+            TokenClient::new().unwrap(),
+            Counting {
+                reads: Default::default(),
+            },
+        );
+        let spec = basic_spec();
+        let target = IssuerTarget {
+            key: "TokenIssuer/shop/idp",
+            spec: &spec,
+            secret_namespace: "shop",
+        };
+        let ready = layer.endpoint(target).await.unwrap();
+        assert_eq!(
+            ready.credential_from.as_deref(),
+            Some("map idp-client"),
+            "says where, not what"
+        );
+        assert_eq!(ready.token_endpoint_source, "tokenEndpoint");
+        assert!(matches!(
+            ready.endpoint.credentials,
+            ClientCredentials::Basic(ref v) if v.expose() == "value-of-idp-client"
+        ));
+        layer.endpoint(target).await.unwrap();
+        assert_eq!(
+            layer
+                .source
+                .reads
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let refused = TokenError::Server {
+            status: 401,
+            error: "invalid_client".into(),
+            description: None,
+            retry_after: None,
+        };
+        layer.invalidate(target, &refused);
+        layer.endpoint(target).await.unwrap();
+        assert_eq!(
+            layer
+                .source
+                .reads
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        // Fresh reads (bootstrap values) never come from the cache.
+        let selector = spec.client_auth.client_secret_ref.clone().unwrap();
+        layer
+            .read_fresh(target, CredentialKind::BootstrapRefreshToken, &selector)
+            .await
+            .unwrap();
+        assert_eq!(
+            layer
+                .source
+                .reads
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+    }
+}
