@@ -18,7 +18,7 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::api::{
-    ClusterTokenIssuer, GROUP, GrantType, IssuerSpec, SecretKeySelector, TokenIssuer,
+    ClusterTokenIssuer, GROUP, GrantType, IssuerKind, IssuerSpec, SecretKeySelector, TokenIssuer,
 };
 use crate::failure::Failure;
 use crate::issuer::params::{DEFAULT_REQUEST_TIMEOUT, DEFAULT_TOKEN_LIFETIME, audience_param};
@@ -27,10 +27,10 @@ use crate::issuer::{
     Credential, CredentialKind, CredentialRef, IssuerEndpoints, IssuerTarget, method_name,
     optional_duration,
 };
-use crate::oauth::jwt::{Claims, decode_claims};
+use crate::oauth::jwt::decode_claims;
 use crate::oauth::{
     AudienceParam, ClientCredentials, Grant, TokenClient, TokenError, TokenRequest, TokenResponse,
-    issue,
+    expiry, granted_scopes, issue,
 };
 use crate::redact::SecretString;
 
@@ -143,15 +143,6 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 // ---- Manifest -----------------------------------------------------------------------------
-
-/// The two issuer kinds a manifest may hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IssuerKind {
-    /// A namespaced TokenIssuer.
-    TokenIssuer,
-    /// A ClusterTokenIssuer.
-    ClusterTokenIssuer,
-}
 
 /// The issuer found in a manifest.
 #[derive(Clone, Debug)]
@@ -719,14 +710,14 @@ pub fn build_report(
     ) {
         Ok(issued) => (issued.expires_at, issued.scopes, unchecked, None),
         Err(TokenError::AudienceMismatch { actual, .. }) => (
-            fallback_expiry(&response, claims.as_ref(), now, default_lifetime),
-            fallback_scopes(&response, claims.as_ref(), &request.requested_scopes),
+            expiry(&response, claims.as_ref(), now, default_lifetime),
+            granted_scopes(&response, claims.as_ref(), &request.requested_scopes),
             AudienceCheck::Fail { actual },
             None,
         ),
         Err(other) => (
-            fallback_expiry(&response, claims.as_ref(), now, default_lifetime),
-            fallback_scopes(&response, claims.as_ref(), &request.requested_scopes),
+            expiry(&response, claims.as_ref(), now, default_lifetime),
+            granted_scopes(&response, claims.as_ref(), &request.requested_scopes),
             unchecked,
             Some(other.to_string()),
         ),
@@ -749,40 +740,6 @@ pub fn build_report(
 }
 
 /// The operator's lifetime rule, for tokens [`issue`] refused.
-fn fallback_expiry(
-    response: &TokenResponse,
-    claims: Option<&Claims>,
-    now: Timestamp,
-    default_lifetime: Duration,
-) -> Timestamp {
-    let after = |d: Duration| {
-        SignedDuration::try_from(d)
-            .ok()
-            .and_then(|d| now.checked_add(d).ok())
-    };
-    let from_expires_in = response.expires_in.and_then(after);
-    let from_exp = claims
-        .and_then(|c| c.exp)
-        .and_then(|exp| Timestamp::from_second(exp).ok());
-    match (from_expires_in, from_exp) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => after(default_lifetime).unwrap_or(now),
-    }
-}
-
-fn fallback_scopes(
-    response: &TokenResponse,
-    claims: Option<&Claims>,
-    requested: &[String],
-) -> Vec<String> {
-    match (&response.scope, claims.and_then(|c| c.scopes.clone())) {
-        (Some(scope), _) => scope.split_whitespace().map(str::to_string).collect(),
-        (None, Some(scopes)) => scopes,
-        (None, None) => requested.to_vec(),
-    }
-}
-
 impl Report {
     /// Whether the operator would accept this token: a single, expected audience (or an
     /// opaque token) and no other problem.

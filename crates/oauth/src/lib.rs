@@ -26,4 +26,4 @@ pub use client::TokenClient;
 pub use error::TokenError;
 pub use request::{AudienceParam, ClientCredentials, Endpoint, Grant, TokenRequest};
 pub use response::TokenResponse;
-pub use token::{IssuedToken, issue};
+pub use token::{IssuedToken, expiry, granted_scopes, issue};

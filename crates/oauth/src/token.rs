@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::jwt::{check_audience, decode_claims};
+use super::jwt::{Claims, check_audience, decode_claims};
 use super::{TokenError, TokenResponse};
 use crate::redact::SecretString;
 
@@ -44,29 +44,13 @@ pub fn issue(
     if let Some(claims) = &claims {
         check_audience(claims, expected_audience)?;
     }
-    let from_expires_in = response.expires_in.and_then(|d| add(now, d));
-    let from_exp = claims
-        .as_ref()
-        .and_then(|c| c.exp)
-        .and_then(|exp| Timestamp::from_second(exp).ok());
-    let expires_at = match (from_expires_in, from_exp) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => add(now, default_lifetime).unwrap_or(now),
-    };
+    let expires_at = expiry(&response, claims.as_ref(), now, default_lifetime);
     if expires_at <= now {
         return Err(TokenError::InvalidResponse(
             "the token is already expired".into(),
         ));
     }
-    let scopes = match (
-        &response.scope,
-        claims.as_ref().and_then(|c| c.scopes.clone()),
-    ) {
-        (Some(scope), _) => scope.split_whitespace().map(str::to_string).collect(),
-        (None, Some(scopes)) => scopes,
-        (None, None) => requested_scopes.to_vec(),
-    };
+    let scopes = granted_scopes(&response, claims.as_ref(), requested_scopes);
     Ok(IssuedToken {
         access_token: response.access_token,
         token_type: response.token_type,
@@ -76,6 +60,38 @@ pub fn issue(
         scopes,
         refresh_token: response.refresh_token,
     })
+}
+
+/// When a token expires: `expires_in` from `now`, else the JWT `exp`, else
+/// `default_lifetime` from `now`; the earlier of the first two when both are present.
+pub fn expiry(
+    response: &TokenResponse,
+    claims: Option<&Claims>,
+    now: Timestamp,
+    default_lifetime: Duration,
+) -> Timestamp {
+    let from_expires_in = response.expires_in.and_then(|d| add(now, d));
+    let from_exp = claims
+        .and_then(|c| c.exp)
+        .and_then(|exp| Timestamp::from_second(exp).ok());
+    match (from_expires_in, from_exp) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => add(now, default_lifetime).unwrap_or(now),
+    }
+}
+
+/// The granted scopes: the response's `scope`, else the JWT's, else those requested.
+pub fn granted_scopes(
+    response: &TokenResponse,
+    claims: Option<&Claims>,
+    requested: &[String],
+) -> Vec<String> {
+    match (&response.scope, claims.and_then(|c| c.scopes.clone())) {
+        (Some(scope), _) => scope.split_whitespace().map(str::to_string).collect(),
+        (None, Some(scopes)) => scopes,
+        (None, None) => requested.to_vec(),
+    }
 }
 
 fn add(at: Timestamp, duration: Duration) -> Option<Timestamp> {
