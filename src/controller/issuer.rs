@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::Context;
+use super::context::Context;
 use crate::api::{AudienceToken, ClusterTokenIssuer, IssuerKind, IssuerSpec, TokenIssuer};
 use crate::failure::{Failure, reason};
 use crate::issuer::IssuerTarget;

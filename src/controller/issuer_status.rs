@@ -15,7 +15,7 @@ use tracing::warn;
 use super::issuer::ResolvedIssuer;
 use super::plan::{Failure, set_ready};
 use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
-use super::{Context, Error};
+use super::context::{Context, Error};
 use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
 use crate::oauth::Endpoint;
 

@@ -1,369 +1,57 @@
-//! The controller: caches, the shared [`Context`], and the kube-runtime wiring around
-//! [`reconcile::reconcile`].
+//! The controllers and their wiring ([`run`]): one for AudienceTokens
+//! ([`reconcile::reconcile`]: gather, plan, execute), one each for TokenIssuer and
+//! ClusterTokenIssuer status ([`issuer_status`]).
+//!
+//! - [`context`]: what every reconcile shares, and the one [`Error`].
+//! - [`plan`]: pure decisions and statuses; [`reconcile`]: gathers, plans, executes.
+//! - [`issuer`]: which issuer an AudienceToken may use (caches and tenancy).
+//! - [`refresh_chain`]: the RefreshToken grant's chains; [`signals`]: how a chain asks the
+//!   other controllers to look again.
+//! - `watches`: reflectors and trigger predicates.
 //!
 //! Caches are kept small on purpose (10,000 tokens on one replica): owned Secrets are
 //! watched metadata-only by label; namespaces metadata-only; `managedFields` and the
 //! last-applied annotation are dropped from everything cached.
 
+pub mod context;
 pub mod issuer;
 pub mod issuer_status;
 pub mod plan;
 pub mod reconcile;
 pub mod refresh_chain;
 pub mod signals;
+mod watches;
+
+pub use context::{Context, Error, IssuerRevision, Settings};
+use watches::{Tasks, changed, deleted, spawn_reflector, spec_changed, strip, token_trigger_hash};
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use futures::{Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{
     Action, Config as ControllerConfig, Controller, Error as ControllerError,
 };
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{
-    AudienceToken, ClusterTokenIssuer, IssuerKind, RENEW_REQUESTED_AT_ANNOTATION, TokenIssuer,
-};
+use crate::api::{AudienceToken, ClusterTokenIssuer, IssuerKind, TokenIssuer};
 use crate::leader::Shutdown;
-use crate::oauth::{Endpoint, TokenClient, TokenError, TokenRequest, TokenResponse};
+use crate::oauth::TokenClient;
 use crate::secret::{NAME_LABEL, managed_selector};
 use crate::server::Health;
-use crate::telemetry::{GrantLabel, Metrics, request_result};
+use crate::telemetry::Metrics;
 
 use crate::issuer::IssuerEndpoints;
 use crate::issuer::credentials::SecretSource;
-
-/// Errors that make a reconcile retry: Kubernetes API failures and malformed objects.
-/// Token-request failures are not errors here; they are recorded in status.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A Kubernetes API call failed.
-    #[error("Kubernetes API call failed: {0}")]
-    Kube(#[from] kube::Error),
-    /// The object lacks a field the API server always sets.
-    #[error("object has no {0}")]
-    MissingField(&'static str),
-    /// The token client could not be built.
-    #[error(transparent)]
-    TokenClient(#[from] TokenError),
-}
-
-impl Error {
-    /// A short, fixed name of the kind of error, for log fields and metric labels.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube_api",
-            Error::MissingField(_) => "missing_field",
-            Error::TokenClient(_) => "token_client",
-        }
-    }
-}
-
-/// Operator-wide settings (the `run` flags).
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Watch only this namespace; `None` watches all.
-    pub namespace: Option<String>,
-    /// Where ClusterTokenIssuers' Secrets live.
-    pub cluster_resource_namespace: String,
-    /// How many AudienceTokens are reconciled at once.
-    pub concurrency: u16,
-    /// Reporter instance name for Events (the pod name).
-    pub instance: Option<String>,
-}
-
-/// What every reconcile shares: the API client, the token client, the caches.
-pub struct Context {
-    /// Kubernetes API client.
-    pub client: Client,
-    /// The issuer layer: endpoints, credentials from Secrets, discovery and key-set caches.
-    pub endpoints: IssuerEndpoints<SecretSource>,
-    /// Operator settings.
-    pub settings: Settings,
-    /// TokenIssuers.
-    pub issuers: Store<TokenIssuer>,
-    /// ClusterTokenIssuers.
-    pub cluster_issuers: Store<ClusterTokenIssuer>,
-    /// Namespaces, metadata only (labels for ClusterTokenIssuer tenancy).
-    pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    /// Secrets the operator manages, metadata only.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
-    /// Refresh-token chains, one per issuer using the RefreshToken grant.
-    pub refresh_chains: refresh_chain::RefreshChains,
-    /// Prometheus metrics.
-    pub metrics: Arc<Metrics>,
-    /// Issuers' `rateLimit` buckets.
-    pub rate_limiter: crate::rate_limit::RateLimiter,
-    /// Events about issuers and Warnings: kube-runtime's recorder keeps each Event it
-    /// publishes for a few minutes, to fold repeats into a series.
-    recorder: Recorder,
-    /// Who reports Events (for the one-off recorders of Normal token Events).
-    reporter: Reporter,
-    /// Asks the other controllers to look again.
-    pub signals: signals::Signals,
-    /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
-    /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
-    /// backoff.
-    failures: Mutex<HashMap<ObjectRef<AudienceToken>, IssuerRevision>>,
-}
-
-/// What may fix a failed token request when it changes: the issuer's spec, and for a
-/// refresh-token chain, its bootstrap value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IssuerRevision {
-    /// The issuer's `metadata.generation`.
-    pub generation: i64,
-    /// New bootstrap values this process saw for the issuer's chain (0 after a start).
-    pub bootstrap_epoch: u64,
-}
-
-impl Context {
-    fn failures(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AudienceToken>, IssuerRevision>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The issuer as it is now, for comparing with a recorded failure.
-    pub fn issuer_revision(&self, issuer: &issuer::ResolvedIssuer) -> IssuerRevision {
-        IssuerRevision {
-            generation: issuer.generation,
-            bootstrap_epoch: self.refresh_chains.bootstrap_epoch(&issuer.key),
-        }
-    }
-
-    /// Whether the issuer changed since this token's last failure. A failure from before
-    /// this process started counts as the current generation at epoch 0, so a new bootstrap
-    /// value seen since the start still waives its backoff.
-    pub fn issuer_changed_since_failure(
-        &self,
-        token: &AudienceToken,
-        issuer: &issuer::ResolvedIssuer,
-    ) -> bool {
-        let now = self.issuer_revision(issuer);
-        let then = self
-            .failures()
-            .get(&ObjectRef::from_obj(token))
-            .copied()
-            .unwrap_or(IssuerRevision {
-                generation: now.generation,
-                bootstrap_epoch: 0,
-            });
-        then != now
-    }
-
-    /// Remembers a failure against the issuer revision it happened with.
-    pub fn record_failure(&self, token: &AudienceToken, revision: IssuerRevision) {
-        self.failures().insert(ObjectRef::from_obj(token), revision);
-    }
-
-    /// Forgets a failure after success.
-    pub fn forget_failure(&self, token: &AudienceToken) {
-        self.failures().remove(&ObjectRef::from_obj(token));
-    }
-
-    /// Sends one token request to `endpoint`, counted and timed in the metrics under the
-    /// issuer's key.
-    pub async fn token_request(
-        &self,
-        issuer_key: &str,
-        endpoint: &Endpoint,
-        request: &TokenRequest,
-    ) -> Result<TokenResponse, TokenError> {
-        let grant = match request.grant {
-            crate::oauth::Grant::ClientCredentials => GrantLabel::ClientCredentials,
-            crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
-        };
-        let started = std::time::Instant::now();
-        let response = self.endpoints.tokens().request(endpoint, request).await;
-        let result = request_result(response.as_ref().map(|_| ()));
-        self.metrics
-            .token_request(issuer_key, grant, result, started.elapsed());
-        response
-    }
-
-    /// Publishes a Warning Event on an AudienceToken. Event failures are logged, not fatal.
-    pub async fn warn(&self, token: &AudienceToken, reason: &str, note: String) {
-        self.event(token, EventType::Warning, reason, note).await;
-    }
-
-    /// Publishes an Event on an issuer.
-    pub async fn issuer_event(
-        &self,
-        issuer: &ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "RequestToken".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, issuer).await {
-            warn!(issuer = ?issuer.name, error = %e, "cannot publish event");
-        }
-    }
-
-    /// Publishes an Event on an AudienceToken.
-    pub async fn event(&self, token: &AudienceToken, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // Issued/Renewed come once per token per renewal: through the shared recorder, 10,000
-        // tokens would keep 10,000 Events in its cache (37 MiB in the scale benchmark) for
-        // nothing to fold. A recorder of its own per Event keeps nothing.
-        let published = match type_ {
-            EventType::Normal => {
-                Recorder::new(self.client.clone(), self.reporter.clone())
-                    .publish(&event, &token.object_ref(&()))
-                    .await
-            }
-            EventType::Warning => self.recorder.publish(&event, &token.object_ref(&())).await,
-        };
-        if let Err(e) = published {
-            warn!(namespace = token.namespace(), name = token.name_any(), error = %e, "cannot publish event");
-        }
-    }
-}
-
-/// Drops what caches do not need: `managedFields` and the last-applied annotation can be
-/// larger than the rest of the object.
-fn strip<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
-    if let Some(annotations) = obj.meta_mut().annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-type Trigger<K> = mpsc::UnboundedSender<Result<K, watcher::Error>>;
-
-/// Background tasks that end with the controller (also when its future is dropped).
-#[derive(Default)]
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
-/// Runs a reflector in its own task so its cache fills before the controller starts, and
-/// forwards the events `select` picks to the AudienceToken controller as triggers. With
-/// `every_object`, every listed or changed object also goes there (for a controller of `K`).
-fn spawn_reflector<K, S>(
-    tasks: &mut Tasks,
-    stream: S,
-    select: impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static,
-    every_object: Option<Trigger<K>>,
-) -> (Store<K>, mpsc::UnboundedReceiver<Result<K, watcher::Error>>)
-where
-    K: Resource + Clone + Send + Sync + std::fmt::Debug + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let (tx, rx): (Trigger<K>, _) = mpsc::unbounded();
-    let stream = stream.default_backoff().modify(strip).reflect(writer);
-    tasks.0.push(tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
-                    // A controller may have stopped; then nobody needs the trigger.
-                    if let Some(obj) = select(&event) {
-                        let _ = tx.unbounded_send(Ok(obj));
-                    }
-                    if let (Some(all), watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) =
-                        (&every_object, &event)
-                    {
-                        let _ = all.unbounded_send(Ok(obj.clone()));
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying")
-                }
-            }
-        }
-    }));
-    (reader, rx)
-}
-
-/// Triggers on changes after the initial list: those objects get reconciled anyway.
-fn changed<K: Clone>(event: &watcher::Event<K>) -> Option<K> {
-    match event {
-        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => Some(obj.clone()),
-        _ => None,
-    }
-}
-
-/// Triggers when an object's spec changed (a new generation) or it was deleted; status
-/// updates, including the operator's own, do not trigger.
-fn spec_changed<K: Resource + Clone + 'static>()
--> impl Fn(&watcher::Event<K>) -> Option<K> + Send + 'static
-where
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
-    let seen: Mutex<HashMap<ObjectRef<K>, Option<i64>>> = Mutex::new(HashMap::new());
-    move |event| {
-        let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match event {
-            watcher::Event::InitApply(obj) => {
-                seen.insert(ObjectRef::from_obj(obj), obj.meta().generation);
-                None
-            }
-            watcher::Event::Apply(obj) => {
-                let generation = obj.meta().generation;
-                let before = seen.insert(ObjectRef::from_obj(obj), generation);
-                (before != Some(generation)).then(|| obj.clone())
-            }
-            watcher::Event::Delete(obj) => {
-                seen.remove(&ObjectRef::from_obj(obj));
-                Some(obj.clone())
-            }
-            _ => None,
-        }
-    }
-}
-
-fn deleted<K: Clone>(event: &watcher::Event<K>) -> Option<K> {
-    match event {
-        watcher::Event::Delete(obj) => Some(obj.clone()),
-        _ => None,
-    }
-}
-
-/// Reconcile triggers for an AudienceToken: a new generation, or a new forced-renewal value.
-/// Status writes (including our own) do not trigger.
-fn token_trigger_hash(token: &AudienceToken) -> Option<u64> {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    token.meta().generation.hash(&mut hasher);
-    token
-        .annotations()
-        .get(RENEW_REQUESTED_AT_ANNOTATION)
-        .hash(&mut hasher);
-    Some(hasher.finish())
-}
 
 /// Builds the caches and runs the controllers until `stop` resolves; reconciles in flight
 /// then finish (a refresh-token rotation is never cut off half-way).

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::Context;
+use super::context::Context;
 use super::issuer::ResolvedIssuer;
 use crate::api::RefreshTokenGrant;
 use crate::failure::{Failure, reason};

@@ -1,0 +1,224 @@
+//! What every reconcile shares: the [`Context`] (API client, issuer layer, caches, refresh
+//! chains, metrics, Event recorder, signals), the operator [`Settings`], and the one
+//! [`Error`] of the controllers (Kubernetes API failures; token failures are
+//! [`crate::failure::Failure`]s in status instead).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use tracing::warn;
+
+use super::issuer::ResolvedIssuer;
+use super::{refresh_chain, signals};
+use crate::api::{AudienceToken, ClusterTokenIssuer, TokenIssuer};
+use crate::issuer::IssuerEndpoints;
+use crate::issuer::credentials::SecretSource;
+use crate::oauth::{Endpoint, TokenError, TokenRequest, TokenResponse};
+use crate::telemetry::{GrantLabel, Metrics, request_result};
+
+/// Errors that make a reconcile retry: Kubernetes API failures and malformed objects.
+/// Token-request failures are not errors here; they are recorded in status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks a field the API server always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// The token client could not be built.
+    #[error(transparent)]
+    TokenClient(#[from] TokenError),
+}
+
+impl Error {
+    /// A short, fixed name of the kind of error, for log fields and metric labels.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::MissingField(_) => "missing_field",
+            Error::TokenClient(_) => "token_client",
+        }
+    }
+}
+
+/// Operator-wide settings (the `run` flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch only this namespace; `None` watches all.
+    pub namespace: Option<String>,
+    /// Where ClusterTokenIssuers' Secrets live.
+    pub cluster_resource_namespace: String,
+    /// How many AudienceTokens are reconciled at once.
+    pub concurrency: u16,
+    /// Reporter instance name for Events (the pod name).
+    pub instance: Option<String>,
+}
+
+/// What every reconcile shares: the API client, the token client, the caches.
+pub struct Context {
+    /// Kubernetes API client.
+    pub client: Client,
+    /// The issuer layer: endpoints, credentials from Secrets, discovery and key-set caches.
+    pub endpoints: IssuerEndpoints<SecretSource>,
+    /// Operator settings.
+    pub settings: Settings,
+    /// TokenIssuers.
+    pub issuers: Store<TokenIssuer>,
+    /// ClusterTokenIssuers.
+    pub cluster_issuers: Store<ClusterTokenIssuer>,
+    /// Namespaces, metadata only (labels for ClusterTokenIssuer tenancy).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Secrets the operator manages, metadata only.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Refresh-token chains, one per issuer using the RefreshToken grant.
+    pub refresh_chains: refresh_chain::RefreshChains,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Issuers' `rateLimit` buckets.
+    pub rate_limiter: crate::rate_limit::RateLimiter,
+    /// Events about issuers and Warnings: kube-runtime's recorder keeps each Event it
+    /// publishes for a few minutes, to fold repeats into a series.
+    pub(super) recorder: Recorder,
+    /// Who reports Events (for the one-off recorders of Normal token Events).
+    pub(super) reporter: Reporter,
+    /// Asks the other controllers to look again.
+    pub signals: signals::Signals,
+    /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
+    /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
+    /// backoff.
+    pub(super) failures: Mutex<HashMap<ObjectRef<AudienceToken>, IssuerRevision>>,
+}
+
+/// What may fix a failed token request when it changes: the issuer's spec, and for a
+/// refresh-token chain, its bootstrap value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IssuerRevision {
+    /// The issuer's `metadata.generation`.
+    pub generation: i64,
+    /// New bootstrap values this process saw for the issuer's chain (0 after a start).
+    pub bootstrap_epoch: u64,
+}
+
+impl Context {
+    fn failures(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<AudienceToken>, IssuerRevision>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The issuer as it is now, for comparing with a recorded failure.
+    pub fn issuer_revision(&self, issuer: &ResolvedIssuer) -> IssuerRevision {
+        IssuerRevision {
+            generation: issuer.generation,
+            bootstrap_epoch: self.refresh_chains.bootstrap_epoch(&issuer.key),
+        }
+    }
+
+    /// Whether the issuer changed since this token's last failure. A failure from before
+    /// this process started counts as the current generation at epoch 0, so a new bootstrap
+    /// value seen since the start still waives its backoff.
+    pub fn issuer_changed_since_failure(
+        &self,
+        token: &AudienceToken,
+        issuer: &ResolvedIssuer,
+    ) -> bool {
+        let now = self.issuer_revision(issuer);
+        let then = self
+            .failures()
+            .get(&ObjectRef::from_obj(token))
+            .copied()
+            .unwrap_or(IssuerRevision {
+                generation: now.generation,
+                bootstrap_epoch: 0,
+            });
+        then != now
+    }
+
+    /// Remembers a failure against the issuer revision it happened with.
+    pub fn record_failure(&self, token: &AudienceToken, revision: IssuerRevision) {
+        self.failures().insert(ObjectRef::from_obj(token), revision);
+    }
+
+    /// Forgets a failure after success.
+    pub fn forget_failure(&self, token: &AudienceToken) {
+        self.failures().remove(&ObjectRef::from_obj(token));
+    }
+
+    /// Sends one token request to `endpoint`, counted and timed in the metrics under the
+    /// issuer's key.
+    pub async fn token_request(
+        &self,
+        issuer_key: &str,
+        endpoint: &Endpoint,
+        request: &TokenRequest,
+    ) -> Result<TokenResponse, TokenError> {
+        let grant = match request.grant {
+            crate::oauth::Grant::ClientCredentials => GrantLabel::ClientCredentials,
+            crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
+        };
+        let started = std::time::Instant::now();
+        let response = self.endpoints.tokens().request(endpoint, request).await;
+        let result = request_result(response.as_ref().map(|_| ()));
+        self.metrics
+            .token_request(issuer_key, grant, result, started.elapsed());
+        response
+    }
+
+    /// Publishes a Warning Event on an AudienceToken. Event failures are logged, not fatal.
+    pub async fn warn(&self, token: &AudienceToken, reason: &str, note: String) {
+        self.event(token, EventType::Warning, reason, note).await;
+    }
+
+    /// Publishes an Event on an issuer.
+    pub async fn issuer_event(
+        &self,
+        issuer: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "RequestToken".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, issuer).await {
+            warn!(issuer = ?issuer.name, error = %e, "cannot publish event");
+        }
+    }
+
+    /// Publishes an Event on an AudienceToken.
+    pub async fn event(&self, token: &AudienceToken, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // Issued/Renewed come once per token per renewal: through the shared recorder, 10,000
+        // tokens would keep 10,000 Events in its cache (37 MiB in the scale benchmark) for
+        // nothing to fold. A recorder of its own per Event keeps nothing.
+        let published = match type_ {
+            EventType::Normal => {
+                Recorder::new(self.client.clone(), self.reporter.clone())
+                    .publish(&event, &token.object_ref(&()))
+                    .await
+            }
+            EventType::Warning => self.recorder.publish(&event, &token.object_ref(&())).await,
+        };
+        if let Err(e) = published {
+            warn!(namespace = token.namespace(), name = token.name_any(), error = %e, "cannot publish event");
+        }
+    }
+}
