@@ -13,7 +13,6 @@ use serde_json::json;
 use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
-use support::refresh_recovery;
 use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -275,7 +274,11 @@ async fn refresh_token_chain_is_shared_and_survives_restarts() {
 #[tokio::test]
 async fn lost_refresh_chain_recovers_with_one_request_per_token() {
     let mut h = start("recovery").await;
-    refresh_recovery::lost_chain_recovers_with_one_request_per_token(&h.env, &mut h.operator).await;
+    scenarios::refresh_chain::lost_chain_recovers_with_one_request_per_token(
+        &h.env,
+        &mut h.operator,
+    )
+    .await;
 }
 
 /// A crash between the server's answer and the write of the rotated refresh token: seen at
@@ -283,14 +286,14 @@ async fn lost_refresh_chain_recovers_with_one_request_per_token() {
 #[tokio::test]
 async fn interrupted_rotation_is_resolved_at_start() {
     let mut h = start("interrupted").await;
-    refresh_recovery::interrupted_rotation_is_resolved_at_start(
+    scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
         &h.env,
         &mut h.operator,
         &oidc::M2M_REFRESH,
         false,
     )
     .await;
-    refresh_recovery::interrupted_rotation_is_resolved_at_start(
+    scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
         &h.env,
         &mut h.operator,
         &oidc::M2M_REFRESH_GRACE,

@@ -22,7 +22,6 @@ use kube::{Client, Config, ResourceExt};
 
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
-use support::refresh_recovery;
 use support::scenarios::{self, TestEnv, eventually};
 
 #[tokio::test]
@@ -71,15 +70,19 @@ async fn scenarios_on_a_real_cluster() {
         scenarios::never_writes_a_foreign_secret(&env).await;
         scenarios::failures_reach_status_and_recover(&env).await;
         scenarios::refresh_token_chain(&env, &mut operator).await;
-        refresh_recovery::lost_chain_recovers_with_one_request_per_token(&env, &mut operator).await;
-        refresh_recovery::interrupted_rotation_is_resolved_at_start(
+        scenarios::refresh_chain::lost_chain_recovers_with_one_request_per_token(
+            &env,
+            &mut operator,
+        )
+        .await;
+        scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
             &env,
             &mut operator,
             &oidc::M2M_REFRESH,
             false,
         )
         .await;
-        refresh_recovery::interrupted_rotation_is_resolved_at_start(
+        scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
             &env,
             &mut operator,
             &oidc::M2M_REFRESH_GRACE,

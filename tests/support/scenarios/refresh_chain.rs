@@ -10,9 +10,9 @@ use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use super::oidc::{self, TestClient};
-use super::operator::OperatorProcess;
-use super::scenarios::{READY_TIMEOUT, TestEnv, claims, eventually};
+use super::super::oidc::{self, TestClient};
+use super::super::operator::OperatorProcess;
+use super::{READY_TIMEOUT, TestEnv, claims, eventually};
 
 /// The in-flight annotation on a chain's state Secret.
 const IN_FLIGHT_ANNOTATION: &str = "audiencetoken.io/refresh-in-flight";

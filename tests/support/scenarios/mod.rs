@@ -26,6 +26,8 @@ use serde_json::{Value, json};
 use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 use super::operator::OperatorProcess;
 
+pub mod refresh_chain;
+
 /// How long a first token may take to appear (operator start, caches, one token request).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
