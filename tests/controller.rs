@@ -6,14 +6,16 @@ mod support;
 
 use std::time::Duration;
 
-use audience_token_operator::api::AudienceToken;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
-use support::scenarios::{self, READY_TIMEOUT, TestEnv, eventually};
+use support::scenarios::{
+    READY_TIMEOUT, TestEnv, eventually, failures, lifecycle, private_key_jwt, rate_limit,
+    refresh_chain, signature,
+};
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
 async fn start(namespace: &str) -> Harness {
@@ -23,11 +25,11 @@ async fn start(namespace: &str) -> Harness {
 #[tokio::test]
 async fn issues_reissues_renews_and_survives_restart() {
     let mut h = start("lifecycle").await;
-    scenarios::issues_one_token_per_audience(&h.env).await;
-    scenarios::reissues_on_spec_change(&h.env).await;
-    scenarios::forced_renewal(&h.env).await;
-    scenarios::renews_before_expiry(&h.env).await;
-    scenarios::restart_makes_no_token_requests(&h.env, &mut h.operator).await;
+    lifecycle::issues_one_token_per_audience(&h.env).await;
+    lifecycle::reissues_on_spec_change(&h.env).await;
+    lifecycle::forced_renewal(&h.env).await;
+    lifecycle::renews_before_expiry(&h.env).await;
+    lifecycle::restart_makes_no_token_requests(&h.env, &mut h.operator).await;
 }
 
 /// JSON logs with fields; `/metrics` follows the tokens: requests by issuer and result, expiry and readiness per
@@ -39,7 +41,7 @@ async fn metrics_and_probes_and_json_logs() {
         ..Options::default()
     };
     let h = harness::start("metrics", json_logs).await;
-    scenarios::issues_one_token_per_audience(&h.env).await;
+    lifecycle::issues_one_token_per_audience(&h.env).await;
     let op = &h.operator;
 
     // Logs: one JSON object per line; token lines carry namespace, name, issuer, resource.
@@ -154,10 +156,7 @@ async fn leader_election_hands_over() {
         .create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
     h.env
-        .create_token("orders", "idp", oidc::ORDERS, &["orders/read"], None)
-        .await;
-    h.env
-        .wait_condition("orders", "True", "Issued", READY_TIMEOUT)
+        .issue_token("orders", "idp", oidc::ORDERS, &["orders/read"])
         .await;
     let (_, standby_metrics) = b.http_get("/metrics").await;
     assert!(
@@ -175,15 +174,9 @@ async fn leader_election_hands_over() {
 
     // The new leader writes: a forced renewal goes through it.
     let first = h.env.token_in("orders").await;
-    Api::<AudienceToken>::namespaced(h.env.client.clone(), "leader")
-        .patch(
-            "orders",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "audiencetoken.io/renew-requested-at": "2026-01-01T00:00:00Z"}}})),
-        )
-        .await
-        .expect("annotate");
+    h.env
+        .force_renewal(&["orders"], "2026-01-01T00:00:00Z")
+        .await;
     h.env.wait_token_change("orders", &first).await;
     assert!(b.logs().contains("requesting token"));
 
@@ -242,7 +235,7 @@ async fn lease_holder(env: &TestEnv) -> Option<String> {
 #[tokio::test]
 async fn rate_limit_spaces_token_requests() {
     let h = start("ratelimit").await;
-    scenarios::rate_limit_spaces_requests(&h.env).await;
+    rate_limit::rate_limit_spaces_requests(&h.env).await;
 }
 
 #[tokio::test]
@@ -251,7 +244,7 @@ async fn foreign_secret_is_never_written() {
     h.env
         .create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
-    scenarios::never_writes_a_foreign_secret(&h.env).await;
+    failures::never_writes_a_foreign_secret(&h.env).await;
 }
 
 #[tokio::test]
@@ -260,13 +253,13 @@ async fn failures_reach_status_and_recover() {
     h.env
         .create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
-    scenarios::failures_reach_status_and_recover(&h.env).await;
+    failures::failures_reach_status_and_recover(&h.env).await;
 }
 
 #[tokio::test]
 async fn refresh_token_chain_is_shared_and_survives_restarts() {
     let mut h = start("chain").await;
-    scenarios::refresh_token_chain(&h.env, &mut h.operator).await;
+    refresh_chain::refresh_token_chain(&h.env, &mut h.operator).await;
 }
 
 /// Issue 8: a lost chain recovered while three AudienceTokens renew at once, four rounds
@@ -274,11 +267,7 @@ async fn refresh_token_chain_is_shared_and_survives_restarts() {
 #[tokio::test]
 async fn lost_refresh_chain_recovers_with_one_request_per_token() {
     let mut h = start("recovery").await;
-    scenarios::refresh_chain::lost_chain_recovers_with_one_request_per_token(
-        &h.env,
-        &mut h.operator,
-    )
-    .await;
+    refresh_chain::lost_chain_recovers_with_one_request_per_token(&h.env, &mut h.operator).await;
 }
 
 /// A crash between the server's answer and the write of the rotated refresh token: seen at
@@ -286,14 +275,14 @@ async fn lost_refresh_chain_recovers_with_one_request_per_token() {
 #[tokio::test]
 async fn interrupted_rotation_is_resolved_at_start() {
     let mut h = start("interrupted").await;
-    scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
+    refresh_chain::interrupted_rotation_is_resolved_at_start(
         &h.env,
         &mut h.operator,
         &oidc::M2M_REFRESH,
         false,
     )
     .await;
-    scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
+    refresh_chain::interrupted_rotation_is_resolved_at_start(
         &h.env,
         &mut h.operator,
         &oidc::M2M_REFRESH_GRACE,
@@ -305,11 +294,11 @@ async fn interrupted_rotation_is_resolved_at_start() {
 #[tokio::test]
 async fn signature_check_writes_only_tokens_signed_by_the_issuer() {
     let h = start("signature").await;
-    scenarios::signature_check(&h.env).await;
+    signature::signature_check(&h.env).await;
 }
 
 #[tokio::test]
 async fn private_key_jwt_client_authentication() {
     let h = start("pkjwt").await;
-    scenarios::private_key_jwt(&h.env).await;
+    private_key_jwt::private_key_jwt(&h.env).await;
 }

@@ -24,7 +24,9 @@ use support::harness::{self, Harness, OPERATOR_TOKEN};
 use support::kube_double::{KubeApiDouble, RequestRecord, ResourceKey};
 use support::oidc::{self, OidcServer, SecretsSeen};
 use support::operator::Options;
-use support::scenarios::{self, READY_TIMEOUT, eventually};
+use support::scenarios::{
+    READY_TIMEOUT, eventually, failures, lifecycle, private_key_jwt, refresh_chain, signature,
+};
 
 async fn start(namespace: &str, options: Options) -> Harness {
     harness::start(namespace, options).await
@@ -129,7 +131,7 @@ async fn sensitive_values(idp: &OidcServer, seen: &SecretsSeen) -> Vec<Sensitive
             }
         }
     }
-    // The unreadable "key" of `scenarios::private_key_jwt`: its content is never shown.
+    // The unreadable "key" of `private_key_jwt::private_key_jwt`: its content is never shown.
     values.push((Kind::PrivateKey, "not a key at all".to_string()));
 
     let mut counters = std::collections::BTreeMap::<Kind, usize>::new();
@@ -370,11 +372,11 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
 #[tokio::test]
 async fn no_secret_leaks_with_text_logs() {
     let h = start("leak-text", Options::default()).await;
-    scenarios::issues_one_token_per_audience(&h.env).await;
-    scenarios::forced_renewal(&h.env).await;
-    scenarios::failures_reach_status_and_recover(&h.env).await;
-    scenarios::private_key_jwt(&h.env).await;
-    scenarios::signature_check(&h.env).await;
+    lifecycle::issues_one_token_per_audience(&h.env).await;
+    lifecycle::forced_renewal(&h.env).await;
+    failures::failures_reach_status_and_recover(&h.env).await;
+    private_key_jwt::private_key_jwt(&h.env).await;
+    signature::signature_check(&h.env).await;
     assert_nothing_leaks(
         h,
         &[Kind::AccessToken, Kind::ClientAssertion, Kind::ClientSecret],
@@ -402,8 +404,8 @@ async fn no_secret_leaks_with_json_logs() {
     h.env
         .create_issuer("idp", &oidc::M2M_POST, oidc::M2M_POST.secret)
         .await;
-    scenarios::renews_before_expiry(&h.env).await;
-    scenarios::refresh_token_chain(&h.env, &mut h.operator).await;
+    lifecycle::renews_before_expiry(&h.env).await;
+    refresh_chain::refresh_token_chain(&h.env, &mut h.operator).await;
     assert!(
         h.operator.logs().lines().any(|l| l.starts_with('{')),
         "JSON logs"

@@ -22,7 +22,9 @@ use kube::{Client, Config, ResourceExt};
 
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
-use support::scenarios::{self, TestEnv, eventually};
+use support::scenarios::{
+    TestEnv, eventually, failures, lifecycle, private_key_jwt, rate_limit, refresh_chain, signature,
+};
 
 #[tokio::test]
 async fn scenarios_on_a_real_cluster() {
@@ -62,36 +64,32 @@ async fn scenarios_on_a_real_cluster() {
     let mut operator = OperatorProcess::start(&path, &namespace);
 
     let outcome = tokio::spawn(async move {
-        scenarios::issues_one_token_per_audience(&env).await;
-        scenarios::reissues_on_spec_change(&env).await;
-        scenarios::forced_renewal(&env).await;
-        scenarios::renews_before_expiry(&env).await;
-        scenarios::restart_makes_no_token_requests(&env, &mut operator).await;
-        scenarios::never_writes_a_foreign_secret(&env).await;
-        scenarios::failures_reach_status_and_recover(&env).await;
-        scenarios::refresh_token_chain(&env, &mut operator).await;
-        scenarios::refresh_chain::lost_chain_recovers_with_one_request_per_token(
-            &env,
-            &mut operator,
-        )
-        .await;
-        scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
+        lifecycle::issues_one_token_per_audience(&env).await;
+        lifecycle::reissues_on_spec_change(&env).await;
+        lifecycle::forced_renewal(&env).await;
+        lifecycle::renews_before_expiry(&env).await;
+        lifecycle::restart_makes_no_token_requests(&env, &mut operator).await;
+        failures::never_writes_a_foreign_secret(&env).await;
+        failures::failures_reach_status_and_recover(&env).await;
+        refresh_chain::refresh_token_chain(&env, &mut operator).await;
+        refresh_chain::lost_chain_recovers_with_one_request_per_token(&env, &mut operator).await;
+        refresh_chain::interrupted_rotation_is_resolved_at_start(
             &env,
             &mut operator,
             &oidc::M2M_REFRESH,
             false,
         )
         .await;
-        scenarios::refresh_chain::interrupted_rotation_is_resolved_at_start(
+        refresh_chain::interrupted_rotation_is_resolved_at_start(
             &env,
             &mut operator,
             &oidc::M2M_REFRESH_GRACE,
             true,
         )
         .await;
-        scenarios::private_key_jwt(&env).await;
-        scenarios::signature_check(&env).await;
-        scenarios::rate_limit_spaces_requests(&env).await;
+        private_key_jwt::private_key_jwt(&env).await;
+        signature::signature_check(&env).await;
+        rate_limit::rate_limit_spaces_requests(&env).await;
         operator.stop().await;
     })
     .await;

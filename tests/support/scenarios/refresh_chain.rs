@@ -1,18 +1,22 @@
-//! Refresh-token chains when things go wrong: a lost chain recovered with a new bootstrap
-//! value while several AudienceTokens renew at once (issue 8), and an operator that dies
-//! between the server's answer and the write of the rotated refresh token. Written against
-//! the Kubernetes API only, like every scenario, so they run on the API double and in e2e.
+//! Refresh-token chains (the RefreshToken grant): several AudienceTokens share one rotating
+//! chain, each with a token for only its own audience; the chain survives renewals and
+//! restarts, is reported lost without a retry storm, and recovers with a new bootstrap
+//! value, also while several AudienceTokens renew at once (issue 8); a rotation interrupted
+//! by a crash between the server's answer and the write of the rotated refresh token is
+//! resolved at the next start.
+//!
+//! Each scenario creates its own issuer and AudienceTokens.
 
 use std::time::Duration;
 
 use audience_token_operator::api::AudienceToken;
-use kube::ResourceExt;
+use base64::Engine;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use super::super::oidc::{self, TestClient};
 use super::super::operator::OperatorProcess;
-use super::{READY_TIMEOUT, TestEnv, claims, eventually};
+use super::{BOOTSTRAP_KEY, READY_TIMEOUT, TestEnv, claims, eventually};
 
 /// The in-flight annotation on a chain's state Secret.
 const IN_FLIGHT_ANNOTATION: &str = "audiencetoken.io/refresh-in-flight";
@@ -21,62 +25,201 @@ const IN_FLIGHT_ANNOTATION: &str = "audiencetoken.io/refresh-in-flight";
 /// the minutes of a backoff.
 const NOTICE_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl TestEnv {
-    /// Sets a new `renew-requested-at` value on each AudienceToken.
-    pub async fn force_renewal(&self, names: &[&str], value: &str) {
-        for name in names {
-            self.tokens()
-                .patch(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": {"audiencetoken.io/renew-requested-at": value}}})),
-                )
-                .await
-                .expect("annotate renew-requested-at");
-        }
+/// Three AudienceTokens share one rotating refresh-token chain (the seeds' pattern): each gets
+/// a token for only its own audience, the chain survives renewals and an operator restart, a
+/// resource outside the grant is refused locally, a stale refresh token is reported as a lost
+/// chain without a retry storm, and a new bootstrap token recovers.
+pub async fn refresh_token_chain(env: &TestEnv, operator: &mut OperatorProcess) {
+    let resources = [oidc::ORDERS, oidc::PAYMENTS, oidc::SHORT_LIVED];
+    let bootstrap = env
+        .idp
+        .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
+        .await;
+    env.put_bootstrap("chain-bootstrap", &bootstrap).await;
+    env.create_refresh_issuer("chain", "chain-bootstrap", &resources)
+        .await;
+    env.create_token(
+        "chain-orders",
+        "chain",
+        oidc::ORDERS,
+        &["orders/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "chain-payments",
+        "chain",
+        oidc::PAYMENTS,
+        &["payments/read"],
+        None,
+    )
+    .await;
+    env.create_token(
+        "chain-short",
+        "chain",
+        oidc::SHORT_LIVED,
+        &["short/read"],
+        None,
+    )
+    .await;
+    for (name, resource) in [
+        ("chain-orders", oidc::ORDERS),
+        ("chain-payments", oidc::PAYMENTS),
+        ("chain-short", oidc::SHORT_LIVED),
+    ] {
+        env.wait_condition(name, "True", "Issued", READY_TIMEOUT)
+            .await;
+        assert_eq!(
+            claims(&env.token_in(name).await)["aud"],
+            json!(resource),
+            "{name} has only its own audience"
+        );
+    }
+    let rotated = env
+        .state_refresh_token("chain")
+        .await
+        .expect("state Secret holds the chain");
+    assert_ne!(
+        rotated, bootstrap,
+        "the bootstrap token was used and rotated"
+    );
+
+    // Several renewals of the 6 s token, each rotating the chain.
+    let mut short = env.token_in("chain-short").await;
+    for _ in 0..2 {
+        short = env.wait_token_change("chain-short", &short).await;
+        assert_eq!(claims(&short)["aud"], json!(oidc::SHORT_LIVED));
     }
 
-    /// Waits until the AudienceToken acted on the forced-renewal `value` (successfully or
-    /// not) and returns it.
-    pub async fn wait_forced(&self, name: &str, value: &str, timeout: Duration) -> AudienceToken {
-        let api = self.tokens();
-        eventually(
-            &format!("{name} to act on renew-requested-at {value}"),
-            timeout,
-            || {
-                let api = api.clone();
-                async move {
-                    let token = api.get(name).await.map_err(|e| e.to_string())?;
-                    let status = token.status.clone().unwrap_or_default();
-                    match status.last_renew_requested_at.as_deref() {
-                        Some(v) if v == value => Ok(token),
-                        other => Err(format!("lastRenewRequestedAt {other:?}, status {status:?}")),
-                    }
+    // A resource the grant does not cover is refused without a request.
+    let before = env.idp.token_requests().await;
+    env.create_token("chain-elsewhere", "chain", oidc::OPAQUE, &[], None)
+        .await;
+    env.wait_condition("chain-elsewhere", "False", "NotAllowed", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        env.idp.token_requests().await.for_resource(oidc::OPAQUE),
+        before.for_resource(oidc::OPAQUE)
+    );
+    env.wait_event("chain-elsewhere", "Warning", "NotAllowed", "")
+        .await;
+
+    // The chain survives a restart between rotations: the state Secret carries it on.
+    operator.stop().await;
+    let persisted = env
+        .state_refresh_token("chain")
+        .await
+        .expect("state Secret");
+    operator.restart().await;
+    env.wait_token_change("chain-short", &short).await;
+    assert_ne!(
+        env.state_refresh_token("chain").await.expect("state"),
+        persisted,
+        "rotated after restart"
+    );
+    env.wait_condition("chain-orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    // A stale (already used) refresh token: reported as a lost chain, not retried in a loop.
+    operator.stop().await;
+    env.secrets()
+        .patch(
+            "chain-refresh-state",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {BOOTSTRAP_KEY: base64::engine::general_purpose::STANDARD.encode(&persisted)}})),
+        )
+        .await
+        .expect("plant a spent refresh token");
+    operator.restart().await;
+    let lost = env
+        .wait_condition("chain-short", "False", "Expired", READY_TIMEOUT)
+        .await;
+    assert!(
+        lost.status
+            .unwrap()
+            .last_failure_message
+            .unwrap()
+            .contains("RefreshChainLost")
+    );
+    let requests_after_loss = env
+        .idp
+        .token_requests()
+        .await
+        .for_client(oidc::M2M_REFRESH.id);
+    let attempts = failed_attempts(
+        &env.tokens()
+            .get("chain-short")
+            .await
+            .expect("AudienceToken"),
+    );
+    env.wait_token(
+        "chain-short",
+        "more local attempts on the lost chain",
+        Duration::from_secs(60),
+        |token| {
+            let now = failed_attempts(token);
+            if now >= attempts + 2 {
+                Ok(())
+            } else {
+                Err(format!("{now} attempts"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        env.idp
+            .token_requests()
+            .await
+            .for_client(oidc::M2M_REFRESH.id),
+        requests_after_loss,
+        "a lost chain makes no further token requests"
+    );
+    env.wait_event("chain", "Warning", "RefreshChainLost", "")
+        .await;
+    // Rotations are Events on the issuer.
+    env.wait_event(
+        "chain",
+        "Normal",
+        "RefreshTokenRotated",
+        "chain-refresh-state",
+    )
+    .await;
+
+    // A new bootstrap token starts a new chain, and everything recovers by itself, within
+    // seconds and without an annotation: before chain-short's next attempt would be due.
+    let next_attempt = env
+        .wait_token(
+            "chain-short",
+            "chain-short's backoff to grow past 30 s",
+            Duration::from_secs(180),
+            |token| {
+                let status = token.status.clone().unwrap_or_default();
+                let next = status.next_attempt_time.map(|t| t.0);
+                match next {
+                    Some(at) if at > jiff::Timestamp::now() + Duration::from_secs(30) => Ok(at),
+                    other => Err(format!("nextAttemptTime {other:?}")),
                 }
             },
         )
-        .await
-    }
-
-    /// Annotations of the chain's state Secret.
-    async fn state_annotations(&self, issuer: &str) -> std::collections::BTreeMap<String, String> {
-        self.secrets()
-            .get(&format!("{issuer}-refresh-state"))
-            .await
-            .expect("state Secret")
-            .annotations()
-            .clone()
-    }
-}
-
-fn ready(token: &AudienceToken) -> Option<(String, String)> {
-    token
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| (c.status.clone(), c.reason.clone()))
+        .await;
+    let fresh = env
+        .idp
+        .mint_refresh_token(oidc::M2M_REFRESH.id, &resources, None)
+        .await;
+    env.put_bootstrap("chain-bootstrap", &fresh).await;
+    // The issuer looks for a new bootstrap value every few seconds, and a new value waives
+    // the backoff of the chain's tokens.
+    env.wait_condition("chain-short", "True", "Renewed", Duration::from_secs(25))
+        .await;
+    assert!(
+        jiff::Timestamp::now() < next_attempt,
+        "renewed before the backed-off attempt at {next_attempt} was due"
+    );
+    env.wait_issuer("chain", "True", "Ready").await;
+    assert_eq!(
+        claims(&env.token_in("chain-short").await)["aud"],
+        json!(oidc::SHORT_LIVED)
+    );
 }
 
 /// Three AudienceTokens (two resources) on one chain. The chain is lost (someone spends the
@@ -181,15 +324,6 @@ pub async fn lost_chain_recovers_with_one_request_per_token(
     }
 }
 
-/// The tokens the AudienceTokens' Secrets hold now.
-async fn tokens_in(env: &TestEnv, names: &[&str]) -> Vec<String> {
-    let mut tokens = Vec::new();
-    for name in names {
-        tokens.push(env.token_in(name).await);
-    }
-    tokens
-}
-
 /// The operator is killed after the server rotated the refresh token and before the answer
 /// arrived. The state Secret recorded the request as in flight; at the next start the
 /// operator retries once with the recorded token. On a server with a reuse grace period
@@ -212,9 +346,7 @@ pub async fn interrupted_rotation_is_resolved_at_start(
     env.put_bootstrap(&bootstrap_secret, &bootstrap).await;
     env.create_refresh_issuer_for(issuer, client, &bootstrap_secret, &resources)
         .await;
-    env.create_token(&token, issuer, oidc::ORDERS, &["orders/read"], None)
-        .await;
-    env.wait_condition(&token, "True", "Issued", READY_TIMEOUT)
+    env.issue_token(&token, issuer, oidc::ORDERS, &["orders/read"])
         .await;
     let issued = env.token_in(&token).await;
     assert!(
@@ -303,4 +435,33 @@ pub async fn interrupted_rotation_is_resolved_at_start(
         // The workload still has its valid token.
         assert_eq!(env.token_in(&token).await, issued);
     }
+}
+
+/// The status and reason of the AudienceToken's Ready condition.
+fn ready(token: &AudienceToken) -> Option<(String, String)> {
+    token
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// The tokens the AudienceTokens' Secrets hold now.
+async fn tokens_in(env: &TestEnv, names: &[&str]) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for name in names {
+        tokens.push(env.token_in(name).await);
+    }
+    tokens
+}
+
+/// The AudienceToken's `status.failedAttempts` (0 without a status).
+fn failed_attempts(token: &AudienceToken) -> i32 {
+    token
+        .status
+        .as_ref()
+        .map(|s| s.failed_attempts)
+        .unwrap_or_default()
 }

@@ -1,0 +1,240 @@
+//! The life of a token issued with client credentials: one Secret per audience, a re-issue
+//! when the spec changes, forced renewal by annotation, renewal before expiry, and an
+//! operator restart that requests nothing.
+//!
+//! All but the first need TokenIssuer `idp`. `issues_one_token_per_audience` creates it,
+//! with AudienceTokens `orders` and `payments` (Secret `payments-api-token`), which
+//! `reissues_on_spec_change`, `forced_renewal` and `restart_makes_no_token_requests` use.
+
+use audience_token_operator::api::AudienceToken;
+use audience_token_operator::secret::{
+    EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MANAGED_BY_LABEL, MANAGER, NAME_LABEL,
+    SPEC_HASH_ANNOTATION, keys,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use super::super::oidc;
+use super::super::operator::OperatorProcess;
+use super::{READY_TIMEOUT, TestEnv, claims, data};
+
+/// Two AudienceTokens on one issuer get two Secrets, each holding a token for only its own
+/// audience and scopes; status says so.
+pub async fn issues_one_token_per_audience(env: &TestEnv) {
+    env.create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
+        .await;
+    env.create_token("orders", "idp", oidc::ORDERS, &["orders/read"], None)
+        .await;
+    env.create_token(
+        "payments",
+        "idp",
+        oidc::PAYMENTS,
+        &["payments/read"],
+        Some("payments-api-token"),
+    )
+    .await;
+
+    let orders = env
+        .wait_condition("orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let payments = env
+        .wait_condition("payments", "True", "Issued", READY_TIMEOUT)
+        .await;
+
+    let orders_secret = env.secrets().get("orders").await.expect("Secret orders");
+    assert_secret_layout(&orders_secret, &orders, oidc::ORDERS, "orders/read");
+    let payments_secret = env
+        .secrets()
+        .get("payments-api-token")
+        .await
+        .expect("Secret payments-api-token");
+    assert_secret_layout(&payments_secret, &payments, oidc::PAYMENTS, "payments/read");
+
+    let issuer = env.wait_issuer("idp", "True", "Ready").await;
+    assert_eq!(
+        issuer.status.unwrap().token_endpoint,
+        Some(env.idp.token_endpoint()),
+        "discovered"
+    );
+
+    let status = orders.status.clone().unwrap();
+    assert_eq!(status.audience, vec![oidc::ORDERS.to_string()]);
+    assert_eq!(status.scopes, vec!["orders/read".to_string()]);
+    assert_eq!(status.token_type.as_deref(), Some("Bearer"));
+    assert_eq!(status.observed_generation, orders.metadata.generation);
+    let (issued, expires, renewal) = (
+        status.issued_at.unwrap().0,
+        status.expires_at.unwrap().0,
+        status.renewal_time.unwrap().0,
+    );
+    assert!(
+        issued < renewal && renewal < expires,
+        "issued {issued} < renewal {renewal} < expires {expires}"
+    );
+    let lifetime = expires.duration_since(issued).as_secs_f64();
+    let renew_after = renewal.duration_since(issued).as_secs_f64();
+    assert!(
+        (0.6..=0.74).contains(&(renew_after / lifetime)),
+        "renewal at about two thirds: {renew_after}/{lifetime}"
+    );
+    env.wait_event("orders", "Normal", "Issued", "Secret orders")
+        .await;
+}
+
+/// Changing the scopes issues a new token at once (exactly one request).
+pub async fn reissues_on_spec_change(env: &TestEnv) {
+    let before = env.idp.token_requests().await.for_resource(oidc::ORDERS);
+    let old = env.token_in("orders").await;
+    env.tokens()
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"scopes": ["orders/read", "orders/write"]}})),
+        )
+        .await
+        .expect("patch scopes");
+    let secret = env
+        .wait_secret("orders", "a token with both scopes", |s| {
+            data(s, keys::SCOPE) == "orders/read orders/write"
+        })
+        .await;
+    let token = data(&secret, keys::TOKEN);
+    assert_ne!(token, old);
+    assert_eq!(claims(&token)["scope"], json!("orders/read orders/write"));
+    let token_resource = env
+        .wait_condition("orders", "True", "Renewed", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        token_resource.status.unwrap().observed_generation,
+        token_resource.metadata.generation
+    );
+    assert_eq!(
+        env.idp.token_requests().await.for_resource(oidc::ORDERS),
+        before + 1
+    );
+}
+
+/// `audiencetoken.io/renew-requested-at` forces exactly one renewal for each new value.
+pub async fn forced_renewal(env: &TestEnv) {
+    let before = env.idp.token_requests().await.for_resource(oidc::PAYMENTS);
+    let mut token = env.token_in("payments-api-token").await;
+    for (round, value) in ["2026-11-21T10:00:00Z", "2026-11-21T10:05:00Z"]
+        .into_iter()
+        .enumerate()
+    {
+        env.force_renewal(&["payments"], value).await;
+        token = env.wait_token_change("payments-api-token", &token).await;
+        env.wait_forced("payments", value, READY_TIMEOUT).await;
+        let requests = env.idp.token_requests().await.for_resource(oidc::PAYMENTS);
+        assert_eq!(
+            requests,
+            before + round as u64 + 1,
+            "one renewal per new value"
+        );
+    }
+}
+
+/// A token close to expiry is replaced by a new one in the same Secret.
+pub async fn renews_before_expiry(env: &TestEnv) {
+    env.issue_token("short", "idp", oidc::SHORT_LIVED, &["short/read"])
+        .await;
+    let first = env.token_in("short").await;
+    let renewed = env.wait_token_change("short", &first).await;
+    assert_eq!(claims(&renewed)["aud"], json!(oidc::SHORT_LIVED));
+    env.wait_condition("short", "True", "Renewed", READY_TIMEOUT)
+        .await;
+    env.wait_event("short", "Normal", "Renewed", "").await;
+    // A 6 s token cannot be renewed 90 s before expiry: a Warning Event says so.
+    env.wait_event("short", "Warning", "RenewalWindow", "too short")
+        .await;
+}
+
+/// After a restart, valid tokens are recognised from the Secrets' annotations: no token
+/// request, and a lost status is rebuilt.
+pub async fn restart_makes_no_token_requests(env: &TestEnv, operator: &mut OperatorProcess) {
+    operator.stop().await;
+    // Lose the status of one token entirely; keep the other's.
+    env.tokens()
+        .patch_status(
+            "payments",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": null})),
+        )
+        .await
+        .expect("clear status");
+    env.idp.reset_counts().await;
+    operator.restart().await;
+
+    let restored = env
+        .wait_condition("payments", "True", "Issued", READY_TIMEOUT)
+        .await;
+    assert!(
+        restored.status.unwrap().expires_at.is_some(),
+        "status rebuilt from the Secret's annotations"
+    );
+    // A new token after the restart proves the restarted operator is reconciling.
+    env.issue_token("after-restart", "idp", oidc::ORDERS, &["orders/read"])
+        .await;
+
+    let counts = env.idp.token_requests().await;
+    assert_eq!(
+        counts.total, 1,
+        "only the new AudienceToken asked for a token: {counts:?}"
+    );
+    assert_eq!(counts.for_resource(oidc::PAYMENTS), 0);
+}
+
+/// Checks that a Secret has exactly the documented layout for this AudienceToken.
+fn assert_secret_layout(secret: &Secret, token: &AudienceToken, resource: &str, scopes: &str) {
+    let labels = secret.labels();
+    assert_eq!(
+        labels.get(MANAGED_BY_LABEL).map(String::as_str),
+        Some(MANAGER)
+    );
+    assert_eq!(labels.get(NAME_LABEL), Some(&token.name_any()));
+    let annotations = secret.annotations();
+    for key in [
+        EXPIRES_AT_ANNOTATION,
+        ISSUED_AT_ANNOTATION,
+        SPEC_HASH_ANNOTATION,
+    ] {
+        assert!(annotations.contains_key(key), "missing annotation {key}");
+    }
+    let owners = secret.owner_references();
+    assert_eq!(owners.len(), 1, "one owner reference");
+    assert_eq!(owners[0].uid, token.uid().unwrap());
+    assert_eq!(owners[0].controller, Some(true));
+    let data_keys: Vec<&str> = secret
+        .data
+        .as_ref()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        data_keys,
+        vec![
+            keys::AUDIENCE,
+            keys::EXPIRES_AT,
+            keys::SCOPE,
+            keys::TOKEN,
+            keys::TOKEN_TYPE
+        ]
+    );
+    assert_eq!(data(secret, keys::TOKEN_TYPE), "Bearer");
+    assert_eq!(data(secret, keys::AUDIENCE), resource);
+    assert_eq!(data(secret, keys::SCOPE), scopes);
+    assert_eq!(
+        data(secret, keys::EXPIRES_AT),
+        annotations[EXPIRES_AT_ANNOTATION]
+    );
+    let claims = claims(&data(secret, keys::TOKEN));
+    assert_eq!(
+        claims["aud"],
+        json!(resource),
+        "the token is for exactly this one audience"
+    );
+    assert_eq!(claims["scope"], json!(scopes));
+}
