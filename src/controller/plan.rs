@@ -1,14 +1,44 @@
 //! What the reconciler should do for an AudienceToken, and the status that results. Pure:
 //! everything it needs is passed in, so every rule is table-tested without a cluster.
+//!
+//! A reconcile is planned in up to three steps, because the rate limiter and the token
+//! request happen in between:
+//!
+//! 1. [`before_request`]: from what was observed, either an [`Outcome`] (keep, wait, or
+//!    blocked) or a token request ([`Step::Request`]).
+//! 2. [`rate_limited`]: with the rate limiter's answer, go now, go after a short sleep, or
+//!    defer with an [`Outcome`].
+//! 3. [`after_request`]: with the request's result, publish (and the [`Outcome`] after
+//!    that), or the [`Outcome`] of a failure with its backoff.
+//!
+//! An [`Outcome`] says everything the reconciler then does: the status to write, the Events
+//! to publish and when to look again.
+
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::EventType;
 
 use crate::api::{AudienceTokenStatus, Condition, READY};
 pub use crate::failure::{Failure, reason};
 use crate::oauth::IssuedToken;
-use crate::renewal::{RenewBefore, RenewalPlan, renewal_time, stable_jitter};
+use crate::rate_limit::Admission;
+use crate::renewal::{
+    RenewBefore, RenewalPlan, RenewalWarning, backoff_delay, renewal_time, stable_jitter,
+    unit_from_seed,
+};
 use crate::secret::{PublishedToken, rfc3339};
+
+/// How often to look again at an AudienceToken that is blocked on something the operator
+/// cannot watch closely (a foreign Secret, a missing issuer, a namespace not allowed).
+pub const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
+
+/// The shortest requeue: a time already past, or about to be, is looked at again after this.
+pub const MIN_REQUEUE: Duration = Duration::from_secs(1);
+
+/// Reason of the Warning Event raised when the renewal time deviates from the spec.
+pub const RENEWAL_WINDOW: &str = "RenewalWindow";
 
 /// What the reconciler knows when it decides.
 #[derive(Clone, Copy, Debug)]
@@ -27,8 +57,17 @@ pub struct Observed<'a> {
     pub renew_requested_at: Option<&'a str>,
     /// How long before expiry to renew.
     pub policy: RenewBefore,
-    /// Stable per-object seed for renewal jitter (the UID).
+    /// Stable per-object seed for renewal, backoff and deferral jitter (the UID).
     pub jitter_seed: &'a str,
+    /// The AudienceToken's namespace.
+    pub namespace: &'a str,
+    /// The name of the Secret the token goes into.
+    pub secret_name: &'a str,
+    /// The audience the token must carry.
+    pub audience: &'a str,
+    /// A Secret of that name exists and is someone else's: it is never written, and
+    /// `published` is `None`.
+    pub foreign_secret: bool,
 }
 
 /// Why a token is requested now.
@@ -402,6 +441,322 @@ pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
     serde_json::json!({ "status": value })
 }
 
+/// Whether the Ready condition in `status` is True.
+pub fn ready_is_true(status: &AudienceTokenStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True")
+}
+
+/// The status to write at the end of a reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StatusWrite {
+    /// Leave the status as it is.
+    Unchanged,
+    /// Make the stored status equal this one ([`status_patch`]): stale fields are removed.
+    Full(AudienceTokenStatus),
+    /// Patch only the fields derived from the published token and the Ready condition
+    /// ([`derived_status_patch`]). For statuses computed from a cache that may lag the
+    /// operator's own last write, which a full patch could undo.
+    Derived(AudienceTokenStatus),
+}
+
+impl StatusWrite {
+    /// The status to write and the merge patch that writes it; `None` for
+    /// [`StatusWrite::Unchanged`].
+    pub fn patch(&self) -> Option<(&AudienceTokenStatus, serde_json::Value)> {
+        match self {
+            StatusWrite::Unchanged => None,
+            StatusWrite::Full(status) => Some((status, status_patch(status))),
+            StatusWrite::Derived(status) => Some((status, derived_status_patch(status))),
+        }
+    }
+}
+
+/// An Event to publish on the AudienceToken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Normal or Warning.
+    pub type_: EventType,
+    /// The Event's reason.
+    pub reason: &'static str,
+    /// The Event's note.
+    pub note: String,
+}
+
+/// What a reconcile ends with: the status to write, then the Events to publish, then when
+/// to reconcile again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The status to write (skipped by the writer when equal to the current one).
+    pub status: StatusWrite,
+    /// Events to publish, in this order, after the status is written.
+    pub events: Vec<Event>,
+    /// When to reconcile again; never below [`MIN_REQUEUE`] unless a rate limit defers.
+    pub requeue_after: Duration,
+}
+
+/// The first step of a reconcile, before any token request.
+// One per reconcile, moved once: boxing the outcome would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step<Issuer> {
+    /// Nothing to request now: carry out this outcome.
+    Done(Outcome),
+    /// Ask the rate limiter ([`rate_limited`]), then request a token from `issuer`.
+    Request {
+        /// Why a token is wanted.
+        reason: RequestReason,
+        /// The resolved issuer, handed back for the request.
+        issuer: Issuer,
+    },
+}
+
+/// What the rate limiter's answer means for the token request.
+// One per reconcile, moved once: boxing the outcome would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admitted {
+    /// Request now.
+    Now,
+    /// A place is reserved: sleep this long (at most a second), then request.
+    AfterSleep(Duration),
+    /// Do not request now: carry out this outcome, which looks again later.
+    Deferred(Outcome),
+}
+
+/// What to do with a token request's result. The request's token or failure is handed back.
+#[derive(Clone, Debug)]
+pub enum AfterRequest<'r> {
+    /// Write `issued` into the Secret, then carry out `outcome` (status Issued or Renewed).
+    Publish {
+        /// The token to publish.
+        issued: &'r IssuedToken,
+        /// When to renew it.
+        renewal_time: Timestamp,
+        /// Whether it replaces an earlier token (Ready reason Renewed) or is the first.
+        renewed: bool,
+        /// Status, Events and requeue once the Secret is written.
+        outcome: Outcome,
+    },
+    /// The request failed: carry out `outcome` (failure status, retry after the backoff).
+    Retry {
+        /// Why the request failed.
+        failure: &'r Failure,
+        /// The backoff before the next attempt.
+        delay: Duration,
+        /// Status, Events and requeue.
+        outcome: Outcome,
+    },
+}
+
+/// Plans a reconcile up to the token request. `issuer` is the issuer as resolved (or why it
+/// cannot be); `backoff_waived` is set when the issuer changed since the last failed attempt.
+pub fn before_request<Issuer>(
+    o: &Observed,
+    issuer: Result<Issuer, Failure>,
+    backoff_waived: bool,
+) -> Step<Issuer> {
+    if o.foreign_secret {
+        return Step::Done(blocked(o, &secret_conflict(o)));
+    }
+    let reason = match (decide(o, backoff_waived), o.published) {
+        (Decision::Keep(renewal), Some(published)) => {
+            let status = status_current(o.status, published, &renewal, o.audience, o);
+            return Step::Done(Outcome {
+                status: StatusWrite::Derived(status),
+                events: Vec::new(),
+                requeue_after: requeue_after(renewal.renewal_time, o.now),
+            });
+        }
+        (Decision::Wait { until }, _) => return Step::Done(waiting(o, until)),
+        (Decision::Request(reason), _) => reason,
+        // `decide` keeps only a published token; without one, a first token is wanted.
+        (Decision::Keep(_), None) => RequestReason::Initial,
+    };
+    match issuer {
+        Ok(issuer) => Step::Request { reason, issuer },
+        Err(failure) => Step::Done(blocked(o, &failure)),
+    }
+}
+
+/// Plans what the rate limiter's `admission` means: short waits are slept through, longer
+/// ones defer the request by between one and two times the wait, spread per object and
+/// moment so deferred requests do not all come back at once.
+pub fn rate_limited(o: &Observed, admission: Admission) -> Admitted {
+    match admission {
+        Admission::Now => Admitted::Now,
+        Admission::After(wait) => Admitted::AfterSleep(wait),
+        Admission::Later(wait) => {
+            let spread = unit_from_seed(&format!("{}/{}", o.jitter_seed, o.now));
+            Admitted::Deferred(Outcome {
+                status: StatusWrite::Unchanged,
+                events: Vec::new(),
+                requeue_after: wait.mul_f64(1.0 + spread),
+            })
+        }
+    }
+}
+
+/// Plans what follows a token request: publish the token, or record the failure and back
+/// off.
+pub fn after_request<'r>(
+    o: &Observed,
+    result: Result<&'r IssuedToken, &'r Failure>,
+) -> AfterRequest<'r> {
+    match result {
+        Ok(issued) => issued_outcome(o, issued),
+        Err(failure) => {
+            let delay = retry_delay(o, failure);
+            let retry_at = o.now + delay;
+            let status = status_failed(o.status, failure, Some(retry_at), true, o);
+            AfterRequest::Retry {
+                failure,
+                delay,
+                outcome: Outcome {
+                    status: StatusWrite::Full(status),
+                    events: new_failure_warning(o.status, failure).into_iter().collect(),
+                    requeue_after: requeue_after(wake_time(o, retry_at), o.now),
+                },
+            }
+        }
+    }
+}
+
+fn issued_outcome<'r>(o: &Observed, issued: &'r IssuedToken) -> AfterRequest<'r> {
+    let renewal = o.renewal_plan(issued.issued_at, issued.expires_at);
+    let status = status_issued(o.status, issued, &renewal, o.audience, o);
+    let renewed = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.reason == reason::RENEWED);
+    let (why, what) = if renewed {
+        (reason::RENEWED, "renewed the token")
+    } else {
+        (reason::ISSUED, "issued a token")
+    };
+    let mut events = vec![Event {
+        type_: EventType::Normal,
+        reason: why,
+        note: format!(
+            "{what} for {} into Secret {}; it expires at {}, renewal at {}",
+            o.audience,
+            o.secret_name,
+            rfc3339(issued.expires_at),
+            rfc3339(renewal.renewal_time),
+        ),
+    }];
+    // Said once per token and spec, not at every renewal.
+    let first_for_spec = o.published.is_none_or(|p| p.spec_hash != o.spec_hash);
+    if let Some(warning) = renewal.warning.filter(|_| first_for_spec) {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: RENEWAL_WINDOW,
+            note: renewal_window_note(warning),
+        });
+    }
+    AfterRequest::Publish {
+        issued,
+        renewal_time: renewal.renewal_time,
+        renewed,
+        outcome: Outcome {
+            status: StatusWrite::Full(status),
+            events,
+            requeue_after: requeue_after(renewal.renewal_time, o.now),
+        },
+    }
+}
+
+/// The failure recorded when the Secret to write is someone else's.
+fn secret_conflict(o: &Observed) -> Failure {
+    Failure::new(
+        reason::SECRET_CONFLICT,
+        format!(
+            "Secret {}/{} exists and is not managed by this AudienceToken; it is left untouched",
+            o.namespace, o.secret_name
+        ),
+    )
+}
+
+/// Blocked on something the operator cannot watch closely: record why (not as an attempt,
+/// no next attempt time) and look again after [`BLOCKED_RECHECK`].
+fn blocked(o: &Observed, failure: &Failure) -> Outcome {
+    Outcome {
+        status: StatusWrite::Full(status_failed(o.status, failure, None, false, o)),
+        events: new_failure_warning(o.status, failure).into_iter().collect(),
+        requeue_after: BLOCKED_RECHECK,
+    }
+}
+
+/// Backing off until `until`: wake up at the retry, or earlier when the published token
+/// expires first; once it has expired, Ready turns False (Expired).
+fn waiting(o: &Observed, until: Timestamp) -> Outcome {
+    let expired = o.published.is_some_and(|p| p.expires_at <= o.now);
+    let status = if expired && ready_is_true(o.status) {
+        StatusWrite::Derived(status_expired_while_waiting(o.status, o))
+    } else {
+        StatusWrite::Unchanged
+    };
+    Outcome {
+        status,
+        events: Vec::new(),
+        requeue_after: requeue_after(wake_time(o, until), o.now),
+    }
+}
+
+/// A Warning Event for `failure`, unless the last failure recorded in `previous` had the
+/// same reason: one Warning per kind of failure, not one per retry.
+fn new_failure_warning(previous: &AudienceTokenStatus, failure: &Failure) -> Option<Event> {
+    (last_failure_reason(previous) != Some(failure.reason)).then(|| Event {
+        type_: EventType::Warning,
+        reason: failure.reason,
+        note: failure.message.clone(),
+    })
+}
+
+/// The backoff after this failure: the attempt number is one more than the failures in
+/// status, and the jitter is stable per object and attempt.
+fn retry_delay(o: &Observed, failure: &Failure) -> Duration {
+    let attempts = u32::try_from(o.status.failed_attempts)
+        .unwrap_or(0)
+        .saturating_add(1);
+    let jitter = unit_from_seed(&format!("{}/{attempts}", o.jitter_seed));
+    backoff_delay(attempts, jitter, failure.retry_after)
+}
+
+/// When to look again while the next attempt is due at `next_attempt`: then, or when the
+/// published token expires if that comes first (Ready must turn False on time).
+fn wake_time(o: &Observed, next_attempt: Timestamp) -> Timestamp {
+    match o.published {
+        Some(p) if p.expires_at > o.now => next_attempt.min(p.expires_at),
+        _ => next_attempt,
+    }
+}
+
+/// How long from `now` until `at`, and at least [`MIN_REQUEUE`].
+pub fn requeue_after(at: Timestamp, now: Timestamp) -> Duration {
+    if at <= now {
+        MIN_REQUEUE
+    } else {
+        at.duration_since(now).unsigned_abs().max(MIN_REQUEUE)
+    }
+}
+
+/// The note of the [`RENEWAL_WINDOW`] Warning.
+fn renewal_window_note(warning: RenewalWarning) -> String {
+    match warning {
+        RenewalWarning::LifetimeTooShort { lifetime } => format!(
+            "token lifetime {}s is too short to renew 90s before expiry; pods may read the new token late",
+            lifetime.as_secs()
+        ),
+        RenewalWarning::RenewBeforeTooLong { lifetime } => format!(
+            "renewBefore is not shorter than the token lifetime ({}s); renewing at two thirds instead",
+            lifetime.as_secs()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +788,10 @@ mod tests {
             renew_requested_at: None,
             policy: RenewBefore::default(),
             jitter_seed: "uid",
+            namespace: "ns",
+            secret_name: "s",
+            audience: "urn:a",
+            foreign_secret: false,
         }
     }
 

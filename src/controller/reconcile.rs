@@ -69,6 +69,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             .map(String::as_str),
         policy: renew_policy(&token),
         jitter_seed: &uid,
+        namespace: &namespace,
+        secret_name: token.secret_name(),
+        audience: token.expected_audience(),
+        foreign_secret: matches!(secret_state, SecretState::Foreign),
     };
 
     if let SecretState::Foreign = secret_state {
