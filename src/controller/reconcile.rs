@@ -1,8 +1,8 @@
-//! The reconcile loop for one AudienceToken: decide, maybe request a token, publish it,
-//! record status, and requeue for the renewal time.
+//! The reconcile loop for one AudienceToken: gather what is observed (the Secret, the
+//! issuer, the rate limiter), let [`plan`] decide, and carry out its outcome (publish the
+//! token, write status, publish Events, requeue).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -13,21 +13,16 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::issuer::{self, ResolvedIssuer};
-use super::plan::{self, Decision, Failure, Observed, reason};
+use super::plan::{self, Admitted, AfterRequest, Failure, Observed, Outcome, StatusWrite, Step};
 use super::{Context, Error};
 use crate::api::{
     AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
 use crate::oauth::{Grant, IssuedToken, TokenError, TokenRequest, issue};
-use crate::rate_limit::Admission;
-use crate::renewal::{RenewBefore, RenewalWarning, backoff_delay, unit_from_seed};
+use crate::renewal::RenewBefore;
 use crate::secret::{
     MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
 };
-
-/// How often to look again at an AudienceToken that is blocked on something the operator
-/// cannot watch closely (a foreign Secret, a missing issuer, a namespace not allowed).
-const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
 
 /// Who holds the Secret an AudienceToken wants to write.
 enum SecretState {
@@ -53,9 +48,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
     let secret_state = secret_state(&ctx, &secrets, &namespace, token.secret_name(), &name).await?;
-    let published = match &secret_state {
-        SecretState::Ours(published) => published.clone(),
-        SecretState::Absent | SecretState::Foreign => None,
+    let (published, foreign_secret) = match secret_state {
+        SecretState::Ours(published) => (published, false),
+        SecretState::Absent => (None, false),
+        SecretState::Foreign => (None, true),
     };
     let observed = Observed {
         now,
@@ -72,103 +68,64 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         namespace: &namespace,
         secret_name: token.secret_name(),
         audience: token.expected_audience(),
-        foreign_secret: matches!(secret_state, SecretState::Foreign),
+        foreign_secret,
     };
-
-    if let SecretState::Foreign = secret_state {
-        let failure = Failure {
-            reason: reason::SECRET_CONFLICT,
-            message: format!(
-                "Secret {namespace}/{} exists and is not managed by this AudienceToken; it is left untouched",
-                token.secret_name()
-            ),
-            retry_after: None,
-        };
-        let next = plan::status_failed(&status, &failure, None, false, &observed);
-        write_status(&ctx, &token, &status, &next, Some(&failure)).await?;
-        return Ok(Action::requeue(BLOCKED_RECHECK));
-    }
-
     let resolved = issuer::resolve(&ctx, &token);
     let backoff_waived = match &resolved {
         Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer),
         Err(_) => false,
     };
 
-    match plan::decide(&observed, backoff_waived) {
-        Decision::Keep(renewal) => {
-            let published = published
-                .as_ref()
-                .ok_or(Error::MissingField("published token"))?;
-            let next = plan::status_current(
-                &status,
-                published,
-                &renewal,
-                token.expected_audience(),
-                &observed,
+    let (why, issuer) = match plan::before_request(&observed, resolved, backoff_waived) {
+        Step::Done(outcome) => return finish(&ctx, &token, &status, outcome).await,
+        Step::Request { reason, issuer } => (reason, issuer),
+    };
+    if let Some(limit) = &issuer.spec.rate_limit {
+        let admission = ctx
+            .rate_limiter
+            .admit(&issuer.key, limit, std::time::Instant::now());
+        match plan::rate_limited(&observed, admission) {
+            Admitted::Now => {}
+            Admitted::AfterSleep(wait) => tokio::time::sleep(wait).await,
+            Admitted::Deferred(outcome) => {
+                debug!(namespace, name, issuer = issuer.key, resource = token.spec.resource, retry_in = ?outcome.requeue_after, "rateLimit reached; token request deferred");
+                return finish(&ctx, &token, &status, outcome).await;
+            }
+        }
+    }
+    info!(namespace, name, issuer = issuer.key, resource = token.spec.resource, reason = ?why, "requesting token");
+    let result = request_token(&ctx, &token, &issuer, now).await;
+    match plan::after_request(&observed, result.as_ref()) {
+        AfterRequest::Publish {
+            issued,
+            renewal_time,
+            renewed,
+            outcome,
+        } => {
+            apply_secret(&token, &secrets, issued).await?;
+            ctx.forget_failure(&token);
+            write_status(&ctx, &token, &status, &outcome.status).await?;
+            info!(
+                namespace = token.namespace().unwrap_or_default(),
+                name = token.name_any(),
+                issuer = super::issuer::issuer_key(&token),
+                resource = token.spec.resource,
+                expires_at = %issued.expires_at,
+                renewal_time = %renewal_time,
+                renewed,
+                "published token"
             );
-            write_derived_status(&ctx, &token, &status, &next).await?;
-            Ok(requeue_at(renewal.renewal_time, now))
+            publish_events(&ctx, &token, outcome.events).await;
+            Ok(Action::requeue(outcome.requeue_after))
         }
-        Decision::Wait { until } => {
-            let wake = match &published {
-                Some(p) if p.expires_at > now => until.min(p.expires_at),
-                _ => until,
-            };
-            // Ready turns False (Expired) when the old token runs out while waiting.
-            if published.as_ref().is_some_and(|p| p.expires_at <= now) && ready_is_true(&status) {
-                let next = plan::status_expired_while_waiting(&status, &observed);
-                write_derived_status(&ctx, &token, &status, &next).await?;
-            }
-            Ok(requeue_at(wake, now))
-        }
-        Decision::Request(why) => {
-            let issuer = match resolved {
-                Ok(issuer) => issuer,
-                Err(failure) => {
-                    let next = plan::status_failed(&status, &failure, None, false, &observed);
-                    write_status(&ctx, &token, &status, &next, Some(&failure)).await?;
-                    return Ok(Action::requeue(BLOCKED_RECHECK));
-                }
-            };
-            if let Some(limit) = &issuer.spec.rate_limit {
-                match ctx
-                    .rate_limiter
-                    .admit(&issuer.key, limit, std::time::Instant::now())
-                {
-                    Admission::Now => {}
-                    Admission::After(wait) => tokio::time::sleep(wait).await,
-                    Admission::Later(wait) => {
-                        // Spread the retries so that they do not all come back at once.
-                        let spread = unit_from_seed(&format!("{uid}/{now}"));
-                        let wait = wait.mul_f64(1.0 + spread);
-                        debug!(namespace, name, issuer = issuer.key, resource = token.spec.resource, retry_in = ?wait, "rateLimit reached; token request deferred");
-                        return Ok(Action::requeue(wait));
-                    }
-                }
-            }
-            info!(namespace, name, issuer = issuer.key, resource = token.spec.resource, reason = ?why, "requesting token");
-            match request_token(&ctx, &token, &issuer, now).await {
-                Ok(issued) => publish(&ctx, &token, &secrets, &status, &issued, &observed).await,
-                Err(failure) => {
-                    ctx.record_failure(&token, ctx.issuer_revision(&issuer));
-                    let attempts = u32::try_from(status.failed_attempts)
-                        .unwrap_or(0)
-                        .saturating_add(1);
-                    let jitter = unit_from_seed(&format!("{uid}/{attempts}"));
-                    let delay = backoff_delay(attempts, jitter, failure.retry_after);
-                    let retry_at = now + delay;
-                    warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.message, retry_in = ?delay, "token request failed");
-                    let next =
-                        plan::status_failed(&status, &failure, Some(retry_at), true, &observed);
-                    write_status(&ctx, &token, &status, &next, Some(&failure)).await?;
-                    let wake = match &published {
-                        Some(p) if p.expires_at > now => retry_at.min(p.expires_at),
-                        _ => retry_at,
-                    };
-                    Ok(requeue_at(wake, now))
-                }
-            }
+        AfterRequest::Retry {
+            failure,
+            delay,
+            outcome,
+        } => {
+            ctx.record_failure(&token, ctx.issuer_revision(&issuer));
+            warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.message, retry_in = ?delay, "token request failed");
+            finish(&ctx, &token, &status, outcome).await
         }
     }
 }
@@ -235,84 +192,6 @@ async fn request_token(
     })
 }
 
-async fn publish(
-    ctx: &Context,
-    token: &AudienceToken,
-    secrets: &Api<Secret>,
-    status: &AudienceTokenStatus,
-    issued: &IssuedToken,
-    observed: &Observed<'_>,
-) -> Result<Action, Error> {
-    let secret = desired_secret(token, issued);
-    secrets
-        .patch(
-            token.secret_name(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await?;
-    ctx.forget_failure(token);
-    let renewal = observed.renewal_plan(issued.issued_at, issued.expires_at);
-    let next = plan::status_issued(
-        status,
-        issued,
-        &renewal,
-        token.expected_audience(),
-        observed,
-    );
-    write_status(ctx, token, status, &next, None).await?;
-    let renewed = next
-        .conditions
-        .iter()
-        .any(|c| c.type_ == crate::api::READY && c.reason == reason::RENEWED);
-    info!(
-        namespace = token.namespace().unwrap_or_default(),
-        name = token.name_any(),
-        issuer = super::issuer::issuer_key(token),
-        resource = token.spec.resource,
-        expires_at = %issued.expires_at,
-        renewal_time = %renewal.renewal_time,
-        renewed,
-        "published token"
-    );
-    let (why, what) = if renewed {
-        (reason::RENEWED, "renewed the token")
-    } else {
-        (reason::ISSUED, "issued a token")
-    };
-    ctx.event(
-        token,
-        kube::runtime::events::EventType::Normal,
-        why,
-        format!(
-            "{what} for {} into Secret {}; it expires at {}, renewal at {}",
-            token.expected_audience(),
-            token.secret_name(),
-            crate::secret::rfc3339(issued.expires_at),
-            crate::secret::rfc3339(renewal.renewal_time),
-        ),
-    )
-    .await;
-    // Said once per token and spec, not at every renewal.
-    let first_for_spec = observed
-        .published
-        .is_none_or(|p| p.spec_hash != observed.spec_hash);
-    if let Some(warning) = renewal.warning.filter(|_| first_for_spec) {
-        let note = match warning {
-            RenewalWarning::LifetimeTooShort { lifetime } => format!(
-                "token lifetime {}s is too short to renew 90s before expiry; pods may read the new token late",
-                lifetime.as_secs()
-            ),
-            RenewalWarning::RenewBeforeTooLong { lifetime } => format!(
-                "renewBefore is not shorter than the token lifetime ({}s); renewing at two thirds instead",
-                lifetime.as_secs()
-            ),
-        };
-        ctx.warn(token, "RenewalWindow", note).await;
-    }
-    Ok(requeue_at(renewal.renewal_time, observed.now))
-}
-
 /// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may
 /// be someone else's, which the label-selected cache cannot show).
 async fn secret_state(
@@ -354,59 +233,61 @@ fn renew_policy(token: &AudienceToken) -> RenewBefore {
     }
 }
 
-fn ready_is_true(status: &AudienceTokenStatus) -> bool {
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == crate::api::READY && c.status == "True")
+/// Writes the issued token into the Secret (server-side apply, taking ownership of every
+/// field).
+async fn apply_secret(
+    token: &AudienceToken,
+    secrets: &Api<Secret>,
+    issued: &IssuedToken,
+) -> Result<(), Error> {
+    let secret = desired_secret(token, issued);
+    secrets
+        .patch(
+            token.secret_name(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    Ok(())
 }
 
-/// Patches status when it changed, and raises a Warning Event when the Ready reason
-/// changes to a failure.
+/// Carries out an outcome: status, then Events, then the requeue.
+async fn finish(
+    ctx: &Context,
+    token: &AudienceToken,
+    previous: &AudienceTokenStatus,
+    outcome: Outcome,
+) -> Result<Action, Error> {
+    write_status(ctx, token, previous, &outcome.status).await?;
+    publish_events(ctx, token, outcome.events).await;
+    Ok(Action::requeue(outcome.requeue_after))
+}
+
+async fn publish_events(ctx: &Context, token: &AudienceToken, events: Vec<plan::Event>) {
+    for event in events {
+        ctx.event(token, event.type_, event.reason, event.note)
+            .await;
+    }
+}
+
+/// Patches status as the plan says (fully, or only its derived fields), and only when it
+/// changed; the token's metrics are updated either way.
 async fn write_status(
     ctx: &Context,
     token: &AudienceToken,
     previous: &AudienceTokenStatus,
-    next: &AudienceTokenStatus,
-    failure: Option<&Failure>,
+    write: &StatusWrite,
 ) -> Result<(), Error> {
-    write_status_patch(ctx, token, previous, next, plan::status_patch(next)).await?;
-    if let Some(failure) = failure {
-        // One Warning per kind of failure, not one per retry.
-        if plan::last_failure_reason(previous) != Some(failure.reason) {
-            ctx.warn(token, failure.reason, failure.message.clone())
-                .await;
-        }
-    }
-    Ok(())
-}
-
-/// Like [`write_status`], but patches only the fields derived from the published token and
-/// the Ready condition. Used where `previous` comes from a cache that may lag our own last
-/// status write: a full patch from it could wipe fields that write set.
-async fn write_derived_status(
-    ctx: &Context,
-    token: &AudienceToken,
-    previous: &AudienceTokenStatus,
-    next: &AudienceTokenStatus,
-) -> Result<(), Error> {
-    write_status_patch(ctx, token, previous, next, plan::derived_status_patch(next)).await
-}
-
-async fn write_status_patch(
-    ctx: &Context,
-    token: &AudienceToken,
-    previous: &AudienceTokenStatus,
-    next: &AudienceTokenStatus,
-    patch: serde_json::Value,
-) -> Result<(), Error> {
+    let Some((next, patch)) = write.patch() else {
+        return Ok(());
+    };
     let namespace = token.namespace().unwrap_or_default();
     let expires_at = next.expires_at.as_ref().map(|t| t.0.as_second());
     ctx.metrics.token_state(
         &namespace,
         &token.name_any(),
         expires_at,
-        ready_is_true(next),
+        plan::ready_is_true(next),
     );
     if previous == next {
         return Ok(());
@@ -420,14 +301,4 @@ async fn write_status_patch(
     )
     .await?;
     Ok(())
-}
-
-fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
-    let wait = at.duration_since(now).unsigned_abs();
-    let wait = if at <= now {
-        Duration::from_secs(1)
-    } else {
-        wait.max(Duration::from_secs(1))
-    };
-    Action::requeue(wait)
 }
