@@ -1053,4 +1053,828 @@ mod tests {
         listed.sort_unstable();
         assert_eq!(keys, listed);
     }
+
+    // --- Outcomes: before_request, rate_limited, after_request ---
+
+    /// How an outcome's status is written.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Write {
+        Unchanged,
+        Full,
+        Derived,
+    }
+
+    fn write_of(status: &StatusWrite) -> (Write, Option<&AudienceTokenStatus>) {
+        match status {
+            StatusWrite::Unchanged => (Write::Unchanged, None),
+            StatusWrite::Full(s) => (Write::Full, Some(s)),
+            StatusWrite::Derived(s) => (Write::Derived, Some(s)),
+        }
+    }
+
+    fn ready_of(status: &AudienceTokenStatus) -> (&str, &str) {
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .expect("a Ready condition");
+        (ready.status.as_str(), ready.reason.as_str())
+    }
+
+    fn events_of(outcome: &Outcome) -> Vec<(EventType, &'static str)> {
+        outcome.events.iter().map(|e| (e.type_, e.reason)).collect()
+    }
+
+    fn secs(d: Duration) -> f64 {
+        d.as_secs_f64()
+    }
+
+    fn with_ready(mut status: AudienceTokenStatus, ready: &str, why: &str) -> AudienceTokenStatus {
+        set_ready(
+            &mut status.conditions,
+            ready == "True",
+            why,
+            "earlier".into(),
+            Some(1),
+            ts(-10),
+        );
+        status
+    }
+
+    fn with_failure(mut status: AudienceTokenStatus, why: &str) -> AudienceTokenStatus {
+        status.last_failure_message = Some(format!("{why}: earlier failure"));
+        status
+    }
+
+    fn request_failed() -> Failure {
+        Failure::new(
+            reason::TOKEN_REQUEST_FAILED,
+            "token endpoint answered 503 http_503",
+        )
+    }
+
+    fn issued(issued_at: i64, expires_at: i64) -> IssuedToken {
+        IssuedToken {
+            access_token: crate::redact::SecretString::new("at"),
+            token_type: "Bearer".into(),
+            issued_at: ts(issued_at),
+            expires_at: ts(expires_at),
+            audience: vec!["urn:a".into()],
+            scopes: vec![],
+            refresh_token: None,
+        }
+    }
+
+    enum Want {
+        Request(RequestReason),
+        Done {
+            write: Write,
+            /// Ready (status, reason) of the status written, if one is.
+            ready: Option<(&'static str, &'static str)>,
+            events: Vec<(EventType, &'static str)>,
+            /// Requeue, in seconds.
+            requeue: std::ops::RangeInclusive<f64>,
+        },
+    }
+
+    struct BeforeCase {
+        name: &'static str,
+        now: i64,
+        published: Option<PublishedToken>,
+        status: AudienceTokenStatus,
+        renew_requested_at: Option<&'static str>,
+        foreign_secret: bool,
+        issuer: Result<&'static str, Failure>,
+        backoff_waived: bool,
+        want: Want,
+    }
+
+    fn before(name: &'static str, now: i64, want: Want) -> BeforeCase {
+        BeforeCase {
+            name,
+            now,
+            published: None,
+            status: AudienceTokenStatus::default(),
+            renew_requested_at: None,
+            foreign_secret: false,
+            issuer: Ok("issuer-a"),
+            backoff_waived: false,
+            want,
+        }
+    }
+
+    fn done(
+        write: Write,
+        ready: Option<(&'static str, &'static str)>,
+        events: Vec<(EventType, &'static str)>,
+        requeue: std::ops::RangeInclusive<f64>,
+    ) -> Want {
+        Want::Done {
+            write,
+            ready,
+            events,
+            requeue,
+        }
+    }
+
+    #[test]
+    fn before_request_table() {
+        use EventType::Warning;
+        use RequestReason::*;
+        let fresh = || Some(published(0, 3600, "h1"));
+        let expired = || Some(published(-3600, -1, "h1"));
+        let not_ready = || Err(Failure::issuer_not_ready("TokenIssuer ns/x not found"));
+        let cases = [
+            before("no Secret: a first token", 10, Want::Request(Initial)),
+            BeforeCase {
+                published: fresh(),
+                // Renewal at 2412 s ± 10 % of the 1188 s window.
+                ..before(
+                    "current token: kept until the renewal time, derived status",
+                    10,
+                    done(
+                        Write::Derived,
+                        Some(("True", reason::ISSUED)),
+                        vec![],
+                        2280.0..=2525.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                published: Some(published(0, 3600, "h0")),
+                ..before("spec changed", 10, Want::Request(SpecChanged))
+            },
+            BeforeCase {
+                published: expired(),
+                ..before("token expired", 10, Want::Request(Expired))
+            },
+            BeforeCase {
+                published: fresh(),
+                ..before("renewal time passed", 3000, Want::Request(Due))
+            },
+            BeforeCase {
+                published: fresh(),
+                renew_requested_at: Some("2026-11-21T10:00:00Z"),
+                ..before("forced renewal", 10, Want::Request(Forced))
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(3100, 1),
+                ..before(
+                    "backoff: wait for the next attempt, write nothing",
+                    3000,
+                    done(Write::Unchanged, None, vec![], 100.0..=100.0),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(3700, 1),
+                ..before(
+                    "backoff: wake at expiry when it comes before the retry",
+                    3500,
+                    done(Write::Unchanged, None, vec![], 100.0..=100.0),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(3000, 1),
+                ..before("backoff over", 3000, Want::Request(Due))
+            },
+            BeforeCase {
+                published: expired(),
+                status: with_ready(failing(100, 1), "True", reason::ISSUED),
+                ..before(
+                    "expired while waiting: Ready turns False (Expired), derived status",
+                    10,
+                    done(
+                        Write::Derived,
+                        Some(("False", reason::EXPIRED)),
+                        vec![],
+                        90.0..=90.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                published: expired(),
+                status: with_ready(failing(100, 1), "False", reason::EXPIRED),
+                ..before(
+                    "expired while waiting, already False: nothing to write",
+                    10,
+                    done(Write::Unchanged, None, vec![], 90.0..=90.0),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(4000, 1),
+                backoff_waived: true,
+                ..before(
+                    "backoff waived by an issuer change",
+                    3000,
+                    Want::Request(Due),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(4000, 0),
+                ..before("backoff waived by a spec change", 3000, Want::Request(Due))
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(4000, 1),
+                renew_requested_at: Some("2026-11-21T10:00:00Z"),
+                ..before(
+                    "backoff waived by a forced renewal",
+                    3000,
+                    Want::Request(Forced),
+                )
+            },
+            BeforeCase {
+                foreign_secret: true,
+                ..before(
+                    "foreign Secret: SecretConflict, Warning, recheck in a minute",
+                    10,
+                    done(
+                        Write::Full,
+                        Some(("False", reason::SECRET_CONFLICT)),
+                        vec![(Warning, reason::SECRET_CONFLICT)],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                foreign_secret: true,
+                status: with_failure(AudienceTokenStatus::default(), reason::SECRET_CONFLICT),
+                ..before(
+                    "foreign Secret again: no second Warning",
+                    10,
+                    done(
+                        Write::Full,
+                        Some(("False", reason::SECRET_CONFLICT)),
+                        vec![],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                foreign_secret: true,
+                status: failing(4000, 1),
+                issuer: not_ready(),
+                ..before(
+                    "foreign Secret comes before backoff and issuer",
+                    10,
+                    done(
+                        Write::Full,
+                        Some(("False", reason::SECRET_CONFLICT)),
+                        vec![(Warning, reason::SECRET_CONFLICT)],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                issuer: not_ready(),
+                ..before(
+                    "issuer not resolvable: IssuerNotReady, Warning, recheck in a minute",
+                    10,
+                    done(
+                        Write::Full,
+                        Some(("False", reason::ISSUER_NOT_READY)),
+                        vec![(Warning, reason::ISSUER_NOT_READY)],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                issuer: not_ready(),
+                ..before(
+                    "issuer not resolvable at renewal: Ready stays True",
+                    3000,
+                    done(
+                        Write::Full,
+                        Some(("True", reason::ISSUED)),
+                        vec![(Warning, reason::ISSUER_NOT_READY)],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                issuer: not_ready(),
+                status: with_failure(AudienceTokenStatus::default(), reason::ISSUER_NOT_READY),
+                ..before(
+                    "issuer not resolvable again: no second Warning",
+                    10,
+                    done(
+                        Write::Full,
+                        Some(("False", reason::ISSUER_NOT_READY)),
+                        vec![],
+                        60.0..=60.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                issuer: not_ready(),
+                ..before(
+                    "issuer not resolvable but nothing to request: kept",
+                    10,
+                    done(
+                        Write::Derived,
+                        Some(("True", reason::ISSUED)),
+                        vec![],
+                        2280.0..=2525.0,
+                    ),
+                )
+            },
+            BeforeCase {
+                published: fresh(),
+                status: failing(4000, 1),
+                issuer: not_ready(),
+                ..before(
+                    "issuer not resolvable while backing off: wait",
+                    3000,
+                    done(Write::Unchanged, None, vec![], 600.0..=600.0),
+                )
+            },
+        ];
+        for c in &cases {
+            let mut o = observed(c.now, c.published.as_ref(), &c.status);
+            o.renew_requested_at = c.renew_requested_at;
+            o.foreign_secret = c.foreign_secret;
+            let step = before_request(&o, c.issuer.clone(), c.backoff_waived);
+            match (&c.want, step) {
+                (Want::Request(want), Step::Request { reason, issuer }) => {
+                    assert_eq!(reason, *want, "{}", c.name);
+                    assert_eq!(issuer, "issuer-a", "{}: the issuer is handed back", c.name);
+                }
+                (
+                    Want::Done {
+                        write,
+                        ready,
+                        events,
+                        requeue,
+                    },
+                    Step::Done(outcome),
+                ) => {
+                    let (got_write, status) = write_of(&outcome.status);
+                    assert_eq!(got_write, *write, "{}", c.name);
+                    assert_eq!(status.map(ready_of), *ready, "{}", c.name);
+                    assert_eq!(events_of(&outcome), *events, "{}", c.name);
+                    assert!(
+                        requeue.contains(&secs(outcome.requeue_after)),
+                        "{}: requeue {:?}",
+                        c.name,
+                        outcome.requeue_after
+                    );
+                }
+                (_, step) => panic!("{}: got {step:?}", c.name),
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_statuses_say_why_and_count_no_attempt() {
+        let none = AudienceTokenStatus::default();
+        let mut o = observed(10, None, &none);
+        o.foreign_secret = true;
+        let Step::Done(outcome) = before_request(&o, Ok(()), false) else {
+            panic!("a foreign Secret blocks")
+        };
+        let (_, Some(status)) = write_of(&outcome.status) else {
+            panic!("a status is written")
+        };
+        let note =
+            "Secret ns/s exists and is not managed by this AudienceToken; it is left untouched";
+        assert_eq!(outcome.events[0].note, note);
+        assert_eq!(status.conditions[0].message, note);
+        assert_eq!(status.failed_attempts, 0);
+        assert_eq!(status.next_attempt_time, None);
+
+        let failure = Failure::issuer_not_ready("TokenIssuer ns/x not found");
+        let o = observed(10, None, &none);
+        let Step::Done(outcome) = before_request::<()>(&o, Err(failure.clone()), false) else {
+            panic!("an unresolvable issuer blocks")
+        };
+        assert_eq!(outcome.events[0].note, failure.message);
+        assert_eq!(
+            outcome.status,
+            StatusWrite::Full(status_failed(&none, &failure, None, false, &o))
+        );
+    }
+
+    struct FailureCase {
+        name: &'static str,
+        now: i64,
+        published: Option<PublishedToken>,
+        status: AudienceTokenStatus,
+        failure: Failure,
+        /// Backoff, in seconds.
+        delay: std::ops::RangeInclusive<f64>,
+        /// Requeue, in seconds; `None`: the backoff itself.
+        requeue: Option<f64>,
+        ready: (&'static str, &'static str),
+        warning: bool,
+    }
+
+    fn failed_at(
+        name: &'static str,
+        now: i64,
+        delay: std::ops::RangeInclusive<f64>,
+    ) -> FailureCase {
+        FailureCase {
+            name,
+            now,
+            published: Some(published(0, 3600, "h1")),
+            status: AudienceTokenStatus::default(),
+            failure: request_failed(),
+            delay,
+            requeue: None,
+            ready: ("True", reason::ISSUED),
+            warning: true,
+        }
+    }
+
+    fn attempts(failed: i32, last: &str) -> AudienceTokenStatus {
+        AudienceTokenStatus {
+            failed_attempts: failed,
+            ..with_failure(AudienceTokenStatus::default(), last)
+        }
+    }
+
+    #[test]
+    fn after_a_failed_request_table() {
+        let with_retry_after = |secs| Failure {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..request_failed()
+        };
+        let cases = [
+            failed_at("first failure: 5 s ± 10 %", 3000, 4.5..=5.5),
+            FailureCase {
+                status: attempts(1, reason::TOKEN_REQUEST_FAILED),
+                warning: false,
+                ..failed_at(
+                    "second failure: 10 s ± 10 %, no second Warning for the same reason",
+                    3000,
+                    9.0..=11.0,
+                )
+            },
+            FailureCase {
+                status: attempts(3, reason::TOKEN_REQUEST_FAILED),
+                warning: false,
+                ..failed_at("fourth failure: 40 s ± 10 %", 3000, 36.0..=44.0)
+            },
+            FailureCase {
+                status: attempts(12, reason::TOKEN_REQUEST_FAILED),
+                warning: false,
+                ..failed_at("many failures: capped at 5 min", 3000, 270.0..=300.0)
+            },
+            FailureCase {
+                status: attempts(1, reason::TOKEN_REQUEST_FAILED),
+                failure: Failure::new(reason::AUDIENCE_MISMATCH, "aud is urn:b"),
+                ..failed_at("a new reason: Warning again", 3000, 9.0..=11.0)
+            },
+            FailureCase {
+                failure: with_retry_after(120),
+                ..failed_at(
+                    "Retry-After longer than the backoff: honoured",
+                    3000,
+                    120.0..=120.0,
+                )
+            },
+            FailureCase {
+                status: attempts(8, reason::TOKEN_REQUEST_FAILED),
+                failure: with_retry_after(2),
+                warning: false,
+                ..failed_at(
+                    "Retry-After shorter than the backoff: the backoff",
+                    3000,
+                    270.0..=300.0,
+                )
+            },
+            FailureCase {
+                requeue: Some(2.0),
+                ..failed_at(
+                    "wake at expiry when it comes before the retry",
+                    3598,
+                    4.5..=5.5,
+                )
+            },
+            FailureCase {
+                published: Some(published(-3600, -1, "h1")),
+                ready: ("False", reason::EXPIRED),
+                ..failed_at("expired token with a failure: Expired", 10, 4.5..=5.5)
+            },
+            FailureCase {
+                published: None,
+                ready: ("False", reason::TOKEN_REQUEST_FAILED),
+                ..failed_at("no token yet: the failure's reason", 10, 4.5..=5.5)
+            },
+            FailureCase {
+                published: Some(published(0, 3600, "h0")),
+                ready: ("False", reason::TOKEN_REQUEST_FAILED),
+                requeue: Some(2.0),
+                ..failed_at(
+                    "token of an old spec: not Ready, but wake at its expiry",
+                    3598,
+                    4.5..=5.5,
+                )
+            },
+        ];
+        for c in &cases {
+            let o = observed(c.now, c.published.as_ref(), &c.status);
+            let AfterRequest::Retry {
+                failure,
+                delay,
+                outcome,
+            } = after_request(&o, Err(&c.failure))
+            else {
+                panic!("{}: a failure is retried", c.name)
+            };
+            assert_eq!(
+                failure, &c.failure,
+                "{}: the failure is handed back",
+                c.name
+            );
+            assert!(
+                c.delay.contains(&secs(delay)),
+                "{}: delay {delay:?}",
+                c.name
+            );
+            let requeue = c.requeue.unwrap_or(secs(delay));
+            assert_eq!(secs(outcome.requeue_after), requeue, "{}", c.name);
+            let StatusWrite::Full(status) = &outcome.status else {
+                panic!("{}: a failure writes the full status", c.name)
+            };
+            assert_eq!(ready_of(status), c.ready, "{}", c.name);
+            assert_eq!(
+                status.failed_attempts,
+                c.status.failed_attempts + 1,
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                status.last_failure_time,
+                Some(time(ts(c.now))),
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                status.next_attempt_time,
+                Some(time(o.now + delay)),
+                "{}",
+                c.name
+            );
+            let warnings: Vec<_> = if c.warning {
+                vec![(EventType::Warning, c.failure.reason)]
+            } else {
+                vec![]
+            };
+            assert_eq!(events_of(&outcome), warnings, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_is_stable_per_object_and_attempt() {
+        let fresh = published(0, 3600, "h1");
+        let status = AudienceTokenStatus::default();
+        let failure = request_failed();
+        let delay_for = |seed: &'static str| {
+            let mut o = observed(3000, Some(&fresh), &status);
+            o.jitter_seed = seed;
+            match after_request(&o, Err(&failure)) {
+                AfterRequest::Retry { delay, .. } => delay,
+                AfterRequest::Publish { .. } => panic!("a failure is retried"),
+            }
+        };
+        assert_eq!(delay_for("uid-1"), delay_for("uid-1"));
+        let delays: std::collections::BTreeSet<Duration> = ["uid-1", "uid-2", "uid-3", "uid-4"]
+            .into_iter()
+            .map(delay_for)
+            .collect();
+        assert!(
+            delays.len() > 1,
+            "objects back off at different times: {delays:?}"
+        );
+    }
+
+    #[test]
+    fn requeue_is_at_least_a_second() {
+        assert_eq!(requeue_after(ts(5), ts(10)), MIN_REQUEUE);
+        assert_eq!(requeue_after(ts(10), ts(10)), MIN_REQUEUE);
+        let soon = ts(10) + jiff::SignedDuration::from_millis(300);
+        assert_eq!(requeue_after(soon, ts(10)), MIN_REQUEUE);
+        assert_eq!(
+            requeue_after(ts(12) + jiff::SignedDuration::from_millis(500), ts(10)),
+            Duration::from_millis(2500)
+        );
+
+        // The token expires in half a second, before the retry: wake in a second.
+        let fresh = published(0, 3600, "h1");
+        let none = AudienceTokenStatus::default();
+        let o = Observed {
+            now: ts(3599) + jiff::SignedDuration::from_millis(500),
+            ..observed(0, Some(&fresh), &none)
+        };
+        let AfterRequest::Retry { outcome, .. } = after_request(&o, Err(&request_failed())) else {
+            panic!("a failure is retried")
+        };
+        assert_eq!(outcome.requeue_after, MIN_REQUEUE);
+    }
+
+    struct IssuedCase {
+        name: &'static str,
+        now: i64,
+        published: Option<PublishedToken>,
+        status: AudienceTokenStatus,
+        policy: RenewBefore,
+        issued: IssuedToken,
+        renewed: bool,
+        /// The RenewalWindow Warning's note, when there is one.
+        renewal_window: Option<&'static str>,
+    }
+
+    fn issued_case(name: &'static str, now: i64, lifetime: i64) -> IssuedCase {
+        IssuedCase {
+            name,
+            now,
+            published: None,
+            status: AudienceTokenStatus::default(),
+            policy: RenewBefore::default(),
+            issued: issued(now, now + lifetime),
+            renewed: false,
+            renewal_window: None,
+        }
+    }
+
+    #[test]
+    fn after_an_issued_token_table() {
+        const TOO_SHORT: &str = "token lifetime 60s is too short to renew 90s before expiry; pods may read the new token late";
+        let cases = [
+            issued_case("first token: Issued", 10, 3600),
+            IssuedCase {
+                published: Some(published(0, 3600, "h1")),
+                renewed: true,
+                ..issued_case("a token replaced: Renewed", 3000, 3600)
+            },
+            IssuedCase {
+                status: with_ready(
+                    AudienceTokenStatus {
+                        issued_at: Some(time(ts(0))),
+                        ..AudienceTokenStatus::default()
+                    },
+                    "True",
+                    reason::ISSUED,
+                ),
+                renewed: true,
+                ..issued_case("Secret gone but status had a token: Renewed", 3000, 3600)
+            },
+            IssuedCase {
+                published: Some(published(0, 3600, "h1")),
+                status: with_ready(failing(3100, 1), "True", reason::ISSUED),
+                renewed: true,
+                ..issued_case("after failures: the failure record is cleared", 3200, 3600)
+            },
+            IssuedCase {
+                renewal_window: Some(TOO_SHORT),
+                ..issued_case("first token, lifetime too short: RenewalWindow", 10, 60)
+            },
+            IssuedCase {
+                published: Some(published(10, 70, "h1")),
+                renewed: true,
+                ..issued_case(
+                    "renewed under the same spec: no second RenewalWindow",
+                    60,
+                    60,
+                )
+            },
+            IssuedCase {
+                published: Some(published(10, 70, "h0")),
+                renewed: true,
+                renewal_window: Some(TOO_SHORT),
+                ..issued_case("first token of a new spec: RenewalWindow again", 60, 60)
+            },
+            IssuedCase {
+                policy: RenewBefore::Duration(Duration::from_secs(7200)),
+                renewal_window: Some(
+                    "renewBefore is not shorter than the token lifetime (3600s); renewing at two thirds instead",
+                ),
+                ..issued_case(
+                    "renewBefore longer than the lifetime: RenewalWindow",
+                    10,
+                    3600,
+                )
+            },
+        ];
+        for c in &cases {
+            let mut o = observed(c.now, c.published.as_ref(), &c.status);
+            o.policy = c.policy;
+            let AfterRequest::Publish {
+                issued,
+                renewal_time,
+                renewed,
+                outcome,
+            } = after_request(&o, Ok(&c.issued))
+            else {
+                panic!("{}: an issued token is published", c.name)
+            };
+            assert!(
+                std::ptr::eq(issued, &c.issued),
+                "{}: the token is handed back",
+                c.name
+            );
+            let plan = o.renewal_plan(c.issued.issued_at, c.issued.expires_at);
+            assert_eq!(renewal_time, plan.renewal_time, "{}", c.name);
+            assert_eq!(renewed, c.renewed, "{}", c.name);
+            assert_eq!(
+                outcome.requeue_after,
+                requeue_after(plan.renewal_time, o.now),
+                "{}",
+                c.name
+            );
+
+            let StatusWrite::Full(status) = &outcome.status else {
+                panic!("{}: a new token writes the full status", c.name)
+            };
+            assert_eq!(
+                status,
+                &status_issued(&c.status, &c.issued, &plan, "urn:a", &o)
+            );
+            let why = if c.renewed {
+                reason::RENEWED
+            } else {
+                reason::ISSUED
+            };
+            assert_eq!(ready_of(status), ("True", why), "{}", c.name);
+            assert_eq!(status.failed_attempts, 0, "{}", c.name);
+            assert_eq!(status.last_failure_message, None, "{}", c.name);
+            assert_eq!(status.next_attempt_time, None, "{}", c.name);
+
+            let what = if c.renewed {
+                "renewed the token"
+            } else {
+                "issued a token"
+            };
+            let mut events = vec![Event {
+                type_: EventType::Normal,
+                reason: why,
+                note: format!(
+                    "{what} for urn:a into Secret s; it expires at {}, renewal at {}",
+                    rfc3339(c.issued.expires_at),
+                    rfc3339(plan.renewal_time)
+                ),
+            }];
+            if let Some(note) = c.renewal_window {
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: RENEWAL_WINDOW,
+                    note: note.into(),
+                });
+            }
+            assert_eq!(outcome.events, events, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn rate_limit_table() {
+        let fresh = published(0, 3600, "h1");
+        let none = AudienceTokenStatus::default();
+        let o = observed(3000, Some(&fresh), &none);
+        assert_eq!(rate_limited(&o, Admission::Now), Admitted::Now);
+        // Short waits (the limiter reserves a place for up to a second) are slept through.
+        for wait in [
+            Duration::from_millis(100),
+            crate::rate_limit::MAX_INLINE_WAIT,
+        ] {
+            assert_eq!(
+                rate_limited(&o, Admission::After(wait)),
+                Admitted::AfterSleep(wait)
+            );
+        }
+        // Longer ones defer by one to two times the wait, writing nothing.
+        let wait = Duration::from_secs(10);
+        let mut deferrals = std::collections::BTreeSet::new();
+        for now in 3000..3050 {
+            let o = observed(now, Some(&fresh), &none);
+            let Admitted::Deferred(outcome) = rate_limited(&o, Admission::Later(wait)) else {
+                panic!("a long wait defers")
+            };
+            assert_eq!(outcome.status, StatusWrite::Unchanged);
+            assert!(outcome.events.is_empty());
+            assert!(
+                outcome.requeue_after >= wait && outcome.requeue_after < 2 * wait,
+                "{:?}",
+                outcome.requeue_after
+            );
+            assert_eq!(
+                rate_limited(&o, Admission::Later(wait)),
+                Admitted::Deferred(outcome.clone()),
+                "the spread is stable for the same object and moment"
+            );
+            deferrals.insert(outcome.requeue_after);
+        }
+        assert!(
+            deferrals.len() > 40,
+            "deferrals spread: {}",
+            deferrals.len()
+        );
+    }
 }
