@@ -1,8 +1,10 @@
 //! The OAuth client (crate `audience-token-oauth`, `crates/oauth`) knows nothing of
 //! Kubernetes: its resolved dependency graph holds no Kubernetes crate. The compiler then
-//! refuses any `kube`/`k8s_openapi` path in it.
+//! refuses any `kube`/`k8s_openapi` path in it. And the operator's modules have no import
+//! cycles: each layer uses the ones below it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -97,5 +99,145 @@ fn the_oauth_crate_depends_on_no_kubernetes_crate() {
         offending.is_empty(),
         "{OAUTH} (crates/oauth) must know nothing of Kubernetes, but its dependency graph \
          holds: {offending:?}"
+    );
+}
+
+// ---- Module cycles ----------------------------------------------------------------------
+
+/// The operator's modules (`src/`) as paths (`controller::plan`), with the modules each one
+/// names through `crate::…` or `super::…` outside comments and tests.
+fn module_uses() -> BTreeMap<String, BTreeSet<String>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let module_of = |path: &Path| {
+        let rel = path.strip_prefix(&root).unwrap().with_extension("");
+        let mut parts: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        if parts.last().is_some_and(|p| p == "mod") {
+            parts.pop();
+        }
+        parts.join("::")
+    };
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(f)).collect();
+    // The longest known module a path starts with.
+    let known = |path: &str| {
+        let mut parts: Vec<&str> = path.split("::").collect();
+        while !parts.is_empty() {
+            let candidate = parts.join("::");
+            if modules.contains(&candidate) {
+                return Some(candidate);
+            }
+            parts.pop();
+        }
+        None
+    };
+    let mut uses = BTreeMap::new();
+    for file in &files {
+        let module = module_of(file);
+        let parent = module.rsplit_once("::").map_or("", |(p, _)| p).to_string();
+        let text = std::fs::read_to_string(file).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let mut named = BTreeSet::new();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for (prefix, base) in [("crate::", String::new()), ("super::", parent.clone())] {
+                for (at, _) in line.match_indices(prefix) {
+                    let rest = &line[at + prefix.len()..];
+                    let path: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_' || *c == ':')
+                        .collect();
+                    let full = if base.is_empty() {
+                        path
+                    } else {
+                        format!("{base}::{path}")
+                    };
+                    if let Some(target) = known(full.trim_end_matches(':'))
+                        && target != module
+                    {
+                        named.insert(target);
+                    }
+                }
+            }
+        }
+        uses.insert(module, named);
+    }
+    uses
+}
+
+/// At every level of the module tree (the top-level modules of `src/`, and the children of
+/// each folder module such as `controller`), no chain of uses between siblings, counting
+/// what their descendants use, leads back to where it started. A module may use its own
+/// parent and children (the parent wires them).
+#[test]
+fn the_operator_modules_have_no_import_cycles() {
+    let uses = module_uses();
+    assert!(
+        uses.contains_key("controller::reconcile"),
+        "{:?}",
+        uses.keys()
+    );
+    let parents: BTreeSet<String> = uses
+        .keys()
+        .filter_map(|m| m.rsplit_once("::").map(|(p, _)| p.to_string()))
+        .chain([String::new()])
+        .collect();
+    let mut cycles = Vec::new();
+    for parent in &parents {
+        let prefix = if parent.is_empty() {
+            String::new()
+        } else {
+            format!("{parent}::")
+        };
+        // The sibling a module belongs to at this level, if it is below `parent`.
+        let sibling = |module: &str| -> Option<String> {
+            let rest = module.strip_prefix(&prefix)?;
+            (!rest.is_empty()).then(|| rest.split("::").next().unwrap_or(rest).to_string())
+        };
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (module, named) in &uses {
+            let Some(from) = sibling(module) else {
+                continue;
+            };
+            for target in named {
+                if let Some(to) = sibling(target)
+                    && to != from
+                {
+                    graph.entry(from.clone()).or_default().insert(to);
+                }
+            }
+        }
+        for start in graph.keys() {
+            let mut stack = vec![vec![start.clone()]];
+            let mut seen = BTreeSet::new();
+            while let Some(path) = stack.pop() {
+                let at = path.last().cloned().unwrap_or_default();
+                for next in graph.get(&at).into_iter().flatten() {
+                    if next == start {
+                        cycles.push(format!("{prefix}{{{} -> {start}}}", path.join(" -> ")));
+                    } else if seen.insert(next.clone()) {
+                        let mut longer = path.clone();
+                        longer.push(next.clone());
+                        stack.push(longer);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        cycles.is_empty(),
+        "import cycles between modules: {cycles:#?}"
     );
 }

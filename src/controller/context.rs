@@ -13,7 +13,6 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use tracing::warn;
 
-use super::issuer::ResolvedIssuer;
 use super::{refresh_chain, signals};
 use crate::api::{AudienceToken, ClusterTokenIssuer, TokenIssuer};
 use crate::issuer::IssuerEndpoints;
@@ -114,23 +113,19 @@ impl Context {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The issuer as it is now, for comparing with a recorded failure.
-    pub fn issuer_revision(&self, issuer: &ResolvedIssuer) -> IssuerRevision {
+    /// The issuer as it is now (its key and generation), for comparing with a recorded
+    /// failure.
+    pub fn issuer_revision(&self, issuer_key: &str, generation: i64) -> IssuerRevision {
         IssuerRevision {
-            generation: issuer.generation,
-            bootstrap_epoch: self.refresh_chains.bootstrap_epoch(&issuer.key),
+            generation,
+            bootstrap_epoch: self.refresh_chains.bootstrap_epoch(issuer_key),
         }
     }
 
     /// Whether the issuer changed since this token's last failure. A failure from before
     /// this process started counts as the current generation at epoch 0, so a new bootstrap
     /// value seen since the start still waives its backoff.
-    pub fn issuer_changed_since_failure(
-        &self,
-        token: &AudienceToken,
-        issuer: &ResolvedIssuer,
-    ) -> bool {
-        let now = self.issuer_revision(issuer);
+    pub fn issuer_changed_since_failure(&self, token: &AudienceToken, now: IssuerRevision) -> bool {
         let then = self
             .failures()
             .get(&ObjectRef::from_obj(token))

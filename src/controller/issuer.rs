@@ -30,6 +30,12 @@ pub struct ResolvedIssuer {
 }
 
 impl ResolvedIssuer {
+    /// What may fix a failed request when it changes: the generation, and the refresh
+    /// chain's bootstrap epoch.
+    pub fn revision(&self, ctx: &Context) -> super::context::IssuerRevision {
+        ctx.issuer_revision(&self.key, self.generation)
+    }
+
     /// The issuer as the issuer layer takes it.
     pub fn target(&self) -> IssuerTarget<'_> {
         IssuerTarget {

@@ -12,10 +12,10 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
+use super::context::{Context, Error};
 use super::issuer::ResolvedIssuer;
 use super::plan::{Failure, set_ready};
 use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
-use super::context::{Context, Error};
 use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
 use crate::oauth::Endpoint;
 

@@ -72,7 +72,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     };
     let resolved = issuer::resolve(&ctx, &token);
     let backoff_waived = match &resolved {
-        Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer),
+        Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer.revision(&ctx)),
         Err(_) => false,
     };
 
@@ -123,7 +123,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             delay,
             outcome,
         } => {
-            ctx.record_failure(&token, ctx.issuer_revision(&issuer));
+            ctx.record_failure(&token, issuer.revision(&ctx));
             warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.message, retry_in = ?delay, "token request failed");
             finish(&ctx, &token, &status, outcome).await
         }
