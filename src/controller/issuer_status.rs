@@ -17,7 +17,7 @@ use super::issuer::ResolvedIssuer;
 use super::plan::{Failure, set_ready};
 use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
 use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
-use crate::oauth::Endpoint;
+use crate::issuer::ReadyEndpoint;
 
 /// Condition reasons on issuers.
 pub mod reason {
@@ -136,7 +136,7 @@ async fn desired_status(
     let outcome = match ctx.endpoints.endpoint(issuer.target()).await {
         Ok(request) => {
             status.token_endpoint = Some(request.endpoint.token_endpoint.to_string());
-            match chain_health(ctx, issuer, &request.endpoint).await {
+            match chain_health(ctx, issuer, &request).await {
                 ChainHealth::Lost(why) => Err((reason::REFRESH_CHAIN_LOST, why)),
                 ChainHealth::WaitingForBootstrap(why) => Err((reason::NOT_READY, why)),
                 ChainHealth::Alive => Ok(format!(
@@ -164,7 +164,11 @@ async fn desired_status(
 }
 
 /// The refresh-token chain's health; always alive for other grants.
-async fn chain_health(ctx: &Context, issuer: &ResolvedIssuer, endpoint: &Endpoint) -> ChainHealth {
+async fn chain_health(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    endpoint: &ReadyEndpoint,
+) -> ChainHealth {
     if issuer.spec.grant.type_ != GrantType::RefreshToken {
         return ChainHealth::Alive;
     }

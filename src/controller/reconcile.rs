@@ -147,7 +147,7 @@ async fn request_token(
                 .request(
                     ctx,
                     issuer,
-                    &settings.endpoint,
+                    &settings,
                     &token.spec.scopes,
                     &token.spec.resource,
                     token.expected_audience(),
@@ -158,11 +158,7 @@ async fn request_token(
             let request = TokenRequest {
                 grant: Grant::ClientCredentials,
                 scopes: token.spec.scopes.clone(),
-                audience: crate::issuer::params::audience_param(
-                    issuer.spec.audience_parameter,
-                    &token.spec.resource,
-                    token.expected_audience(),
-                ),
+                audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await

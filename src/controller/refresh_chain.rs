@@ -37,7 +37,8 @@ use super::issuer::ResolvedIssuer;
 use crate::api::RefreshTokenGrant;
 use crate::failure::{Failure, reason};
 use crate::issuer::CredentialKind;
-use crate::oauth::{Endpoint, Grant, TokenRequest, TokenResponse};
+use crate::issuer::ReadyEndpoint;
+use crate::oauth::{Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
 use crate::secret::{MANAGED_BY_LABEL, MANAGER};
@@ -222,7 +223,7 @@ impl RefreshChains {
         &self,
         ctx: &Context,
         issuer: &ResolvedIssuer,
-        endpoint: &Endpoint,
+        endpoint: &ReadyEndpoint,
         scopes: &[String],
         resource: &str,
         audience: &str,
@@ -264,7 +265,7 @@ impl RefreshChains {
         &self,
         ctx: &Context,
         issuer: &ResolvedIssuer,
-        endpoint: &Endpoint,
+        endpoint: &ReadyEndpoint,
     ) -> ChainHealth {
         let Ok(grant) = grant(issuer) else {
             return ChainHealth::WaitingForBootstrap("grant.refreshToken is missing".into());
@@ -411,7 +412,7 @@ impl<'a> Session<'a> {
     async fn send(
         &mut self,
         state: &mut ChainState,
-        endpoint: &Endpoint,
+        endpoint: &ReadyEndpoint,
         wanted: InFlight,
     ) -> Result<TokenResponse, Failure> {
         let issuer = self.issuer;
@@ -440,15 +441,11 @@ impl<'a> Session<'a> {
         let request = TokenRequest {
             grant: Grant::RefreshToken(current),
             scopes: wanted.scopes.clone(),
-            audience: crate::issuer::params::audience_param(
-                issuer.spec.audience_parameter,
-                &wanted.resource,
-                &wanted.audience,
-            ),
+            audience: endpoint.audience_for(&wanted.resource, &wanted.audience),
         };
         match self
             .ctx
-            .token_request(&issuer.key, endpoint, &request)
+            .token_request(&issuer.key, &endpoint.endpoint, &request)
             .await
         {
             Ok(mut response) => {

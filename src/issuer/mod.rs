@@ -1,6 +1,6 @@
 //! The issuer layer: an issuer's spec plus a [`CredentialSource`] become a ready endpoint
-//! (token endpoint URL, client authentication with its key material, timeouts, CA bundle,
-//! default lifetime), for the controller, the issuer status and the `token` command alike.
+//! (token endpoint URL, client authentication with its key material, audience dialect,
+//! timeouts, CA bundle, default lifetime), for the controller, the issuer status and the `token` command alike.
 //! It owns the caches that make a renewal cost no extra reads: credentials (5 min, dropped
 //! after `invalid_client`), discovery documents (1 h, dropped after a transport error or a
 //! 404) and key sets for the signature check.
@@ -19,14 +19,16 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
-use crate::api::{ClientAuthMethod, IssuerSpec, SecretKeySelector, SigningAlgorithm};
+use crate::api::{
+    AudienceParameter, ClientAuthMethod, IssuerSpec, SecretKeySelector, SigningAlgorithm,
+};
 use crate::failure::Failure;
 use crate::oauth::assertion::{ClientKey, SigningAlg};
 use crate::oauth::client::check_transport_security;
 use crate::oauth::discovery::ServerMetadata;
 use crate::oauth::jwks;
 use crate::oauth::jwt::decode_claims;
-use crate::oauth::{ClientCredentials, Endpoint, TokenClient, TokenError};
+use crate::oauth::{AudienceParam, ClientCredentials, Endpoint, TokenClient, TokenError};
 use crate::redact::SecretString;
 pub use credentials::{Credential, CredentialKind, CredentialRef, CredentialSource};
 pub use jwks_cache::{JWKS_MIN_REFRESH, JWKS_TTL};
@@ -56,10 +58,20 @@ pub struct ReadyEndpoint {
     pub endpoint: Endpoint,
     /// Lifetime assumed when the response does not say.
     pub default_lifetime: Duration,
+    /// How a request names the one API (`audienceParameter`).
+    pub audience_parameter: AudienceParameter,
     /// `tokenEndpoint`, or `discovery from issuerURL <url>`.
     pub token_endpoint_source: String,
     /// Where the client credential came from (`Secret ns/name key k`, `file …`), if any.
     pub credential_from: Option<String>,
+}
+
+impl ReadyEndpoint {
+    /// The audience parameter of a request for `resource` whose token must carry
+    /// `expected_audience`, in the issuer's dialect.
+    pub fn audience_for(&self, resource: &str, expected_audience: &str) -> AudienceParam {
+        params::audience_param(self.audience_parameter, resource, expected_audience)
+    }
 }
 
 /// Namespace, kind, Secret name and key of a cached credential.
@@ -247,6 +259,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 timeout,
             },
             default_lifetime,
+            audience_parameter: spec.audience_parameter,
             token_endpoint_source,
             credential_from,
         })
