@@ -574,6 +574,7 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
             grant: Grant::ClientCredentials,
             scopes,
             audience,
+            dpop: None,
         },
         spec: spec_for_request,
         timeout,
@@ -707,6 +708,7 @@ pub fn build_report(
         default_lifetime,
         &request.expected_audience,
         &request.requested_scopes,
+        None,
     ) {
         Ok(issued) => (issued.expires_at, issued.scopes, unchecked, None),
         Err(TokenError::AudienceMismatch { actual, .. }) => (

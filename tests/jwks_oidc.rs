@@ -43,6 +43,7 @@ async fn access_token(
         grant: Grant::ClientCredentials,
         scopes: vec![scope.to_string()],
         audience: AudienceParam::Resource(resource.to_string()),
+        dpop: None,
     };
     let response = tokens
         .request(&endpoint, &request)

@@ -58,6 +58,7 @@ fn client_credentials(resource: &str, scopes: &[&str]) -> TokenRequest {
         grant: Grant::ClientCredentials,
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
         audience: AudienceParam::Resource(resource.to_string()),
+        dpop: None,
     }
 }
 
@@ -311,6 +312,7 @@ async fn two_resources_give_two_single_audience_tokens() {
             DEFAULT_LIFETIME,
             resource,
             &req.scopes,
+            None,
         )
         .unwrap_or_else(|e| panic!("issue for {resource}: {e}"));
         assert_eq!(token.audience, vec![resource.to_string()]);
@@ -332,6 +334,7 @@ async fn two_resources_give_two_single_audience_tokens() {
         DEFAULT_LIFETIME,
         PAYMENTS,
         &[],
+        None,
     )
     .expect_err("an ORDERS token accepted for PAYMENTS");
     match &err {
@@ -461,6 +464,7 @@ async fn a_multi_audience_token_is_refused() {
         DEFAULT_LIFETIME,
         MULTI_AUDIENCE,
         &req.scopes,
+        None,
     )
     .expect_err("a token for two audiences must be refused");
     match &err {
@@ -487,7 +491,7 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
     let response = request(&idp, &tokens, &endpoint, &req).await.unwrap();
     assert_eq!(response.expires_in, Some(Duration::from_secs(3600)));
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, ORDERS, &req.scopes).unwrap();
+    let token = issue(response, now, DEFAULT_LIFETIME, ORDERS, &req.scopes, None).unwrap();
     assert_eq!(token.issued_at, now);
     let lifetime = secs(token.expires_at.duration_since(now));
     assert!(
@@ -504,7 +508,15 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
         .exp
         .expect("exp claim");
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, NO_EXPIRES_IN, &req.scopes).unwrap();
+    let token = issue(
+        response,
+        now,
+        DEFAULT_LIFETIME,
+        NO_EXPIRES_IN,
+        &req.scopes,
+        None,
+    )
+    .unwrap();
     assert_eq!(token.expires_at.as_second(), exp);
     let lifetime = secs(token.expires_at.duration_since(now));
     assert!((890..=900).contains(&lifetime), "{lifetime}");
@@ -521,7 +533,15 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
     assert_eq!(response.expires_in, None);
     assert!(decode_claims(response.access_token.expose()).is_none());
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, NO_EXPIRES_IN_OPAQUE, &[]).unwrap();
+    let token = issue(
+        response,
+        now,
+        DEFAULT_LIFETIME,
+        NO_EXPIRES_IN_OPAQUE,
+        &[],
+        None,
+    )
+    .unwrap();
     assert_eq!(
         token.expires_at,
         now + SignedDuration::try_from(DEFAULT_LIFETIME).unwrap()
@@ -535,7 +555,7 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
         "the OPAQUE token parsed as a JWT"
     );
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, OPAQUE, &req.scopes).unwrap();
+    let token = issue(response, now, DEFAULT_LIFETIME, OPAQUE, &req.scopes, None).unwrap();
     assert!(token.audience.is_empty(), "{:?}", token.audience);
     assert_eq!(token.expires_at, now + SignedDuration::from_secs(600));
     assert_eq!(token.scopes, strings(&["opaque/read"]));
@@ -562,6 +582,7 @@ async fn debug_output_never_shows_secrets_or_tokens() {
             DEFAULT_LIFETIME,
             ORDERS,
             &req.scopes,
+            None,
         )
         .unwrap();
 

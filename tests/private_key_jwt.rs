@@ -56,6 +56,7 @@ fn for_resource(resource: &str) -> TokenRequest {
         grant: Grant::ClientCredentials,
         scopes: vec![],
         audience: AudienceParam::Resource(resource.to_string()),
+        dpop: None,
     }
 }
 

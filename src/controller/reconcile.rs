@@ -159,6 +159,7 @@ async fn request_token(
                 grant: Grant::ClientCredentials,
                 scopes: token.spec.scopes.clone(),
                 audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
+                dpop: None,
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await
@@ -171,6 +172,7 @@ async fn request_token(
         settings.default_lifetime,
         token.expected_audience(),
         &token.spec.scopes,
+        None,
     )
     .map_err(failed)?;
     // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).

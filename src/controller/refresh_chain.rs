@@ -442,6 +442,7 @@ impl<'a> Session<'a> {
             grant: Grant::RefreshToken(current),
             scopes: wanted.scopes.clone(),
             audience: endpoint.audience_for(&wanted.resource, &wanted.audience),
+            dpop: None,
         };
         match self
             .ctx

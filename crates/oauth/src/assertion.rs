@@ -269,6 +269,38 @@ impl ClientKey {
     }
 }
 
+impl ClientKey {
+    /// Signs a JWS compact token with this key and its algorithm: `header` gets `alg` set
+    /// to [`ClientKey::algorithm`] (whatever it held), `claims` is serialised as it is. For
+    /// other JWTs of this crate (DPoP proofs) that need header members `jsonwebtoken`'s
+    /// `Header` cannot hold exactly.
+    pub(crate) fn sign_compact(
+        &self,
+        mut header: serde_json::Map<String, serde_json::Value>,
+        claims: &impl Serialize,
+    ) -> Result<String, KeyError> {
+        header.insert("alg".into(), self.algorithm.as_str().into());
+        let not_json = |_| key_error("cannot serialise the JWT");
+        let header = serde_json::to_vec(&header).map_err(not_json)?;
+        let claims = serde_json::to_vec(claims).map_err(not_json)?;
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.algorithm.jws())
+                .map_err(|e| {
+                    key_error(format!(
+                        "cannot sign the JWT with {}: {}",
+                        self.algorithm,
+                        kind_name(&e)
+                    ))
+                })?;
+        Ok(format!("{message}.{signature}"))
+    }
+}
+
 /// A fresh `jti`: 128 random bits, hex.
 pub fn new_jti() -> String {
     let bytes: [u8; 16] = rand::random();
@@ -587,7 +619,7 @@ fn ec_from_jwk(jwk: &Jwk) -> Result<ParsedKey, KeyError> {
 }
 
 /// Just enough DER to unwrap PKCS#8 and to write PKCS#1.
-mod der {
+pub(crate) mod der {
     pub const INTEGER: u8 = 0x02;
     pub const OCTET_STRING: u8 = 0x04;
     pub const OID: u8 = 0x06;

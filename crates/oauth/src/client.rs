@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use url::Url;
 
 use super::discovery::{ServerMetadata, metadata_urls, parse_metadata};
+use super::dpop::htu;
 use super::jwks::{JwkSet, parse_jwks};
 use super::request::{Endpoint, TokenRequest, prepare};
 use super::response::parse_token_response;
@@ -24,6 +25,8 @@ pub struct TokenClient {
     system_roots: reqwest::Client,
     /// Clients for issuers with their own `caBundle`, keyed by the bundle text.
     custom_roots: Mutex<HashMap<String, reqwest::Client>>,
+    /// The newest DPoP nonce (RFC 9449 §8) each token endpoint gave, keyed by its `htu`.
+    dpop_nonces: Mutex<HashMap<String, String>>,
 }
 
 impl TokenClient {
@@ -32,6 +35,7 @@ impl TokenClient {
         Ok(Self {
             system_roots: build_http(None)?,
             custom_roots: Mutex::new(HashMap::new()),
+            dpop_nonces: Mutex::new(HashMap::new()),
         })
     }
 
@@ -112,12 +116,51 @@ impl TokenClient {
     }
 
     /// Sends one token request and parses the answer.
+    ///
+    /// With a DPoP key on the request, each attempt carries a new `DPoP` proof (`htm`
+    /// POST, `htu` the token endpoint) with the newest nonce this endpoint gave, if any. An
+    /// answer `use_dpop_nonce` (400 or 401) with a `DPoP-Nonce` header is retried once,
+    /// with that nonce, a new proof and a new client assertion; a second refusal is
+    /// returned as it is. A `DPoP-Nonce` on any answer replaces the stored nonce.
     pub async fn request(
         &self,
         endpoint: &Endpoint,
         request: &TokenRequest,
     ) -> Result<TokenResponse, TokenError> {
         let http = self.http(endpoint.ca_bundle.as_deref())?;
+        let htu = match &request.dpop {
+            Some(_) => Some(
+                htu(endpoint.token_endpoint.as_str())
+                    .map_err(|e| TokenError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut retried = false;
+        loop {
+            let answer = self
+                .send_token_request(&http, endpoint, request, htu.as_deref())
+                .await?;
+            let nonce_challenge = answer.nonce_challenge();
+            if let (Some(htu), Some(nonce)) = (&htu, answer.dpop_nonce) {
+                self.nonces().insert(htu.clone(), nonce);
+            }
+            match answer.result {
+                // RFC 9449 §8: the server wants (another) nonce, which it just sent.
+                Err(_) if nonce_challenge && !retried => retried = true,
+                result => return result,
+            }
+        }
+    }
+
+    /// One POST to the token endpoint: a newly prepared request (new client assertion) and,
+    /// with `htu`, a new DPoP proof with the stored nonce.
+    async fn send_token_request(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &Endpoint,
+        request: &TokenRequest,
+        htu: Option<&str>,
+    ) -> Result<TokenAnswer, TokenError> {
         let prepared = prepare(endpoint, request)?;
         let url = endpoint.token_endpoint.clone();
         let mut builder = http
@@ -128,19 +171,74 @@ impl TokenClient {
         if let Some(authorization) = &prepared.authorization {
             builder = builder.header(reqwest::header::AUTHORIZATION, authorization);
         }
+        if let (Some(key), Some(htu)) = (&request.dpop, htu) {
+            let nonce = self.nonces().get(htu).cloned();
+            let proof = key
+                .proof("POST", htu, nonce.as_deref(), None)
+                .map_err(|e| TokenError::Config(e.to_string()))?;
+            builder = builder.header(DPOP, proof);
+        }
         let transport = |source| TokenError::Transport {
             url: url.to_string(),
             source,
         };
         let response = builder.send().await.map_err(transport)?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let retry_after = header(reqwest::header::RETRY_AFTER.as_str());
+        let dpop_nonce = header(DPOP_NONCE).filter(|n| !n.is_empty());
+        let www_authenticate = header(reqwest::header::WWW_AUTHENTICATE.as_str());
         let body = read_body(response).await.map_err(transport)?;
-        parse_token_response(status, retry_after.as_deref(), &body, Timestamp::now())
+        Ok(TokenAnswer {
+            status,
+            dpop_nonce,
+            www_authenticate,
+            result: parse_token_response(status, retry_after.as_deref(), &body, Timestamp::now()),
+        })
+    }
+
+    fn nonces(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.dpop_nonces
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The DPoP nonce stored for a token endpoint, if any (for tests and diagnostics).
+    pub fn dpop_nonce(&self, token_endpoint: &Url) -> Option<String> {
+        let htu = htu(token_endpoint.as_str()).ok()?;
+        self.nonces().get(&htu).cloned()
+    }
+}
+
+/// The `DPoP` request header (RFC 9449 §4.1).
+const DPOP: &str = "dpop";
+/// The `DPoP-Nonce` response header (RFC 9449 §8).
+const DPOP_NONCE: &str = "dpop-nonce";
+
+/// One token endpoint answer, with what the DPoP nonce handling needs besides the result.
+struct TokenAnswer {
+    status: u16,
+    dpop_nonce: Option<String>,
+    www_authenticate: Option<String>,
+    result: Result<TokenResponse, TokenError>,
+}
+
+impl TokenAnswer {
+    /// Whether the server asks for a DPoP nonce it sent along: `use_dpop_nonce` in the body
+    /// or the `WWW-Authenticate` challenge of a 400 or 401 with a `DPoP-Nonce` header.
+    fn nonce_challenge(&self) -> bool {
+        let asked = matches!(&self.result, Err(e) if e.oauth_error() == Some("use_dpop_nonce"))
+            || self
+                .www_authenticate
+                .as_deref()
+                .is_some_and(|w| w.contains("use_dpop_nonce"));
+        matches!(self.status, 400 | 401) && asked && self.dpop_nonce.is_some()
     }
 }
 

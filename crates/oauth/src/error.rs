@@ -38,6 +38,17 @@ pub enum TokenError {
         /// The `aud` the token carries.
         actual: Vec<String>,
     },
+    /// A DPoP key was used but the token is not bound to it (RFC 9449 §5): `token_type` is
+    /// not `DPoP`, or the JWT's `cnf.jkt` is missing or another key's thumbprint.
+    #[error("{}", dpop_message(.expected_jkt, .token_type, .actual_jkt.as_deref()))]
+    DpopBindingMismatch {
+        /// The thumbprint of the DPoP key the request was made with.
+        expected_jkt: String,
+        /// The `token_type` the server answered.
+        token_type: String,
+        /// The JWT's `cnf.jkt`, if any (`None` also for opaque tokens).
+        actual_jkt: Option<String>,
+    },
     /// The JWT access token's signature could not be verified against the issuer's JWKS
     /// (only with `verifyAccessTokenSignature`). The message never contains the token.
     #[error("access token signature check failed: {0}")]
@@ -83,5 +94,22 @@ fn server_message(status: u16, error: &str, description: Option<&str>) -> String
     match description {
         Some(d) if !d.is_empty() => format!("token endpoint answered {status} {error}: {d}"),
         _ => format!("token endpoint answered {status} {error}"),
+    }
+}
+
+fn dpop_message(expected_jkt: &str, token_type: &str, actual_jkt: Option<&str>) -> String {
+    if !token_type.eq_ignore_ascii_case("dpop") {
+        format!(
+            "the token endpoint answered token_type {token_type:?} to a DPoP request (expected \"DPoP\"); refusing a token that is not bound to the DPoP key {expected_jkt}"
+        )
+    } else {
+        match actual_jkt {
+            Some(actual) => format!(
+                "the token's cnf.jkt {actual:?} is not the thumbprint of the DPoP key ({expected_jkt:?}); refusing a token bound to another key"
+            ),
+            None => format!(
+                "the token has no cnf.jkt; refusing a token that is not shown to be bound to the DPoP key {expected_jkt}"
+            ),
+        }
     }
 }

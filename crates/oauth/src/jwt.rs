@@ -92,6 +92,36 @@ pub fn check_audience(claims: &Claims, expected: &str) -> Result<(), TokenError>
     }
 }
 
+/// The JWT's `cnf.jkt` (RFC 9449 §6.1), when it has one.
+pub fn confirmation_jkt(claims: &Claims) -> Option<&str> {
+    claims.raw.get("cnf")?.get("jkt")?.as_str()
+}
+
+/// A token asked for with a DPoP key must be bound to it (RFC 9449 §5): `token_type` is
+/// `DPoP` (any case) and a JWT's `cnf.jkt` is `expected_jkt`. Opaque tokens (`claims` is
+/// `None`) can only be checked for their `token_type`.
+pub fn check_dpop_binding(
+    claims: Option<&Claims>,
+    token_type: &str,
+    expected_jkt: &str,
+) -> Result<(), TokenError> {
+    let actual_jkt = claims.and_then(confirmation_jkt);
+    let bound = token_type.eq_ignore_ascii_case("dpop")
+        && match claims {
+            Some(_) => actual_jkt == Some(expected_jkt),
+            None => true,
+        };
+    if bound {
+        Ok(())
+    } else {
+        Err(TokenError::DpopBindingMismatch {
+            expected_jkt: expected_jkt.to_string(),
+            token_type: token_type.to_string(),
+            actual_jkt: actual_jkt.map(str::to_string),
+        })
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -155,5 +185,27 @@ pub(crate) mod tests {
         let no_aud = decode_claims(&jwt(serde_json::json!({"sub":"x"}))).unwrap();
         let err = check_audience(&no_aud, "urn:a").unwrap_err();
         assert!(err.to_string().contains("not exactly"), "{err}");
+    }
+
+    #[test]
+    fn a_dpop_token_must_be_bound_to_the_key() {
+        let claims = |payload| decode_claims(&jwt(payload)).unwrap();
+        let bound = claims(serde_json::json!({"aud": "a", "cnf": {"jkt": "jkt-1"}}));
+        assert!(check_dpop_binding(Some(&bound), "DPoP", "jkt-1").is_ok());
+        assert!(check_dpop_binding(Some(&bound), "dpop", "jkt-1").is_ok());
+        let err = check_dpop_binding(Some(&bound), "Bearer", "jkt-1").unwrap_err();
+        assert!(err.to_string().contains("token_type \"Bearer\""), "{err}");
+        let err = check_dpop_binding(Some(&bound), "DPoP", "jkt-2").unwrap_err();
+        assert!(
+            err.to_string().contains("cnf.jkt \"jkt-1\" is not"),
+            "{err}"
+        );
+        let unbound = claims(serde_json::json!({"aud": "a"}));
+        let err = check_dpop_binding(Some(&unbound), "DPoP", "jkt-1").unwrap_err();
+        assert!(err.to_string().contains("no cnf.jkt"), "{err}");
+        assert!(matches!(err, TokenError::DpopBindingMismatch { .. }));
+        // Opaque: only the token_type can be checked.
+        assert!(check_dpop_binding(None, "DPoP", "jkt-1").is_ok());
+        assert!(check_dpop_binding(None, "Bearer", "jkt-1").is_err());
     }
 }

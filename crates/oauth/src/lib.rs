@@ -14,6 +14,7 @@
 pub mod assertion;
 pub mod client;
 pub mod discovery;
+pub mod dpop;
 mod error;
 pub mod jwks;
 pub mod jwt;
@@ -23,6 +24,7 @@ pub mod response;
 mod token;
 
 pub use client::TokenClient;
+pub use dpop::{DpopAlgorithm, DpopKey};
 pub use error::TokenError;
 pub use request::{AudienceParam, ClientCredentials, Endpoint, Grant, TokenRequest};
 pub use response::TokenResponse;

@@ -10,6 +10,7 @@ use jiff::Timestamp;
 
 use super::TokenError;
 use super::assertion::{CLIENT_ASSERTION_TYPE, ClientKey, new_jti};
+use super::dpop::DpopKey;
 use crate::redact::SecretString;
 
 /// Where and how to ask for tokens: the resolved token endpoint and the client's identity.
@@ -75,6 +76,9 @@ pub struct TokenRequest {
     pub scopes: Vec<String>,
     /// The audience parameter.
     pub audience: AudienceParam,
+    /// A DPoP key (RFC 9449): when set, every attempt of this request carries a new `DPoP`
+    /// proof of it, and the token must come back bound to it.
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 /// The wire form of a token request: form fields and an optional `Authorization` header.
@@ -190,6 +194,7 @@ mod tests {
             grant: Grant::ClientCredentials,
             scopes: vec!["orders/read".into(), "orders/write".into()],
             audience,
+            dpop: None,
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::jwt::{Claims, check_audience, decode_claims};
+use super::jwt::{Claims, check_audience, check_dpop_binding, decode_claims};
 use super::{TokenError, TokenResponse};
 use crate::redact::SecretString;
 
@@ -32,17 +32,22 @@ pub struct IssuedToken {
 /// Checks a token response and works out its lifetime and scopes.
 ///
 /// JWT access tokens must carry exactly `expected_audience`; opaque tokens cannot be
-/// checked and pass.
+/// checked and pass. With `expected_jkt` (the thumbprint of the DPoP key the request was
+/// made with) the token must be DPoP-bound to that key (see [`check_dpop_binding`]).
 pub fn issue(
     response: TokenResponse,
     now: Timestamp,
     default_lifetime: Duration,
     expected_audience: &str,
     requested_scopes: &[String],
+    expected_jkt: Option<&str>,
 ) -> Result<IssuedToken, TokenError> {
     let claims = decode_claims(response.access_token.expose());
     if let Some(claims) = &claims {
         check_audience(claims, expected_audience)?;
+    }
+    if let Some(expected_jkt) = expected_jkt {
+        check_dpop_binding(claims.as_ref(), &response.token_type, expected_jkt)?;
     }
     let expires_at = expiry(&response, claims.as_ref(), now, default_lifetime);
     if expires_at <= now {
@@ -129,6 +134,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_000_600);
@@ -138,6 +144,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -145,7 +152,15 @@ mod tests {
             1_800_001_000,
             "the earlier of expires_in and exp wins"
         );
-        let issued = issue(response(token, None, None), now(), FIVE_MIN, "urn:a", &[]).unwrap();
+        let issued = issue(
+            response(token, None, None),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_001_000);
         let issued = issue(
             response("opaque".into(), None, None),
@@ -153,6 +168,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_000_300);
@@ -167,6 +183,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
+            None,
         )
         .unwrap_err();
         assert!(matches!(err, TokenError::AudienceMismatch { .. }), "{err}");
@@ -176,6 +193,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
+            None,
         )
         .unwrap();
         assert!(issued.audience.is_empty());
@@ -191,6 +209,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
+            None,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["s1"]);
@@ -200,6 +219,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
+            None,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["j1", "j2"]);
@@ -209,6 +229,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
+            None,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["r"]);
@@ -217,6 +238,16 @@ mod tests {
     #[test]
     fn an_already_expired_token_is_refused() {
         let token = jwt(serde_json::json!({"aud":"urn:a","exp": 1_800_000_000 - 5}));
-        assert!(issue(response(token, None, None), now(), FIVE_MIN, "urn:a", &[]).is_err());
+        assert!(
+            issue(
+                response(token, None, None),
+                now(),
+                FIVE_MIN,
+                "urn:a",
+                &[],
+                None
+            )
+            .is_err()
+        );
     }
 }
