@@ -41,6 +41,7 @@ const log = (msg) => process.stderr.write(`[oidc-server] ${msg}\n`);
 
 // Imported dynamically so the console redirection above is in place first.
 const { default: Provider, errors } = await import('oidc-provider');
+const jose = await import('jose');
 
 // ---------------------------------------------------------------------------------------
 // Resource servers (RFC 8707 resource indicators). The key is the exact `resource` value a
@@ -193,7 +194,19 @@ const CLIENTS = [
     ...m2mClient(GRACE_CLIENT, 'm2m-refresh-grace-secret', 'client_secret_basic'),
     grant_types: ['client_credentials', 'refresh_token'],
   },
+  // DPoP (RFC 9449): every token of this client must be DPoP-bound, so a request without a
+  // `DPoP` proof is refused (invalid_dpop_proof) and JWTs carry `cnf.jkt`.
+  {
+    ...m2mClient('m2m-dpop', 'm2m-dpop-secret', 'client_secret_basic'),
+    dpop_bound_access_tokens: true,
+  },
 ];
+
+// The algorithms a DPoP proof may be signed with (oidc-provider's default is ES256 and EdDSA).
+const DPOP_ALGS = ['ES256', 'ES384', 'PS256', 'RS256'];
+// Whether the token endpoint demands a DPoP nonce (RFC 9449 §8): toggled by
+// POST /__test/dpop-require-nonce. Off at start.
+let requireDpopNonce = false;
 
 const TEST_ACCOUNT = 'test-account';
 
@@ -205,6 +218,9 @@ function generateSigningJwk() {
   const jwk = privateKey.export({ format: 'jwk' });
   return { ...jwk, kid: `test-rs256-${crypto.randomBytes(4).toString('hex')}`, use: 'sig', alg: 'RS256' };
 }
+const signingJwk = generateSigningJwk();
+// The public half, for /__test/resource to verify access tokens with.
+const signingPublicKey = crypto.createPublicKey({ key: signingJwk, format: 'jwk' });
 
 // ---------------------------------------------------------------------------------------
 // Token request counters, served by the /__test/ endpoints.
@@ -315,10 +331,11 @@ const config = {
   clients: CLIENTS,
   // Every scope a client may hold must be known to the server.
   scopes: ['openid', 'offline_access', ...ALL_SCOPES.split(' ')],
-  jwks: { keys: [generateSigningJwk()] },
+  jwks: { keys: [signingJwk] },
   // oidc-provider's default list plus ES384 (for m2m-jwt-es384).
   enabledJWA: {
     clientAuthSigningAlgValues: ['HS256', 'RS256', 'PS256', 'ES256', 'ES384', 'Ed25519', 'EdDSA'],
+    dPoPSigningAlgValues: DPOP_ALGS,
   },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
 
@@ -328,6 +345,13 @@ const config = {
     clientCredentials: { enabled: true },
     introspection: { enabled: false },
     revocation: { enabled: false },
+    // DPoP (RFC 9449). With a nonceSecret the provider can hand out nonces (a `DPoP-Nonce`
+    // header on answers to DPoP requests); it demands them only while requireDpopNonce is on.
+    dPoP: {
+      enabled: true,
+      nonceSecret: crypto.randomBytes(32),
+      requireNonce: () => requireDpopNonce,
+    },
     resourceIndicators: {
       enabled: true,
       // No default: a request without `resource` gets no resource server (see README).
@@ -453,6 +477,59 @@ async function mintRefreshToken(ctx) {
   ctx.body = { refresh_token: minted };
 }
 
+// GET /__test/resource: a resource server's DPoP check (RFC 9449 §7). Needs
+// `Authorization: DPoP <access token>` and a `DPoP` proof header. 200 {"ok":true,"sub","jkt"}
+// only when the proof verifies with the `jwk` in its header, `typ` is dpop+jwt, `htm`/`htu`
+// are this request's, `ath` is the token's hash, `iat` is within 60 s, and the access token
+// (a JWT verified with the provider's signing key) has `cnf.jkt` = the proof key's
+// thumbprint. Otherwise 401 {"error":"invalid_token"|"invalid_dpop_proof","reason":"..."}.
+async function checkDpopResource(ctx) {
+  const refuse = (error, reason) => {
+    ctx.status = 401;
+    ctx.set('WWW-Authenticate', `DPoP error="${error}", algs="${DPOP_ALGS.join(' ')}"`);
+    ctx.type = 'json';
+    ctx.body = { error, reason };
+  };
+  const match = /^DPoP\s+(\S+)$/.exec(ctx.get('authorization'));
+  if (!match) return refuse('invalid_token', 'no "Authorization: DPoP <token>" header');
+  const token = match[1];
+  const proof = ctx.get('dpop');
+  if (!proof) return refuse('invalid_dpop_proof', 'no DPoP proof header');
+  let header;
+  let claims;
+  try {
+    ({ protectedHeader: header, payload: claims } = await jose.jwtVerify(proof, jose.EmbeddedJWK, {
+      typ: 'dpop+jwt',
+      algorithms: DPOP_ALGS,
+    }));
+  } catch (err) {
+    return refuse('invalid_dpop_proof', `the proof does not verify with its jwk: ${err.code ?? err.message}`);
+  }
+  if (typeof claims.jti !== 'string' || claims.jti === '') return refuse('invalid_dpop_proof', 'no jti');
+  if (claims.htm !== ctx.method) return refuse('invalid_dpop_proof', `htm ${claims.htm} is not ${ctx.method}`);
+  const expectedHtu = `${issuer}${ctx.path}`;
+  if (claims.htu !== expectedHtu) return refuse('invalid_dpop_proof', `htu ${claims.htu} is not ${expectedHtu}`);
+  const ath = crypto.createHash('sha256').update(token).digest('base64url');
+  if (claims.ath !== ath) return refuse('invalid_dpop_proof', 'ath is not the hash of the access token');
+  const now = Math.floor(Date.now() / 1000);
+  if (typeof claims.iat !== 'number' || Math.abs(now - claims.iat) > 60) {
+    return refuse('invalid_dpop_proof', `iat ${claims.iat} is not within 60 s of ${now}`);
+  }
+  let access;
+  try {
+    ({ payload: access } = await jose.jwtVerify(token, signingPublicKey, { issuer, typ: 'at+jwt' }));
+  } catch (err) {
+    return refuse('invalid_token', `the access token does not verify: ${err.code ?? err.message}`);
+  }
+  const jkt = await jose.calculateJwkThumbprint(header.jwk);
+  if (access.cnf?.jkt !== jkt) {
+    return refuse('invalid_token', `the token's cnf.jkt ${access.cnf?.jkt} is not the proof key's thumbprint ${jkt}`);
+  }
+  ctx.type = 'json';
+  ctx.body = { ok: true, sub: access.sub, jkt };
+  return undefined;
+}
+
 // Registered auth method, enforced strictly: oidc-provider itself accepts either
 // client_secret_basic or client_secret_post for a client registered with one of them; this
 // server answers 401 invalid_client when a client uses the other one, so tests prove the
@@ -494,6 +571,17 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === '/__test/refresh-token' && ctx.method === 'POST') {
     await mintRefreshToken(ctx);
+    return;
+  }
+  if (ctx.path === '/__test/resource' && ctx.method === 'GET') {
+    await checkDpopResource(ctx);
+    return;
+  }
+  if (ctx.path === '/__test/dpop-require-nonce' && ctx.method === 'POST') {
+    const body = await readJson(ctx);
+    requireDpopNonce = body.require === true;
+    log(`DPoP nonces ${requireDpopNonce ? 'required' : 'not required'} at the token endpoint`);
+    ctx.status = 204;
     return;
   }
   if (ctx.path === '/__test/hold-next-refresh' && ctx.method === 'POST') {

@@ -122,6 +122,14 @@ pub const M2M_REFRESH_GRACE: TestClient = TestClient {
     method: AuthMethod::ClientSecretBasic,
 };
 
+/// client_credentials, HTTP Basic; every token must be DPoP-bound (RFC 9449): a request
+/// without a `DPoP` proof is `invalid_grant`, JWTs carry `cnf.jkt`, `token_type` is `DPoP`.
+pub const M2M_DPOP: TestClient = TestClient {
+    id: "m2m-dpop",
+    secret: "m2m-dpop-secret",
+    method: AuthMethod::ClientSecretBasic,
+};
+
 /// Token endpoint requests seen by the server since start or the last reset, successful or
 /// not. A request without `resource` is counted under `"(none)"`; one with several under
 /// the values joined by a space.
@@ -450,6 +458,49 @@ impl OidcServer {
             .send()
             .await
             .expect("POST token endpoint");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+}
+
+impl OidcServer {
+    /// `{issuer}/__test/resource`: a resource server's DPoP check (see the README).
+    pub fn resource_url(&self) -> String {
+        format!("{}/__test/resource", self.issuer)
+    }
+
+    /// Makes the token endpoint demand DPoP nonces (RFC 9449 §8), or stop demanding them.
+    pub async fn require_dpop_nonce(&self, require: bool) {
+        let url = format!("{}/__test/dpop-require-nonce", self.issuer);
+        let response = self
+            .http
+            .post(&url)
+            .json(&serde_json::json!({ "require": require }))
+            .send()
+            .await
+            .expect("POST /__test/dpop-require-nonce");
+        assert!(
+            response.status().is_success(),
+            "POST {url}: {}",
+            response.status()
+        );
+    }
+
+    /// `GET /__test/resource` with `Authorization: DPoP <token>` and a `DPoP: <proof>`
+    /// header (each only when given). Returns the status and the JSON body (`reason` on 401).
+    pub async fn call_resource(
+        &self,
+        token: Option<&str>,
+        proof: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.http.get(self.resource_url());
+        if let Some(token) = token {
+            request = request.header("authorization", format!("DPoP {token}"));
+        }
+        if let Some(proof) = proof {
+            request = request.header("dpop", proof);
+        }
+        let response = request.send().await.expect("GET /__test/resource");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or_default())
     }
