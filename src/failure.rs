@@ -18,6 +18,9 @@ pub mod reason {
     pub const TOKEN_REQUEST_FAILED: &str = "TokenRequestFailed";
     /// The token's `aud` is not exactly the expected audience.
     pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
+    /// A DPoP token request got a token that is not bound to the key (`token_type` is not
+    /// `DPoP`, or `cnf.jkt` is another key's).
+    pub const DPOP_BINDING_MISMATCH: &str = "DPoPBindingMismatch";
     /// A Secret of that name exists and is not ours.
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     /// The last token expired and no new one could be obtained.
@@ -62,6 +65,7 @@ impl Failure {
     pub fn from_token_error(error: &TokenError) -> Self {
         let reason = match error {
             TokenError::AudienceMismatch { .. } => reason::AUDIENCE_MISMATCH,
+            TokenError::DpopBindingMismatch { .. } => reason::DPOP_BINDING_MISMATCH,
             TokenError::Config(_) | TokenError::Discovery { .. } => reason::ISSUER_NOT_READY,
             _ => reason::TOKEN_REQUEST_FAILED,
         };

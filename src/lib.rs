@@ -18,6 +18,7 @@
 pub mod api;
 pub mod controller;
 pub mod debug_token;
+pub mod dpop_proof;
 pub mod failure;
 pub mod issuer;
 pub mod leader;

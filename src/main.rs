@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use audience_token_operator::leader::{self, LeaseSettings, Shutdown};
 use audience_token_operator::server::{self, Health, Leadership};
 use audience_token_operator::telemetry::Metrics;
-use audience_token_operator::{api, controller, debug_token, rbac};
+use audience_token_operator::{api, controller, debug_token, dpop_proof, rbac};
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::FutureExt as _;
 
@@ -43,6 +43,28 @@ enum Command {
     /// Print, as JSON, the Kubernetes permissions the operator uses (what the Helm chart's
     /// RBAC grants): cluster-wide rules have `"namespace": null`.
     Rbac(RbacArgs),
+    /// Print a DPoP proof (RFC 9449) for one API call, from a mounted DPoP token Secret.
+    ///
+    /// For example: curl -H "Authorization: DPoP $(cat /var/run/token/token)"
+    /// -H "DPoP: $(audience-token-operator dpop-proof --secret-dir /var/run/token
+    /// --method GET --url https://api.example.com/orders)" https://api.example.com/orders
+    DpopProof(DpopProofArgs),
+}
+
+#[derive(clap::Args)]
+struct DpopProofArgs {
+    /// The directory the token Secret is mounted in (it holds `token` and `dpop-private-key`).
+    #[arg(long)]
+    secret_dir: PathBuf,
+    /// The HTTP method of the call.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// The URL of the call (query and fragment are left out of the proof's `htu`).
+    #[arg(long)]
+    url: String,
+    /// The nonce the API asked for in a `DPoP-Nonce` header.
+    #[arg(long)]
+    nonce: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -184,6 +206,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args).await,
         Command::Token(args) => token(args).await,
+        Command::DpopProof(args) => {
+            let proof = dpop_proof::proof_from_secret_dir(
+                &args.secret_dir,
+                &args.method,
+                &args.url,
+                args.nonce.as_deref(),
+            )?;
+            println!("{proof}");
+            Ok(())
+        }
         Command::Rbac(args) => {
             let scope = rbac::Scope {
                 watched: args.namespace,

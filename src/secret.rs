@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{AudienceToken, AudienceTokenSpec, DeletionPolicy, RENEW_REQUESTED_AT_ANNOTATION};
 use crate::oauth::IssuedToken;
+use crate::oauth::dpop::DpopKey;
 
 /// The field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
 pub const MANAGER: &str = "audience-token-operator";
@@ -38,7 +39,15 @@ pub mod keys {
     pub const AUDIENCE: &str = "audience";
     /// Granted scopes, space separated.
     pub const SCOPE: &str = "scope";
+    /// The DPoP private key (a JWK with `alg`), for DPoP-bound tokens only.
+    pub const DPOP_PRIVATE_KEY: &str = "dpop-private-key";
+    /// The RFC 7638 thumbprint of the DPoP key (the token's `cnf.jkt`).
+    pub const DPOP_JKT: &str = "dpop-jkt";
 }
+
+/// Annotation: the thumbprint of the DPoP key in the Secret, so the operator knows from the
+/// Secret's metadata alone which key a DPoP-bound token is bound to.
+pub const DPOP_JKT_ANNOTATION: &str = "audiencetoken.io/dpop-jkt";
 
 /// The label selector that finds every Secret the operator owns.
 pub fn managed_selector() -> String {
@@ -58,6 +67,11 @@ pub fn spec_hash(spec: &AudienceTokenSpec) -> String {
         "audience": spec.audience,
         "scopes": scopes,
     });
+    // Only when set: adding a field to every hash would re-issue every token at an upgrade.
+    let mut canonical = canonical;
+    if let Some(dpop) = &spec.dpop {
+        canonical["dpop"] = serde_json::json!(dpop.algorithm);
+    }
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -69,8 +83,13 @@ pub fn rfc3339(at: Timestamp) -> String {
         .to_string()
 }
 
-/// The Secret to server-side apply for a freshly issued token.
-pub fn desired_secret(token_resource: &AudienceToken, token: &IssuedToken) -> Secret {
+/// The Secret to server-side apply for a freshly issued token (with the DPoP key it is bound
+/// to, if any).
+pub fn desired_secret(
+    token_resource: &AudienceToken,
+    token: &IssuedToken,
+    dpop: Option<&DpopKey>,
+) -> Secret {
     let name = token_resource.metadata.name.clone().unwrap_or_default();
     let template = token_resource
         .spec
@@ -101,8 +120,12 @@ pub fn desired_secret(token_resource: &AudienceToken, token: &IssuedToken) -> Se
         DeletionPolicy::Retain => None,
     };
 
+    if let Some(key) = dpop {
+        annotations.insert(DPOP_JKT_ANNOTATION.into(), key.thumbprint().to_string());
+    }
+
     let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         (keys::TOKEN.to_string(), bytes(token.access_token.expose())),
         (keys::TOKEN_TYPE.to_string(), bytes(&token.token_type)),
         (keys::EXPIRES_AT.to_string(), bytes(&expires_at)),
@@ -112,6 +135,13 @@ pub fn desired_secret(token_resource: &AudienceToken, token: &IssuedToken) -> Se
         ),
         (keys::SCOPE.to_string(), bytes(&token.scopes.join(" "))),
     ]);
+    if let Some(key) = dpop {
+        data.insert(
+            keys::DPOP_PRIVATE_KEY.to_string(),
+            bytes(key.private_jwk().expose()),
+        );
+        data.insert(keys::DPOP_JKT.to_string(), bytes(key.thumbprint()));
+    }
 
     Secret {
         metadata: ObjectMeta {
@@ -152,6 +182,8 @@ pub struct PublishedToken {
     pub spec_hash: String,
     /// The `renew-requested-at` value in force when it was issued.
     pub renew_requested_at: Option<String>,
+    /// The thumbprint of the DPoP key a DPoP-bound token is bound to.
+    pub dpop_jkt: Option<String>,
 }
 
 /// Reads the published token from a Secret's metadata, if the annotations are complete.
@@ -163,6 +195,7 @@ pub fn published_token(meta: &ObjectMeta) -> Option<PublishedToken> {
         expires_at: time(EXPIRES_AT_ANNOTATION)?,
         spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
         renew_requested_at: annotations.get(RENEW_REQUESTED_AT_ANNOTATION).cloned(),
+        dpop_jkt: annotations.get(DPOP_JKT_ANNOTATION).cloned(),
     })
 }
 
@@ -226,7 +259,7 @@ mod tests {
 
     #[test]
     fn renders_the_documented_layout() {
-        let secret = desired_secret(&token_resource(DeletionPolicy::Delete), &issued());
+        let secret = desired_secret(&token_resource(DeletionPolicy::Delete), &issued(), None);
         assert_eq!(secret.metadata.name.as_deref(), Some("orders-api-token"));
         assert_eq!(secret.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(secret.type_.as_deref(), Some("Opaque"));
@@ -263,14 +296,14 @@ mod tests {
 
     #[test]
     fn retain_policy_has_no_owner_reference() {
-        let secret = desired_secret(&token_resource(DeletionPolicy::Retain), &issued());
+        let secret = desired_secret(&token_resource(DeletionPolicy::Retain), &issued(), None);
         assert!(secret.metadata.owner_references.is_none());
     }
 
     #[test]
     fn published_token_reads_back_what_was_written() {
         let at = token_resource(DeletionPolicy::Delete);
-        let secret = desired_secret(&at, &issued());
+        let secret = desired_secret(&at, &issued(), None);
         let published = published_token(&secret.metadata).unwrap();
         assert_eq!(published.issued_at, issued().issued_at);
         assert_eq!(published.expires_at, issued().expires_at);

@@ -13,7 +13,7 @@ use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
-    READY_TIMEOUT, TestEnv, eventually, failures, lifecycle, private_key_jwt, rate_limit,
+    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, private_key_jwt, rate_limit,
     refresh_chain, signature,
 };
 
@@ -289,6 +289,14 @@ async fn interrupted_rotation_is_resolved_at_start() {
         true,
     )
     .await;
+}
+
+/// `spec.dpop`: DPoP-bound tokens with the key in the Secret, kept across renewals and
+/// restarts, replaced when the algorithm changes.
+#[tokio::test]
+async fn dpop_bound_tokens_carry_their_key() {
+    let mut h = start("dpop").await;
+    dpop::dpop_bound_tokens(&h.env, &mut h.operator).await;
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use support::kube_double::{KubeApiDouble, RequestRecord, ResourceKey};
 use support::oidc::{self, OidcServer, SecretsSeen};
 use support::operator::Options;
 use support::scenarios::{
-    READY_TIMEOUT, eventually, failures, lifecycle, private_key_jwt, refresh_chain, signature,
+    READY_TIMEOUT, dpop, eventually, failures, lifecycle, private_key_jwt, refresh_chain, signature,
 };
 
 async fn start(namespace: &str, options: Options) -> Harness {
@@ -107,6 +107,7 @@ async fn sensitive_values(idp: &OidcServer, seen: &SecretsSeen) -> Vec<Sensitive
         oidc::M2M_POST,
         oidc::M2M_SPECIAL,
         oidc::M2M_REFRESH,
+        oidc::M2M_DPOP,
     ] {
         values.push((Kind::ClientSecret, client.secret.to_string()));
         let basic = format!("{}:{}", encode(client.id), encode(client.secret));
@@ -275,7 +276,22 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
             i + 1
         );
     }
-    let values = sensitive_values(&h.env.idp, &seen).await;
+    let mut values = sensitive_values(&h.env.idp, &seen).await;
+    // DPoP private keys the operator made: the private members of each, as written into the
+    // token Secrets' data (the only place they may be).
+    let dpop_keys = secret_data_values(&h.double, "dpop-private-key");
+    for (index, jwk) in dpop_keys.iter().enumerate() {
+        let jwk: serde_json::Value = serde_json::from_str(jwk).expect("a DPoP JWK");
+        for part in ["d", "p", "q", "dp", "dq", "qi"] {
+            if let Some(v) = jwk[part].as_str() {
+                values.push(Sensitive {
+                    kind: Kind::PrivateKey,
+                    index: 1000 + index,
+                    forms: forms(v),
+                });
+            }
+        }
+    }
 
     // Positive controls: the recorded access tokens are the ones in the token Secrets, and
     // the search finds them there, in the form the API serves them (base64 `data`).
@@ -368,15 +384,20 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
 }
 
 /// Client secrets (HTTP Basic and form post, a wrong one too), failures, forced renewals,
-/// private_key_jwt assertions and the signature check, with text logs.
+/// private_key_jwt assertions, the signature check and DPoP keys, with text logs.
 #[tokio::test]
 async fn no_secret_leaks_with_text_logs() {
-    let h = start("leak-text", Options::default()).await;
+    let mut h = start("leak-text", Options::default()).await;
     lifecycle::issues_one_token_per_audience(&h.env).await;
     lifecycle::forced_renewal(&h.env).await;
     failures::failures_reach_status_and_recover(&h.env).await;
     private_key_jwt::private_key_jwt(&h.env).await;
     signature::signature_check(&h.env).await;
+    dpop::dpop_bound_tokens(&h.env, &mut h.operator).await;
+    assert!(
+        !secret_data_values(&h.double, "dpop-private-key").is_empty(),
+        "DPoP keys were made, so a leak of one would be found"
+    );
     assert_nothing_leaks(
         h,
         &[Kind::AccessToken, Kind::ClientAssertion, Kind::ClientSecret],

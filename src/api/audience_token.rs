@@ -94,6 +94,36 @@ pub struct AudienceTokenSpec {
     /// Secret is owned by the AudienceToken) or `Retain`.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Make the token sender-constrained with DPoP (RFC 9449): the operator keeps a key pair
+    /// for this AudienceToken, proves possession of it at every token request, and writes the
+    /// private key (`dpop-private-key`, a JWK) and its thumbprint (`dpop-jkt`) into the
+    /// Secret beside the token, so the workload can make the proofs for its API calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpop: Option<DpopSpec>,
+}
+
+/// DPoP settings of an AudienceToken.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+pub struct DpopSpec {
+    /// The key's algorithm: `ES256` (default), `ES384`, `PS256` or `RS256`. Changing it
+    /// makes a new key and a new token.
+    #[serde(default)]
+    pub algorithm: DpopAlgorithmName,
+}
+
+/// The algorithms a DPoP key may use; `none` and HMAC are not among them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum DpopAlgorithmName {
+    /// ECDSA P-256 with SHA-256.
+    #[default]
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+    /// RSASSA-PSS with SHA-256 (RSA 2048).
+    PS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (RSA 2048).
+    RS256,
 }
 
 /// An RFC 6749 scope token.
@@ -147,7 +177,8 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct AudienceTokenStatus {
     /// `Ready` with reason Issued, Renewed, IssuerNotReady, TokenRequestFailed,
-    /// AudienceMismatch, SecretConflict, Expired, NotAllowed or RefreshChainLost.
+    /// AudienceMismatch, DPoPBindingMismatch, SecretConflict, Expired, NotAllowed or
+    /// RefreshChainLost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` last acted on.
@@ -159,7 +190,7 @@ pub struct AudienceTokenStatus {
     /// The scopes granted, as the server reported them (or as requested when it did not).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
-    /// The token type, usually `Bearer`.
+    /// The token type: `Bearer`, or `DPoP` for a DPoP-bound token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
     /// When the current token was issued.

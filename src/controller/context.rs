@@ -88,6 +88,8 @@ pub struct Context {
     pub(super) reporter: Reporter,
     /// Asks the other controllers to look again.
     pub signals: signals::Signals,
+    /// DPoP keys of AudienceTokens with `spec.dpop`.
+    pub dpop_keys: super::dpop_keys::DpopKeys,
     /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
     /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
     /// backoff.

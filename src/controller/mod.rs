@@ -14,6 +14,7 @@
 //! last-applied annotation are dropped from everything cached.
 
 pub mod context;
+pub mod dpop_keys;
 pub mod issuer;
 pub mod issuer_status;
 pub mod plan;
@@ -156,6 +157,7 @@ pub async fn run(
         metrics: metrics.clone(),
         rate_limiter: Default::default(),
         signals,
+        dpop_keys: Default::default(),
         recorder,
         reporter,
         failures: Mutex::new(HashMap::new()),
@@ -164,9 +166,11 @@ pub async fn run(
     let (reader, writer) = reflector::store::<AudienceToken>();
     let forget_deleted = {
         let metrics = metrics.clone();
+        let ctx = ctx.clone();
         move |event: &watcher::Event<AudienceToken>| {
             if let watcher::Event::Delete(token) = event {
                 metrics.forget_token(&token.namespace().unwrap_or_default(), &token.name_any());
+                ctx.dpop_keys.forget(&ObjectRef::from_obj(token));
             }
         }
     };

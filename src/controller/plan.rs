@@ -771,6 +771,7 @@ mod tests {
             expires_at: ts(expires),
             spec_hash: hash.into(),
             renew_requested_at: None,
+            dpop_jkt: None,
         }
     }
 

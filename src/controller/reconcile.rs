@@ -14,10 +14,12 @@ use tracing::{debug, info, warn};
 
 use super::issuer::{self, ResolvedIssuer};
 use super::plan::{self, Admitted, AfterRequest, Failure, Observed, Outcome, StatusWrite, Step};
+use super::refresh_chain::ChainRequest;
 use super::{Context, Error};
 use crate::api::{
     AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
+use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Grant, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::RenewBefore;
 use crate::secret::{
@@ -94,15 +96,16 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         }
     }
     info!(namespace, name, issuer = issuer.key, resource = token.spec.resource, reason = ?why, "requesting token");
-    let result = request_token(&ctx, &token, &issuer, now).await;
-    match plan::after_request(&observed, result.as_ref()) {
+    let result = request_token(&ctx, &token, &issuer, &secrets, published.as_ref(), now).await;
+    let dpop = result.as_ref().ok().and_then(|(_, key)| key.clone());
+    match plan::after_request(&observed, result.as_ref().map(|(issued, _)| issued)) {
         AfterRequest::Publish {
             issued,
             renewal_time,
             renewed,
             outcome,
         } => {
-            apply_secret(&token, &secrets, issued).await?;
+            apply_secret(&token, &secrets, issued, dpop.as_deref()).await?;
             ctx.forget_failure(&token);
             write_status(&ctx, &token, &status, &outcome.status).await?;
             info!(
@@ -130,13 +133,28 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     }
 }
 
+/// Asks for a token (through the issuer's refresh chain for that grant) and checks it;
+/// with `spec.dpop`, bound to the AudienceToken's DPoP key, which is returned with it.
 async fn request_token(
     ctx: &Context,
     token: &AudienceToken,
     issuer: &ResolvedIssuer,
+    secrets: &Api<Secret>,
+    published: Option<&PublishedToken>,
     now: Timestamp,
-) -> Result<IssuedToken, Failure> {
+) -> Result<(IssuedToken, Option<Arc<DpopKey>>), Failure> {
     let settings = ctx.endpoints.endpoint(issuer.target()).await?;
+    let dpop = match &token.spec.dpop {
+        Some(spec) => {
+            let published_jkt = published.and_then(|p| p.dpop_jkt.as_deref());
+            Some(
+                ctx.dpop_keys
+                    .key_for(secrets, token, spec.algorithm, published_jkt)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let failed = |error: TokenError| {
         ctx.endpoints.invalidate(issuer.target(), &error);
         Failure::from_token_error(&error)
@@ -148,9 +166,12 @@ async fn request_token(
                     ctx,
                     issuer,
                     &settings,
-                    &token.spec.scopes,
-                    &token.spec.resource,
-                    token.expected_audience(),
+                    ChainRequest {
+                        scopes: &token.spec.scopes,
+                        resource: &token.spec.resource,
+                        audience: token.expected_audience(),
+                        dpop: dpop.clone(),
+                    },
                 )
                 .await?
         }
@@ -159,7 +180,7 @@ async fn request_token(
                 grant: Grant::ClientCredentials,
                 scopes: token.spec.scopes.clone(),
                 audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
-                dpop: None,
+                dpop: dpop.clone(),
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await
@@ -172,7 +193,7 @@ async fn request_token(
         settings.default_lifetime,
         token.expected_audience(),
         &token.spec.scopes,
-        None,
+        dpop.as_deref().map(DpopKey::thumbprint),
     )
     .map_err(failed)?;
     // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).
@@ -184,10 +205,13 @@ async fn request_token(
     }
     // RFC 6749 §4.4.3: a refresh token in a client-credentials response is not used; the
     // refresh-token chain took its own already.
-    Ok(IssuedToken {
-        refresh_token: None,
-        ..issued
-    })
+    Ok((
+        IssuedToken {
+            refresh_token: None,
+            ..issued
+        },
+        dpop,
+    ))
 }
 
 /// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may
@@ -237,8 +261,9 @@ async fn apply_secret(
     token: &AudienceToken,
     secrets: &Api<Secret>,
     issued: &IssuedToken,
+    dpop: Option<&DpopKey>,
 ) -> Result<(), Error> {
-    let secret = desired_secret(token, issued);
+    let secret = desired_secret(token, issued, dpop);
     secrets
         .patch(
             token.secret_name(),

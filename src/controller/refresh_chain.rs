@@ -38,6 +38,7 @@ use crate::api::RefreshTokenGrant;
 use crate::failure::{Failure, reason};
 use crate::issuer::CredentialKind;
 use crate::issuer::ReadyEndpoint;
+use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
@@ -120,6 +121,18 @@ pub enum ChainHealth {
     Lost(String),
     /// No chain yet and no usable bootstrap value.
     WaitingForBootstrap(String),
+}
+
+/// What one AudienceToken asks of its issuer's chain.
+pub struct ChainRequest<'a> {
+    /// The scopes to ask for.
+    pub scopes: &'a [String],
+    /// The resource (RFC 8707).
+    pub resource: &'a str,
+    /// The `aud` the token must carry.
+    pub audience: &'a str,
+    /// The AudienceToken's DPoP key, for a DPoP-bound token.
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 /// The state Secret's name for an issuer.
@@ -224,10 +237,14 @@ impl RefreshChains {
         ctx: &Context,
         issuer: &ResolvedIssuer,
         endpoint: &ReadyEndpoint,
-        scopes: &[String],
-        resource: &str,
-        audience: &str,
+        wanted: ChainRequest<'_>,
     ) -> Result<TokenResponse, Failure> {
+        let ChainRequest {
+            scopes,
+            resource,
+            audience,
+            dpop,
+        } = wanted;
         let grant = grant(issuer)?;
         if !grant.resources.iter().any(|r| r == resource) {
             return Err(Failure {
@@ -254,7 +271,7 @@ impl RefreshChains {
             audience: audience.to_string(),
             scopes: scopes.to_vec(),
         };
-        session.send(&mut state, endpoint, wanted).await
+        session.send(&mut state, endpoint, wanted, dpop).await
     }
 
     /// The chain as the issuer status shows it. Loads the chain if this process has not yet;
@@ -300,7 +317,8 @@ impl RefreshChains {
                     ..recorded
                 }
             };
-            if let Err(failure) = session.send(&mut state, endpoint, retry).await {
+            // The AudienceToken's DPoP key is not at hand here; the answer is not published.
+            if let Err(failure) = session.send(&mut state, endpoint, retry, None).await {
                 warn!(issuer = issuer.key, error = %failure.message, "retry of the interrupted refresh request failed");
             }
         }
@@ -414,6 +432,7 @@ impl<'a> Session<'a> {
         state: &mut ChainState,
         endpoint: &ReadyEndpoint,
         wanted: InFlight,
+        dpop: Option<Arc<DpopKey>>,
     ) -> Result<TokenResponse, Failure> {
         let issuer = self.issuer;
         let Some(current) = state.refresh_token.clone() else {
@@ -442,7 +461,7 @@ impl<'a> Session<'a> {
             grant: Grant::RefreshToken(current),
             scopes: wanted.scopes.clone(),
             audience: endpoint.audience_for(&wanted.resource, &wanted.audience),
-            dpop: None,
+            dpop,
         };
         match self
             .ctx

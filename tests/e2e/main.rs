@@ -23,7 +23,8 @@ use kube::{Client, Config, ResourceExt};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, eventually, failures, lifecycle, private_key_jwt, rate_limit, refresh_chain, signature,
+    TestEnv, dpop, eventually, failures, lifecycle, private_key_jwt, rate_limit, refresh_chain,
+    signature,
 };
 
 #[tokio::test]
@@ -89,6 +90,7 @@ async fn scenarios_on_a_real_cluster() {
         .await;
         private_key_jwt::private_key_jwt(&env).await;
         signature::signature_check(&env).await;
+        dpop::dpop_bound_tokens(&env, &mut operator).await;
         rate_limit::rate_limit_spaces_requests(&env).await;
         operator.stop().await;
     })

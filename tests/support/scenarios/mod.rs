@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 
 use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 
+pub mod dpop;
 pub mod failures;
 pub mod lifecycle;
 pub mod private_key_jwt;
