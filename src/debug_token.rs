@@ -27,6 +27,7 @@ use crate::issuer::{
     Credential, CredentialKind, CredentialRef, IssuerEndpoints, IssuerTarget, method_name,
     optional_duration,
 };
+use crate::oauth::dpop::{DpopAlgorithm, DpopKey};
 use crate::oauth::jwt::decode_claims;
 use crate::oauth::{
     AudienceParam, ClientCredentials, Grant, TokenClient, TokenError, TokenRequest, TokenResponse,
@@ -441,6 +442,8 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Put the access token into the report.
     pub show_token: bool,
+    /// Ask for a DPoP-bound token with a new key of this algorithm (RFC 9449).
+    pub dpop: Option<DpopAlgorithm>,
     /// Where credentials come from.
     pub credentials: CredentialSources,
 }
@@ -496,6 +499,8 @@ pub struct RequestSummary {
     pub requested_scopes: Vec<String>,
     /// Things worth knowing that do not fail the check.
     pub notes: Vec<String>,
+    /// With `--dpop`: the thumbprint of the key the token must be bound to.
+    pub dpop_jkt: Option<String>,
 }
 
 fn setting(
@@ -569,6 +574,7 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
             },
             requested_scopes: scopes.clone(),
             notes,
+            dpop_jkt: None,
         },
         request: TokenRequest {
             grant: Grant::ClientCredentials,
@@ -605,6 +611,12 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
     plan.summary.credential_source = ready.credential_from.clone();
     plan.summary.token_endpoint = ready.endpoint.token_endpoint.to_string();
     plan.summary.token_endpoint_source = ready.token_endpoint_source.clone();
+    if let Some(algorithm) = options.dpop {
+        let key = DpopKey::generate(algorithm)
+            .map_err(|e| DebugTokenError::Config(format!("cannot make a DPoP key: {e}")))?;
+        plan.summary.dpop_jkt = Some(key.thumbprint().to_string());
+        plan.request.dpop = Some(std::sync::Arc::new(key));
+    }
     let now = Timestamp::now();
     let response = layer
         .tokens()
@@ -708,7 +720,7 @@ pub fn build_report(
         default_lifetime,
         &request.expected_audience,
         &request.requested_scopes,
-        None,
+        request.dpop_jkt.as_deref(),
     ) {
         Ok(issued) => (issued.expires_at, issued.scopes, unchecked, None),
         Err(TokenError::AudienceMismatch { actual, .. }) => (
@@ -804,6 +816,16 @@ impl Report {
         line("resource", &r.resource);
         line("sent", &r.audience_parameter);
         line("requested scope", &or_none(&r.requested_scopes.join(" ")));
+        if let Some(jkt) = &r.dpop_jkt {
+            line("dpop key jkt", jkt);
+            line(
+                "token cnf",
+                &self
+                    .cnf()
+                    .map(|cnf| cnf.to_string())
+                    .unwrap_or_else(|| "(none)".to_string()),
+            );
+        }
         line("HTTP outcome", "success (2xx), a token response");
         line("token_type", &self.token_type);
         line(
@@ -901,6 +923,8 @@ impl Report {
             },
             "problem": self.problem,
             "notes": r.notes,
+            "dpop_jkt": r.dpop_jkt,
+            "cnf": self.cnf(),
             "header": self.jwt.as_ref().map(|j| j.header.clone()),
             "claims": self.jwt.as_ref().map(|j| Value::Object(j.claims.clone())),
         });
@@ -908,6 +932,11 @@ impl Report {
             out["access_token"] = json!(self.access_token.expose());
         }
         out
+    }
+
+    /// The JWT's `cnf` (RFC 7800) confirmation claim, if any: `jkt` for DPoP.
+    pub fn cnf(&self) -> Option<&Value> {
+        self.jwt.as_ref().and_then(|j| j.claims.get("cnf"))
     }
 
     fn jwt_audience(&self) -> Option<Vec<String>> {
@@ -982,6 +1011,7 @@ spec:
             audience_parameter: "resource=urn:a".into(),
             requested_scopes: vec!["r".into()],
             notes: vec![],
+            dpop_jkt: None,
         }
     }
 
@@ -1003,6 +1033,7 @@ spec:
             scopes: vec!["orders/read  orders/write".into(), "extra".into()],
             timeout: None,
             show_token: false,
+            dpop: None,
             credentials,
         }
     }

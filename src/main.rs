@@ -126,6 +126,10 @@ struct TokenArgs {
     /// Also print the access token.
     #[arg(long)]
     show_token: bool,
+    /// Ask for a DPoP-bound token (RFC 9449), with a new key of this algorithm: ES256,
+    /// ES384, PS256 or RS256. The report shows the key's thumbprint and the token's `cnf`.
+    #[arg(long, value_name = "ALG", value_parser = parse_dpop_algorithm)]
+    dpop: Option<audience_token_operator::oauth::dpop::DpopAlgorithm>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -178,6 +182,12 @@ struct RunArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_dpop_algorithm(
+    name: &str,
+) -> Result<audience_token_operator::oauth::dpop::DpopAlgorithm, String> {
+    audience_token_operator::oauth::dpop::DpopAlgorithm::from_name(name).map_err(|e| e.to_string())
 }
 
 /// Where the service account's namespace is mounted in a pod.
@@ -246,6 +256,7 @@ async fn token(args: TokenArgs) -> anyhow::Result<()> {
         scopes: args.scopes,
         timeout: args.timeout,
         show_token: args.show_token,
+        dpop: args.dpop,
         credentials: debug_token::CredentialSources::with_env(
             args.client_secret_file,
             args.private_key_file,

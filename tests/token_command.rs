@@ -454,3 +454,57 @@ spec:
     assert!(out.stderr.contains("--private-key-file"), "{out}");
     assert!(out.stderr.contains("ATO_PRIVATE_KEY"), "{out}");
 }
+
+/// `--dpop ES256`: the command asks for a DPoP-bound token with a new key and shows the
+/// key's thumbprint beside the token's `cnf`; the check passes only when they match.
+#[tokio::test]
+async fn dpop_shows_the_key_thumbprint_and_the_tokens_cnf() {
+    let idp = OidcServer::start().await;
+    let dir = temp_dir("dpop");
+    let manifest = write(
+        &dir,
+        "issuer.yaml",
+        &discovery_issuer(&idp, M2M_DPOP, "ClientSecretBasic"),
+    );
+    let out = token_command(
+        &[
+            "-f",
+            &manifest,
+            "--resource",
+            ORDERS,
+            "--dpop",
+            "ES256",
+            "--output",
+            "json",
+        ],
+        &[("ATO_CLIENT_SECRET", M2M_DPOP.secret)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    assert_eq!(report["ok"], true, "{out}");
+    assert_eq!(report["token_type"], "DPoP");
+    let jkt = report["dpop_jkt"].as_str().expect("dpop_jkt");
+    assert_eq!(report["cnf"]["jkt"], jkt, "{out}");
+    assert_eq!(report["claims"]["cnf"]["jkt"], jkt);
+
+    // Without --dpop the same client is refused: its tokens must be DPoP-bound.
+    let out = token_command(
+        &["-f", &manifest, "--resource", ORDERS],
+        &[("ATO_CLIENT_SECRET", M2M_DPOP.secret)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out}");
+
+    // none/HMAC are refused before any request.
+    let out = token_command(
+        &["-f", &manifest, "--resource", ORDERS, "--dpop", "HS256"],
+        &[("ATO_CLIENT_SECRET", M2M_DPOP.secret)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("asymmetric"), "{out}");
+}
