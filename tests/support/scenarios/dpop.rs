@@ -78,7 +78,8 @@ impl TestEnv {
 
 /// A DPoP-bound token: the Secret holds the token (type DPoP), the key and its thumbprint;
 /// a renewal keeps the key (the workload's key never changes under a token), an algorithm
-/// change makes a new key, and a restart makes no request and keeps using the stored key.
+/// change makes a new key, a restart makes no request and keeps using the stored key, and
+/// the refresh-token grant binds its tokens too.
 pub async fn dpop_bound_tokens(env: &TestEnv, operator: &mut OperatorProcess) {
     env.create_issuer("dpop-idp", &oidc::M2M_DPOP, oidc::M2M_DPOP.secret)
         .await;
@@ -161,6 +162,26 @@ pub async fn dpop_bound_tokens(env: &TestEnv, operator: &mut OperatorProcess) {
         key.thumbprint(),
         "the stored key"
     );
+
+    // The refresh-token grant: the chain's request carries the AudienceToken's proof too.
+    let bootstrap = env
+        .idp
+        .mint_refresh_token(oidc::M2M_REFRESH.id, &[oidc::ORDERS], None)
+        .await;
+    env.put_bootstrap("dpop-chain-bootstrap", &bootstrap).await;
+    env.create_refresh_issuer("dpop-chain", "dpop-chain-bootstrap", &[oidc::ORDERS])
+        .await;
+    env.create_dpop_token(
+        "dpop-chain-orders",
+        "dpop-chain",
+        oidc::ORDERS,
+        DpopAlgorithmName::ES384,
+    )
+    .await;
+    env.wait_condition("dpop-chain-orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let (_, chain_key) = env.checked_dpop_secret("dpop-chain-orders").await;
+    assert_eq!(chain_key.algorithm().as_str(), "ES384");
 
     // Another algorithm: a new key and a new token, at once.
     env.tokens()
