@@ -138,7 +138,9 @@ async fn desired_status(
             status.token_endpoint = Some(request.endpoint.token_endpoint.to_string());
             match chain_health(ctx, issuer, &request).await {
                 ChainHealth::Lost(why) => Err((reason::REFRESH_CHAIN_LOST, why)),
-                ChainHealth::WaitingForBootstrap(why) => Err((reason::NOT_READY, why)),
+                ChainHealth::WaitingForBootstrap(why) | ChainHealth::Unknown(why) => {
+                    Err((reason::NOT_READY, why))
+                }
                 ChainHealth::Alive => Ok(format!(
                     "token endpoint {}",
                     request.endpoint.token_endpoint

@@ -121,6 +121,9 @@ pub enum ChainHealth {
     Lost(String),
     /// No chain yet and no usable bootstrap value.
     WaitingForBootstrap(String),
+    /// The chain's state is not known yet: the state Secret could not be read, or the retry
+    /// of a rotation interrupted by a stop has not been answered.
+    Unknown(String),
 }
 
 /// What one AudienceToken asks of its issuer's chain.
@@ -291,10 +294,11 @@ impl RefreshChains {
         let mut state = chain.state.lock().await;
         let mut session = Session::new(ctx, issuer, grant, &chain);
         if let Err(failure) = session.prepare(&mut state).await {
-            return ChainHealth::WaitingForBootstrap(format!(
-                "{NO_CHAIN_YET}: {}",
-                failure.message
-            ));
+            return if state.loaded {
+                ChainHealth::WaitingForBootstrap(format!("{NO_CHAIN_YET}: {}", failure.message))
+            } else {
+                ChainHealth::Unknown(failure.message)
+            };
         }
         if state.interrupted
             && state.lost.is_none()
@@ -320,6 +324,14 @@ impl RefreshChains {
             // The AudienceToken's DPoP key is not at hand here; the answer is not published.
             if let Err(failure) = session.send(&mut state, endpoint, retry, None).await {
                 warn!(issuer = issuer.key, error = %failure.message, "retry of the interrupted refresh request failed");
+                if state.interrupted {
+                    // No answer (the server is down, say): try again at the next recheck.
+                    return ChainHealth::Unknown(format!(
+                        "a refresh request was in flight when the operator stopped; its retry \
+                         got no usable answer yet ({})",
+                        failure.message
+                    ));
+                }
             }
         }
         match (&state.lost, &state.refresh_token) {
