@@ -402,7 +402,12 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 timeout,
                 access_token,
             )
-            .await?;
+            .await
+            .map_err(|error| {
+                // An unreachable key set may come from a stale discovery document.
+                self.invalidate(issuer, &error);
+                Failure::from_token_error(&error)
+            })?;
         Ok(jwks::verify_signature(
             access_token,
             &set,

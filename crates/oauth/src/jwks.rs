@@ -318,19 +318,7 @@ mod tests {
 
     const ISSUER: &str = "https://idp.example.com";
 
-    /// A PEM block, the way jsonwebtoken reads private keys.
-    fn pem(label: &str, der: &[u8]) -> String {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    }
+    use crate::assertion::test_keys::pem;
 
     /// A signing key generated at run time, and its public JWK.
     struct TestKey {

@@ -3,12 +3,10 @@
 //! thumbprint beside the token, so the workload can make the proofs for its own calls. Needs
 //! the test server's `m2m-dpop` client, whose tokens must be DPoP-bound.
 
-use audience_token_operator::api::{
-    AudienceToken, AudienceTokenSpec, DpopAlgorithmName, DpopSpec, IssuerRef,
-};
+use audience_token_operator::api::{AudienceTokenSpec, DpopAlgorithmName, DpopSpec};
 use audience_token_operator::oauth::dpop::DpopKey;
 use audience_token_operator::secret::keys;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use super::super::oidc;
@@ -24,22 +22,11 @@ impl TestEnv {
         resource: &str,
         algorithm: DpopAlgorithmName,
     ) {
-        let token = AudienceToken::new(
-            name,
-            AudienceTokenSpec {
-                issuer_ref: IssuerRef {
-                    name: issuer.into(),
-                    ..IssuerRef::default()
-                },
-                resource: resource.into(),
-                dpop: Some(DpopSpec { algorithm }),
-                ..AudienceTokenSpec::default()
-            },
-        );
-        self.tokens()
-            .create(&PostParams::default(), &token)
-            .await
-            .expect("create AudienceToken");
+        let spec = AudienceTokenSpec {
+            dpop: Some(DpopSpec { algorithm }),
+            ..Self::token_spec(issuer, resource, &[])
+        };
+        self.submit_token(name, spec).await;
     }
 
     /// The token, the DPoP key and its thumbprint in Secret `name`, checked against each

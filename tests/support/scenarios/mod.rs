@@ -339,6 +339,27 @@ impl TestEnv {
         self.submit_issuer(&issuer).await;
     }
 
+    /// The spec of an AudienceToken for `resource` from TokenIssuer `issuer`.
+    pub fn token_spec(issuer: &str, resource: &str, scopes: &[&str]) -> AudienceTokenSpec {
+        AudienceTokenSpec {
+            issuer_ref: IssuerRef {
+                name: issuer.into(),
+                ..IssuerRef::default()
+            },
+            resource: resource.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ..AudienceTokenSpec::default()
+        }
+    }
+
+    /// Creates AudienceToken `name` with `spec`.
+    pub async fn submit_token(&self, name: &str, spec: AudienceTokenSpec) {
+        self.tokens()
+            .create(&PostParams::default(), &AudienceToken::new(name, spec))
+            .await
+            .expect("create AudienceToken");
+    }
+
     /// Creates an AudienceToken.
     pub async fn create_token(
         &self,
@@ -348,23 +369,11 @@ impl TestEnv {
         scopes: &[&str],
         secret_name: Option<&str>,
     ) {
-        let token = AudienceToken::new(
-            name,
-            AudienceTokenSpec {
-                issuer_ref: IssuerRef {
-                    name: issuer.into(),
-                    ..IssuerRef::default()
-                },
-                resource: resource.into(),
-                scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                secret_name: secret_name.map(str::to_string),
-                ..AudienceTokenSpec::default()
-            },
-        );
-        self.tokens()
-            .create(&PostParams::default(), &token)
-            .await
-            .expect("create AudienceToken");
+        let spec = AudienceTokenSpec {
+            secret_name: secret_name.map(str::to_string),
+            ..Self::token_spec(issuer, resource, scopes)
+        };
+        self.submit_token(name, spec).await;
     }
 
     /// Creates AudienceToken `name` (its Secret named alike) and waits until it is
