@@ -1,10 +1,10 @@
 //! The HTTP side of the token client: discovery and token requests over one keep-alive
-//! connection pool (plus one per custom CA bundle).
+//! connection pool (plus one per custom CA bundle and client certificate).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use url::Url;
@@ -14,17 +14,37 @@ use super::dpop::htu;
 use super::jwks::{JwkSet, parse_jwks};
 use super::request::{Endpoint, TokenRequest, prepare};
 use super::response::parse_token_response;
+use super::tls::ClientCertificate;
 use super::{TokenError, TokenResponse};
 
 const USER_AGENT: &str = concat!("audience-token-operator/", env!("CARGO_PKG_VERSION"));
 /// Largest response body read; token and metadata documents are a few KiB.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
+/// How to make TLS connections to one server: whom to trust, and which client certificate
+/// to present when the server asks for one (RFC 8705).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tls<'a> {
+    /// PEM CA bundle; `None` trusts the system roots.
+    pub ca_bundle: Option<&'a str>,
+    /// The client certificate, if any.
+    pub client_certificate: Option<&'a ClientCertificate>,
+}
+
+/// A client certificate's connection pool not used for this long is dropped when another
+/// one is built: certificates rotate, and the old pools must not pile up.
+const IDLE_IDENTITY_POOL: Duration = Duration::from_secs(30 * 60);
+
+/// Which pool a connection comes from: the CA bundle text and the client certificate's
+/// thumbprint (the key is the certificate's).
+type PoolKey = (String, Option<String>);
+
 /// Makes discovery and token requests. Cheap to share: clone the `Arc` it lives in.
 pub struct TokenClient {
     system_roots: reqwest::Client,
-    /// Clients for issuers with their own `caBundle`, keyed by the bundle text.
-    custom_roots: Mutex<HashMap<String, reqwest::Client>>,
+    /// Clients for issuers with their own `caBundle` or a client certificate, with when
+    /// each was last used.
+    custom: Mutex<HashMap<PoolKey, (reqwest::Client, Instant)>>,
     /// The newest DPoP nonce (RFC 9449 §8) each token endpoint gave, keyed by its `htu`.
     dpop_nonces: Mutex<HashMap<String, String>>,
 }
@@ -33,25 +53,38 @@ impl TokenClient {
     /// A client trusting the system roots.
     pub fn new() -> Result<Self, TokenError> {
         Ok(Self {
-            system_roots: build_http(None)?,
-            custom_roots: Mutex::new(HashMap::new()),
+            system_roots: build_http(Tls::default())?,
+            custom: Mutex::new(HashMap::new()),
             dpop_nonces: Mutex::new(HashMap::new()),
         })
     }
 
-    fn http(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
-        let Some(bundle) = ca_bundle.filter(|b| !b.trim().is_empty()) else {
-            return Ok(self.system_roots.clone());
+    fn http(&self, tls: Tls<'_>) -> Result<reqwest::Client, TokenError> {
+        let tls = Tls {
+            ca_bundle: tls.ca_bundle.filter(|b| !b.trim().is_empty()),
+            ..tls
         };
+        if tls.ca_bundle.is_none() && tls.client_certificate.is_none() {
+            return Ok(self.system_roots.clone());
+        }
+        let key: PoolKey = (
+            tls.ca_bundle.unwrap_or_default().to_string(),
+            tls.client_certificate.map(|c| c.thumbprint().to_string()),
+        );
         let mut clients = self
-            .custom_roots
+            .custom
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(client) = clients.get(bundle) {
+        let now = Instant::now();
+        if let Some((client, used)) = clients.get_mut(&key) {
+            *used = now;
             return Ok(client.clone());
         }
-        let client = build_http(Some(bundle))?;
-        clients.insert(bundle.to_string(), client.clone());
+        let client = build_http(tls)?;
+        clients.retain(|(_, certificate), (_, used)| {
+            certificate.is_none() || now.duration_since(*used) < IDLE_IDENTITY_POOL
+        });
+        clients.insert(key, (client.clone(), now));
         Ok(client)
     }
 
@@ -59,17 +92,20 @@ impl TokenClient {
     pub async fn discover(
         &self,
         issuer: &Url,
-        ca_bundle: Option<&str>,
+        tls: Tls<'_>,
         timeout: Duration,
         allow_insecure_http: bool,
     ) -> Result<ServerMetadata, TokenError> {
         check_transport_security(issuer, allow_insecure_http)?;
-        let http = self.http(ca_bundle)?;
+        let http = self.http(tls)?;
         let mut failures = Vec::new();
         for url in metadata_urls(issuer) {
             match fetch_metadata(&http, &url, issuer.as_str(), timeout).await {
                 Ok(metadata) => {
                     check_transport_security(&metadata.token_endpoint, allow_insecure_http)?;
+                    if let Some(alias) = &metadata.mtls_token_endpoint {
+                        check_transport_security(alias, allow_insecure_http)?;
+                    }
                     return Ok(metadata);
                 }
                 Err(reason) => failures.push(format!("{url}: {reason}")),
@@ -86,15 +122,16 @@ impl TokenClient {
     pub async fn fetch_jwks(
         &self,
         url: &Url,
-        ca_bundle: Option<&str>,
+        tls: Tls<'_>,
         timeout: Duration,
         allow_insecure_http: bool,
     ) -> Result<JwkSet, TokenError> {
         check_transport_security(url, allow_insecure_http)?;
-        let http = self.http(ca_bundle)?;
+        let http = self.http(tls)?;
         let failed = |reason: String| {
             TokenError::SignatureInvalid(format!("cannot fetch the JWKS from {url}: {reason}"))
         };
+        let failed_to_send = |e: reqwest::Error| failed(super::error_chain(&e));
         let response = http
             .get(url.clone())
             .timeout(timeout)
@@ -104,14 +141,12 @@ impl TokenClient {
             )
             .send()
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(failed_to_send)?;
         let status = response.status();
         if !status.is_success() {
             return Err(failed(format!("HTTP {}", status.as_u16())));
         }
-        let body = read_body(response)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let body = read_body(response).await.map_err(failed_to_send)?;
         parse_jwks(&body).map_err(failed)
     }
 
@@ -127,7 +162,7 @@ impl TokenClient {
         endpoint: &Endpoint,
         request: &TokenRequest,
     ) -> Result<TokenResponse, TokenError> {
-        let http = self.http(endpoint.ca_bundle.as_deref())?;
+        let http = self.http(endpoint.tls())?;
         let htu = match &request.dpop {
             Some(_) => Some(
                 htu(endpoint.token_endpoint.as_str())
@@ -254,12 +289,14 @@ async fn fetch_metadata(
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| super::error_chain(&e))?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("HTTP {}", status.as_u16()));
     }
-    let body = read_body(response).await.map_err(|e| e.to_string())?;
+    let body = read_body(response)
+        .await
+        .map_err(|e| super::error_chain(&e))?;
     parse_metadata(&body, issuer)
 }
 
@@ -275,14 +312,17 @@ async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::
     Ok(body)
 }
 
-fn build_http(ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
+fn build_http(tls: Tls<'_>) -> Result<reqwest::Client, TokenError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
         // A token endpoint that redirects would make us re-send credentials elsewhere.
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90));
-    if let Some(bundle) = ca_bundle {
+    if let Some(certificate) = tls.client_certificate {
+        builder = builder.identity(certificate.identity());
+    }
+    if let Some(bundle) = tls.ca_bundle {
         let certs = reqwest::Certificate::from_pem_bundle(bundle.as_bytes())
             .map_err(|e| TokenError::Config(format!("caBundle is not valid PEM: {e}")))?;
         if certs.is_empty() {
@@ -339,7 +379,12 @@ mod tests {
     #[test]
     fn a_bad_ca_bundle_is_a_config_error() {
         let client = TokenClient::new().unwrap();
-        let err = client.http(Some("not pem")).unwrap_err();
+        let err = client
+            .http(Tls {
+                ca_bundle: Some("not pem"),
+                client_certificate: None,
+            })
+            .unwrap_err();
         assert!(matches!(err, TokenError::Config(_)), "{err}");
     }
 }

@@ -12,6 +12,20 @@ pub struct ServerMetadata {
     pub token_endpoint: Url,
     /// Where the server publishes its signing keys (JWKS), if it says.
     pub jwks_uri: Option<Url>,
+    /// The token endpoint for clients that authenticate or bind tokens with a client
+    /// certificate, from `mtls_endpoint_aliases` (RFC 8705 §5), if the server has one.
+    pub mtls_token_endpoint: Option<Url>,
+}
+
+impl ServerMetadata {
+    /// The token endpoint to use: the mTLS alias when the client presents a certificate and
+    /// the server names one, else `token_endpoint`.
+    pub fn token_endpoint_for(&self, presents_certificate: bool) -> &Url {
+        match &self.mtls_token_endpoint {
+            Some(alias) if presents_certificate => alias,
+            _ => &self.token_endpoint,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -19,6 +33,13 @@ struct RawMetadata {
     issuer: Option<String>,
     token_endpoint: Option<String>,
     jwks_uri: Option<String>,
+    #[serde(default)]
+    mtls_endpoint_aliases: Option<MtlsAliases>,
+}
+
+#[derive(Deserialize)]
+struct MtlsAliases {
+    token_endpoint: Option<String>,
 }
 
 /// The metadata URLs to try, in order: RFC 8414 §3 inserts
@@ -51,10 +72,16 @@ pub fn parse_metadata(body: &[u8], expected_issuer: &str) -> Result<ServerMetada
         .map_err(|e| format!("token_endpoint {token_endpoint:?} is not a URL ({e})"))?;
     // Only signature checks use it: an unusable jwks_uri must not break token requests.
     let jwks_uri = raw.jwks_uri.and_then(|uri| Url::parse(&uri).ok());
+    // Like jwks_uri: an unusable alias must not break clients that do not use it.
+    let mtls_token_endpoint = raw
+        .mtls_endpoint_aliases
+        .and_then(|a| a.token_endpoint)
+        .and_then(|alias| Url::parse(&alias).ok());
     Ok(ServerMetadata {
         issuer,
         token_endpoint,
         jwks_uri,
+        mtls_token_endpoint,
     })
 }
 
@@ -122,5 +149,31 @@ mod tests {
         let bad = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","jwks_uri":"/jwks"}"#;
         let meta = parse_metadata(bad, "https://idp.example.com").unwrap();
         assert_eq!(meta.jwks_uri, None, "a relative jwks_uri is ignored");
+    }
+
+    #[test]
+    fn the_mtls_alias_is_used_only_with_a_client_certificate() {
+        let body = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","mtls_endpoint_aliases":{"token_endpoint":"https://mtls.idp.example.com/token"}}"#;
+        let meta = parse_metadata(body, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.token_endpoint_for(true).as_str(),
+            "https://mtls.idp.example.com/token"
+        );
+        assert_eq!(
+            meta.token_endpoint_for(false).as_str(),
+            "https://idp.example.com/token"
+        );
+        let plain = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","mtls_endpoint_aliases":{}}"#;
+        let meta = parse_metadata(plain, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.token_endpoint_for(true).as_str(),
+            "https://idp.example.com/token"
+        );
+        let bad = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","mtls_endpoint_aliases":{"token_endpoint":"/token"}}"#;
+        let meta = parse_metadata(bad, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.mtls_token_endpoint, None,
+            "a relative alias is ignored"
+        );
     }
 }

@@ -49,6 +49,17 @@ pub enum TokenError {
         /// The JWT's `cnf.jkt`, if any (`None` also for opaque tokens).
         actual_jkt: Option<String>,
     },
+    /// The JWT says it is bound to a client certificate (RFC 8705 §3.1, `cnf.x5t#S256`)
+    /// other than the one the request was made with.
+    #[error(
+        "the token's cnf.x5t#S256 {actual:?} is not the thumbprint of the client certificate the operator presented ({expected:?}); refusing a token bound to another certificate"
+    )]
+    CertificateBindingMismatch {
+        /// The `x5t#S256` of the certificate presented.
+        expected: String,
+        /// The token's `cnf.x5t#S256`.
+        actual: String,
+    },
     /// The JWT access token's signature could not be verified against the issuer's JWKS
     /// (only with `verifyAccessTokenSignature`). The message never contains the token.
     #[error("access token signature check failed: {0}")]
@@ -112,4 +123,21 @@ fn dpop_message(expected_jkt: &str, token_type: &str, actual_jkt: Option<&str>) 
             ),
         }
     }
+}
+
+/// An error and its causes on one line, leaving out causes whose text the message already
+/// holds. reqwest's own message hides why a connection failed (a certificate, DNS, a
+/// refused connection, a TLS alert): that is in its sources.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }

@@ -122,6 +122,32 @@ pub fn check_dpop_binding(
     }
 }
 
+/// The JWT's `cnf.x5t#S256` (RFC 8705 §3.1), when it has one.
+pub fn confirmation_x5t(claims: &Claims) -> Option<&str> {
+    claims.raw.get("cnf")?.get("x5t#S256")?.as_str()
+}
+
+/// What a token asked for with a client certificate is bound to: a JWT that names a
+/// certificate (`cnf.x5t#S256`) must name the one presented; an opaque token cannot be
+/// checked and counts as bound to it; a JWT without the claim is not certificate-bound
+/// (`None`).
+pub fn check_certificate_binding(
+    claims: Option<&Claims>,
+    presented: &str,
+) -> Result<Option<String>, TokenError> {
+    let Some(claims) = claims else {
+        return Ok(Some(presented.to_string()));
+    };
+    match confirmation_x5t(claims) {
+        None => Ok(None),
+        Some(actual) if actual == presented => Ok(Some(presented.to_string())),
+        Some(actual) => Err(TokenError::CertificateBindingMismatch {
+            expected: presented.to_string(),
+            actual: actual.to_string(),
+        }),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -21,11 +21,13 @@ pub mod jwt;
 pub mod redact;
 pub mod request;
 pub mod response;
+pub mod tls;
 mod token;
 
-pub use client::TokenClient;
+pub use client::{Tls, TokenClient};
 pub use dpop::{DpopAlgorithm, DpopKey};
-pub use error::TokenError;
+pub use error::{TokenError, error_chain};
 pub use request::{AudienceParam, ClientCredentials, Endpoint, Grant, TokenRequest};
 pub use response::TokenResponse;
-pub use token::{IssuedToken, expiry, granted_scopes, issue};
+pub use tls::ClientCertificate;
+pub use token::{Binding, IssuedToken, expiry, granted_scopes, issue};

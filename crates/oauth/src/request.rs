@@ -10,7 +10,9 @@ use jiff::Timestamp;
 
 use super::TokenError;
 use super::assertion::{CLIENT_ASSERTION_TYPE, ClientKey, new_jti};
+use super::client::Tls;
 use super::dpop::DpopKey;
+use super::tls::ClientCertificate;
 use crate::redact::SecretString;
 
 /// Where and how to ask for tokens: the resolved token endpoint and the client's identity.
@@ -24,8 +26,20 @@ pub struct Endpoint {
     pub credentials: ClientCredentials,
     /// PEM CA bundle for TLS; `None` uses the system roots.
     pub ca_bundle: Option<String>,
+    /// The client certificate presented on every connection (RFC 8705), if any.
+    pub client_certificate: Option<Arc<ClientCertificate>>,
     /// Timeout of one request.
     pub timeout: Duration,
+}
+
+impl Endpoint {
+    /// The TLS settings of connections to this endpoint.
+    pub fn tls(&self) -> Tls<'_> {
+        Tls {
+            ca_bundle: self.ca_bundle.as_deref(),
+            client_certificate: self.client_certificate.as_deref(),
+        }
+    }
 }
 
 /// Client authentication material (RFC 6749 §2.3).
@@ -37,6 +51,9 @@ pub enum ClientCredentials {
     Post(SecretString),
     /// No authentication, `client_id` in the body.
     None,
+    /// `tls_client_auth` or `self_signed_tls_client_auth` (RFC 8705 §2): the client
+    /// certificate on the connection authenticates; `client_id` in the body.
+    TlsClientCertificate,
     /// `private_key_jwt` (RFC 7523 §2.2): `client_id`, `client_assertion_type` and a new
     /// signed `client_assertion` in the body of every request.
     PrivateKeyJwt {
@@ -140,7 +157,7 @@ pub fn prepare_at(
             form.push(("client_secret", secret.expose().to_string()));
             None
         }
-        ClientCredentials::None => {
+        ClientCredentials::None | ClientCredentials::TlsClientCertificate => {
             form.push(("client_id", endpoint.client_id.clone()));
             None
         }
@@ -185,6 +202,7 @@ mod tests {
             client_id: "shop-m2m".into(),
             credentials,
             ca_bundle: None,
+            client_certificate: None,
             timeout: Duration::from_secs(10),
         }
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::jwt::{Claims, check_audience, check_dpop_binding, decode_claims};
+use super::jwt::{
+    Claims, check_audience, check_certificate_binding, check_dpop_binding, decode_claims,
+};
 use super::{TokenError, TokenResponse};
 use crate::redact::SecretString;
 
@@ -27,28 +29,54 @@ pub struct IssuedToken {
     pub scopes: Vec<String>,
     /// A refresh token, if the server sent one (only kept for the refresh-token grant).
     pub refresh_token: Option<SecretString>,
+    /// The `x5t#S256` of the client certificate the token is bound to (RFC 8705 §3): the
+    /// JWT's `cnf.x5t#S256`, which is the certificate presented; for an opaque token asked
+    /// for with a certificate, that certificate. `None` when not certificate-bound.
+    pub certificate_thumbprint: Option<String>,
+}
+
+/// What a token request was sender-constrained with, which the token must then be bound to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding<'a> {
+    /// The RFC 7638 thumbprint of the DPoP key the request carried proofs of.
+    pub dpop_jkt: Option<&'a str>,
+    /// The `x5t#S256` of the client certificate presented on the connection.
+    pub certificate_thumbprint: Option<&'a str>,
+}
+
+impl Binding<'_> {
+    /// A bearer request: nothing to check.
+    pub const NONE: Binding<'static> = Binding {
+        dpop_jkt: None,
+        certificate_thumbprint: None,
+    };
 }
 
 /// Checks a token response and works out its lifetime and scopes.
 ///
 /// JWT access tokens must carry exactly `expected_audience`; opaque tokens cannot be
-/// checked and pass. With `expected_jkt` (the thumbprint of the DPoP key the request was
-/// made with) the token must be DPoP-bound to that key (see [`check_dpop_binding`]).
+/// checked and pass. With a DPoP key in `binding` the token must be DPoP-bound to it (see
+/// [`check_dpop_binding`]); with a client certificate, a JWT that names a certificate must
+/// name that one (see [`check_certificate_binding`]).
 pub fn issue(
     response: TokenResponse,
     now: Timestamp,
     default_lifetime: Duration,
     expected_audience: &str,
     requested_scopes: &[String],
-    expected_jkt: Option<&str>,
+    binding: Binding<'_>,
 ) -> Result<IssuedToken, TokenError> {
     let claims = decode_claims(response.access_token.expose());
     if let Some(claims) = &claims {
         check_audience(claims, expected_audience)?;
     }
-    if let Some(expected_jkt) = expected_jkt {
+    if let Some(expected_jkt) = binding.dpop_jkt {
         check_dpop_binding(claims.as_ref(), &response.token_type, expected_jkt)?;
     }
+    let certificate_thumbprint = match binding.certificate_thumbprint {
+        Some(presented) => check_certificate_binding(claims.as_ref(), presented)?,
+        None => None,
+    };
     let expires_at = expiry(&response, claims.as_ref(), now, default_lifetime);
     if expires_at <= now {
         return Err(TokenError::InvalidResponse(
@@ -64,6 +92,7 @@ pub fn issue(
         audience: claims.map(|c| c.aud).unwrap_or_default(),
         scopes,
         refresh_token: response.refresh_token,
+        certificate_thumbprint,
     })
 }
 
@@ -134,7 +163,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_000_600);
@@ -144,7 +173,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(
@@ -158,7 +187,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_001_000);
@@ -168,7 +197,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(issued.expires_at.as_second(), 1_800_000_300);
@@ -183,7 +212,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap_err();
         assert!(matches!(err, TokenError::AudienceMismatch { .. }), "{err}");
@@ -193,7 +222,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &[],
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert!(issued.audience.is_empty());
@@ -209,7 +238,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["s1"]);
@@ -219,7 +248,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["j1", "j2"]);
@@ -229,7 +258,7 @@ mod tests {
             FIVE_MIN,
             "urn:a",
             &requested,
-            None,
+            Binding::NONE,
         )
         .unwrap();
         assert_eq!(s.scopes, vec!["r"]);
@@ -245,9 +274,63 @@ mod tests {
                 FIVE_MIN,
                 "urn:a",
                 &[],
-                None
+                Binding::NONE
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_certificate_bound_token_must_name_the_presented_certificate() {
+        let presented = Binding {
+            certificate_thumbprint: Some("thumb-A"),
+            ..Binding::NONE
+        };
+        let ask = |token: String| {
+            issue(
+                response(token, Some(60), None),
+                now(),
+                FIVE_MIN,
+                "urn:a",
+                &[],
+                presented,
+            )
+        };
+        let bound = ask(jwt(
+            serde_json::json!({"aud":"urn:a","cnf":{"x5t#S256":"thumb-A"}}),
+        ))
+        .unwrap();
+        assert_eq!(bound.certificate_thumbprint.as_deref(), Some("thumb-A"));
+        let err = ask(jwt(
+            serde_json::json!({"aud":"urn:a","cnf":{"x5t#S256":"thumb-B"}}),
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, TokenError::CertificateBindingMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("thumb-B"), "{err}");
+        let unbound = ask(jwt(serde_json::json!({"aud":"urn:a"}))).unwrap();
+        assert_eq!(
+            unbound.certificate_thumbprint, None,
+            "a JWT without cnf is not bound"
+        );
+        let opaque = ask("opaque".into()).unwrap();
+        assert_eq!(opaque.certificate_thumbprint.as_deref(), Some("thumb-A"));
+        // Without a certificate nothing is checked or recorded.
+        let plain = issue(
+            response(
+                jwt(serde_json::json!({"aud":"urn:a","cnf":{"x5t#S256":"thumb-B"}})),
+                Some(60),
+                None,
+            ),
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+            Binding::NONE,
+        )
+        .unwrap();
+        assert_eq!(plain.certificate_thumbprint, None);
     }
 }
