@@ -24,14 +24,14 @@ use crate::failure::Failure;
 use crate::issuer::params::{DEFAULT_REQUEST_TIMEOUT, DEFAULT_TOKEN_LIFETIME, audience_param};
 use crate::issuer::tenancy::glob_match;
 use crate::issuer::{
-    Credential, CredentialKind, CredentialRef, IssuerEndpoints, IssuerTarget, method_name,
-    optional_duration,
+    CertificateCredential, CertificateRef, Credential, CredentialKind, CredentialRef,
+    IssuerEndpoints, IssuerTarget, method_name, optional_duration,
 };
 use crate::oauth::dpop::{DpopAlgorithm, DpopKey};
 use crate::oauth::jwt::decode_claims;
 use crate::oauth::{
-    AudienceParam, ClientCredentials, Grant, TokenClient, TokenError, TokenRequest, TokenResponse,
-    expiry, granted_scopes, issue,
+    AudienceParam, Binding, ClientCredentials, Grant, TokenClient, TokenError, TokenRequest,
+    TokenResponse, expiry, granted_scopes, issue,
 };
 use crate::redact::SecretString;
 
@@ -127,21 +127,7 @@ impl DebugTokenError {
     }
 }
 
-/// An error and its causes on one line, leaving out causes whose text the message already
-/// holds.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
+pub use crate::oauth::error_chain;
 
 // ---- Manifest -----------------------------------------------------------------------------
 
@@ -282,6 +268,10 @@ pub struct CredentialSources {
     pub private_key_file: Option<PathBuf>,
     /// The value of [`PRIVATE_KEY_ENV`].
     pub private_key_env: Option<SecretString>,
+    /// `--client-certificate-file`: the certificate (and chain) of `tlsClientCertificate`.
+    pub client_certificate_file: Option<PathBuf>,
+    /// `--client-key-file`: its private key.
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl CredentialSources {
@@ -302,6 +292,21 @@ impl CredentialSources {
             client_secret_env: env(CLIENT_SECRET_ENV),
             private_key_file,
             private_key_env: env(PRIVATE_KEY_ENV),
+            client_certificate_file: None,
+            client_key_file: None,
+        }
+    }
+
+    /// With the client certificate and key files for an issuer's `tlsClientCertificate`.
+    pub fn with_client_certificate(
+        self,
+        certificate_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            client_certificate_file: certificate_file,
+            client_key_file: key_file,
+            ..self
         }
     }
 }
@@ -363,8 +368,38 @@ fn reference_text(field: &str, reference: Option<&SecretKeySelector>) -> String 
 }
 
 /// The `token` command's credential source: the issuer's Secrets cannot be read without a
-/// cluster, so a client secret or private key comes from a file or the environment.
+/// cluster, so a client secret or private key comes from a file or the environment, and a
+/// client certificate from two files.
 impl crate::issuer::CredentialSource for CredentialSources {
+    async fn read_certificate(
+        &self,
+        reference: CertificateRef<'_>,
+    ) -> Result<CertificateCredential, Failure> {
+        let (Some(certificate_file), Some(key_file)) =
+            (&self.client_certificate_file, &self.client_key_file)
+        else {
+            return Err(Failure::issuer_not_ready(format!(
+                "the issuer presents a client certificate (tlsClientCertificate: Secret {}): give \
+                 --client-certificate-file and --client-key-file (its tls.crt and tls.key)",
+                reference.secret_name
+            )));
+        };
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| {
+                Failure::issuer_not_ready(format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        Ok(CertificateCredential {
+            chain: read(certificate_file)?,
+            key: SecretString::new(read(key_file)?),
+            from: format!(
+                "files {} and {}",
+                certificate_file.display(),
+                key_file.display()
+            ),
+        })
+    }
+
     async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
         let (file, env, env_name, what, field, flag) = match reference.kind {
             CredentialKind::ClientSecret => (
@@ -501,6 +536,8 @@ pub struct RequestSummary {
     pub notes: Vec<String>,
     /// With `--dpop`: the thumbprint of the key the token must be bound to.
     pub dpop_jkt: Option<String>,
+    /// With a client certificate: its `x5t#S256`, and where it came from.
+    pub client_certificate: Option<(String, String)>,
 }
 
 fn setting(
@@ -575,6 +612,7 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
             requested_scopes: scopes.clone(),
             notes,
             dpop_jkt: None,
+            client_certificate: None,
         },
         request: TokenRequest {
             grant: Grant::ClientCredentials,
@@ -611,6 +649,12 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
     plan.summary.credential_source = ready.credential_from.clone();
     plan.summary.token_endpoint = ready.endpoint.token_endpoint.to_string();
     plan.summary.token_endpoint_source = ready.token_endpoint_source.clone();
+    plan.summary.client_certificate = ready
+        .endpoint
+        .client_certificate
+        .as_ref()
+        .zip(ready.certificate_from.clone())
+        .map(|(certificate, from)| (certificate.thumbprint().to_string(), from));
     if let Some(algorithm) = options.dpop {
         let key = DpopKey::generate(algorithm)
             .map_err(|e| DebugTokenError::Config(format!("cannot make a DPoP key: {e}")))?;
@@ -720,7 +764,10 @@ pub fn build_report(
         default_lifetime,
         &request.expected_audience,
         &request.requested_scopes,
-        request.dpop_jkt.as_deref(),
+        Binding {
+            dpop_jkt: request.dpop_jkt.as_deref(),
+            certificate_thumbprint: request.client_certificate.as_ref().map(|(t, _)| t.as_str()),
+        },
     ) {
         Ok(issued) => (issued.expires_at, issued.scopes, unchecked, None),
         Err(TokenError::AudienceMismatch { actual, .. }) => (
@@ -816,8 +863,16 @@ impl Report {
         line("resource", &r.resource);
         line("sent", &r.audience_parameter);
         line("requested scope", &or_none(&r.requested_scopes.join(" ")));
+        if let Some((thumbprint, from)) = &r.client_certificate {
+            line(
+                "client cert",
+                &format!("x5t#S256 {thumbprint} (from {from})"),
+            );
+        }
         if let Some(jkt) = &r.dpop_jkt {
             line("dpop key jkt", jkt);
+        }
+        if r.dpop_jkt.is_some() || r.client_certificate.is_some() || self.cnf().is_some() {
             line(
                 "token cnf",
                 &self
@@ -924,6 +979,8 @@ impl Report {
             "problem": self.problem,
             "notes": r.notes,
             "dpop_jkt": r.dpop_jkt,
+            "client_certificate_thumbprint": r.client_certificate.as_ref().map(|(t, _)| t),
+            "client_certificate_source": r.client_certificate.as_ref().map(|(_, f)| f),
             "cnf": self.cnf(),
             "header": self.jwt.as_ref().map(|j| j.header.clone()),
             "claims": self.jwt.as_ref().map(|j| Value::Object(j.claims.clone())),
@@ -934,7 +991,8 @@ impl Report {
         out
     }
 
-    /// The JWT's `cnf` (RFC 7800) confirmation claim, if any: `jkt` for DPoP.
+    /// The JWT's `cnf` (RFC 7800) confirmation claim, if any: `jkt` for DPoP, `x5t#S256`
+    /// for a certificate-bound token.
     pub fn cnf(&self) -> Option<&Value> {
         self.jwt.as_ref().and_then(|j| j.claims.get("cnf"))
     }
@@ -1012,6 +1070,7 @@ spec:
             requested_scopes: vec!["r".into()],
             notes: vec![],
             dpop_jkt: None,
+            client_certificate: None,
         }
     }
 

@@ -21,6 +21,9 @@ pub mod reason {
     /// A DPoP token request got a token that is not bound to the key (`token_type` is not
     /// `DPoP`, or `cnf.jkt` is another key's).
     pub const DPOP_BINDING_MISMATCH: &str = "DPoPBindingMismatch";
+    /// A certificate-bound token names another client certificate (`cnf.x5t#S256`) than the
+    /// one presented.
+    pub const CERTIFICATE_BINDING_MISMATCH: &str = "CertificateBindingMismatch";
     /// A Secret of that name exists and is not ours.
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     /// The last token expired and no new one could be obtained.
@@ -66,12 +69,14 @@ impl Failure {
         let reason = match error {
             TokenError::AudienceMismatch { .. } => reason::AUDIENCE_MISMATCH,
             TokenError::DpopBindingMismatch { .. } => reason::DPOP_BINDING_MISMATCH,
+            TokenError::CertificateBindingMismatch { .. } => reason::CERTIFICATE_BINDING_MISMATCH,
             TokenError::Config(_) | TokenError::Discovery { .. } => reason::ISSUER_NOT_READY,
             _ => reason::TOKEN_REQUEST_FAILED,
         };
         Self {
             reason,
-            message: error.to_string(),
+            // With the causes: a transport error's own text does not say why it failed.
+            message: crate::oauth::error_chain(error),
             retry_after: error.retry_after(),
         }
     }

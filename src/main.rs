@@ -119,6 +119,13 @@ struct TokenArgs {
     /// File holding the private key (PrivateKeyJWT) [default: env ATO_PRIVATE_KEY].
     #[arg(long, value_name = "PATH")]
     private_key_file: Option<PathBuf>,
+    /// File holding the client certificate (PEM, with its chain), for an issuer with
+    /// tlsClientCertificate: the Secret's tls.crt.
+    #[arg(long, value_name = "PATH", requires = "client_key_file")]
+    client_certificate_file: Option<PathBuf>,
+    /// File holding the client certificate's private key (PEM): the Secret's tls.key.
+    #[arg(long, value_name = "PATH", requires = "client_certificate_file")]
+    client_key_file: Option<PathBuf>,
     /// Timeout of discovery and of the token request, e.g. `30s` [default: the issuer's
     /// requestTimeout, else 10s].
     #[arg(long, value_name = "DURATION", value_parser = api::parse_duration)]
@@ -260,7 +267,8 @@ async fn token(args: TokenArgs) -> anyhow::Result<()> {
         credentials: debug_token::CredentialSources::with_env(
             args.client_secret_file,
             args.private_key_file,
-        ),
+        )
+        .with_client_certificate(args.client_certificate_file, args.client_key_file),
     };
     let json = args.output == OutputFormat::Json;
     match debug_token::run(&options).await {

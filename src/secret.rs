@@ -43,7 +43,14 @@ pub mod keys {
     pub const DPOP_PRIVATE_KEY: &str = "dpop-private-key";
     /// The RFC 7638 thumbprint of the DPoP key (the token's `cnf.jkt`).
     pub const DPOP_JKT: &str = "dpop-jkt";
+    /// The `x5t#S256` of the client certificate a certificate-bound token is bound to
+    /// (RFC 8705 §3.1): which certificate the workload must present with it.
+    pub const CERTIFICATE_THUMBPRINT: &str = "certificate-thumbprint";
 }
+
+/// Annotation: the `x5t#S256` of the client certificate the token is bound to, so the
+/// operator sees from the Secret's metadata alone that the issuer's certificate changed.
+pub const CERTIFICATE_THUMBPRINT_ANNOTATION: &str = "audiencetoken.io/certificate-thumbprint";
 
 /// Annotation: the thumbprint of the DPoP key in the Secret, so the operator knows from the
 /// Secret's metadata alone which key a DPoP-bound token is bound to.
@@ -123,6 +130,9 @@ pub fn desired_secret(
     if let Some(key) = dpop {
         annotations.insert(DPOP_JKT_ANNOTATION.into(), key.thumbprint().to_string());
     }
+    if let Some(thumbprint) = &token.certificate_thumbprint {
+        annotations.insert(CERTIFICATE_THUMBPRINT_ANNOTATION.into(), thumbprint.clone());
+    }
 
     let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
     let mut data = BTreeMap::from([
@@ -141,6 +151,9 @@ pub fn desired_secret(
             bytes(key.private_jwk().expose()),
         );
         data.insert(keys::DPOP_JKT.to_string(), bytes(key.thumbprint()));
+    }
+    if let Some(thumbprint) = &token.certificate_thumbprint {
+        data.insert(keys::CERTIFICATE_THUMBPRINT.to_string(), bytes(thumbprint));
     }
 
     Secret {
@@ -184,6 +197,8 @@ pub struct PublishedToken {
     pub renew_requested_at: Option<String>,
     /// The thumbprint of the DPoP key a DPoP-bound token is bound to.
     pub dpop_jkt: Option<String>,
+    /// The `x5t#S256` of the client certificate a certificate-bound token is bound to.
+    pub certificate_thumbprint: Option<String>,
 }
 
 /// Reads the published token from a Secret's metadata, if the annotations are complete.
@@ -196,6 +211,7 @@ pub fn published_token(meta: &ObjectMeta) -> Option<PublishedToken> {
         spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
         renew_requested_at: annotations.get(RENEW_REQUESTED_AT_ANNOTATION).cloned(),
         dpop_jkt: annotations.get(DPOP_JKT_ANNOTATION).cloned(),
+        certificate_thumbprint: annotations.get(CERTIFICATE_THUMBPRINT_ANNOTATION).cloned(),
     })
 }
 
@@ -250,6 +266,7 @@ mod tests {
             audience: vec!["https://orders.example.com".into()],
             scopes: vec!["orders/read".into()],
             refresh_token: Some(SecretString::new("must-not-be-written")),
+            certificate_thumbprint: None,
         }
     }
 
@@ -311,6 +328,27 @@ mod tests {
         assert!(is_owned_by(&secret.metadata, "orders"));
         assert!(!is_owned_by(&secret.metadata, "payments"));
         assert!(!is_owned_by(&ObjectMeta::default(), "orders"));
+        assert_eq!(published.certificate_thumbprint, None);
+    }
+
+    #[test]
+    fn a_certificate_bound_token_names_its_certificate() {
+        let at = token_resource(DeletionPolicy::Delete);
+        let bound = IssuedToken {
+            certificate_thumbprint: Some("x5t-of-the-cert".into()),
+            ..issued()
+        };
+        let secret = desired_secret(&at, &bound, None);
+        assert_eq!(
+            data(&secret, keys::CERTIFICATE_THUMBPRINT),
+            "x5t-of-the-cert"
+        );
+        let published = published_token(&secret.metadata).unwrap();
+        assert_eq!(
+            published.certificate_thumbprint.as_deref(),
+            Some("x5t-of-the-cert"),
+            "readable from the metadata alone"
+        );
     }
 
     #[test]

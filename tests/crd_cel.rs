@@ -204,7 +204,8 @@ const SECRET_NAME: &str = "secretName must be a DNS subdomain name";
 const ISSUER_REF_NAME: &str = "issuerRef.name must not be empty";
 const ISSUER_OR_ENDPOINT: &str = "set issuerURL (discovery) or tokenEndpoint";
 const CLIENT_ID: &str = "clientID must not be empty";
-const CLIENT_AUTH_REQUIRED: &str = "clientAuth is required: a method and its credentials (clientSecretRef or privateKeyRef), or method None";
+const CLIENT_AUTH_REQUIRED: &str = "clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, or tlsClientCertificate for the TLS methods), or method None";
+const TLS_METHOD_NEEDS_CERTIFICATE: &str = "TLSClientAuth and SelfSignedTLSClientAuth authenticate with the client certificate: set tlsClientCertificate.secretRef (a kubernetes.io/tls Secret)";
 const CLIENT_SECRET_NEEDED: &str = "ClientSecretBasic and ClientSecretPost need clientSecretRef";
 const PRIVATE_KEY_NEEDED: &str = "PrivateKeyJWT needs privateKeyRef";
 const REF_NAME: &str = "a Secret reference needs a name";
@@ -370,6 +371,36 @@ fn valid_cases() -> Vec<Case> {
         ok(
             "method None without credentials",
             &[set("spec/clientAuth", json!({"method": "None"}))],
+        ),
+        ok(
+            "TLSClientAuth with a client certificate",
+            &[
+                set("spec/clientAuth", json!({"method": "TLSClientAuth"})),
+                set(
+                    "spec/tlsClientCertificate",
+                    json!({"secretRef": {"name": "client-cert"}}),
+                ),
+            ],
+        ),
+        ok(
+            "SelfSignedTLSClientAuth with a client certificate",
+            &[
+                set(
+                    "spec/clientAuth",
+                    json!({"method": "SelfSignedTLSClientAuth"}),
+                ),
+                set(
+                    "spec/tlsClientCertificate",
+                    json!({"secretRef": {"name": "client-cert"}}),
+                ),
+            ],
+        ),
+        ok(
+            "a client certificate for certificate-bound tokens with a client secret",
+            &[set(
+                "spec/tlsClientCertificate",
+                json!({"secretRef": {"name": "client-cert"}}),
+            )],
         ),
         ok(
             "ClientSecretPost",
@@ -663,6 +694,27 @@ fn invalid_cases() -> Vec<Case> {
             "an empty clientAuth (method defaults to ClientSecretBasic)",
             &[set("spec/clientAuth", json!({}))],
             &[CLIENT_SECRET_NEEDED],
+        ),
+        bad(
+            "TLSClientAuth without a client certificate",
+            &[set("spec/clientAuth", json!({"method": "TLSClientAuth"}))],
+            &[TLS_METHOD_NEEDS_CERTIFICATE],
+        ),
+        bad(
+            "SelfSignedTLSClientAuth without a client certificate",
+            &[set(
+                "spec/clientAuth",
+                json!({"method": "SelfSignedTLSClientAuth"}),
+            )],
+            &[TLS_METHOD_NEEDS_CERTIFICATE],
+        ),
+        bad(
+            "a client certificate Secret without a name",
+            &[set(
+                "spec/tlsClientCertificate",
+                json!({"secretRef": {"name": ""}}),
+            )],
+            &[REF_NAME],
         ),
         bad(
             "PrivateKeyJWT without privateKeyRef",

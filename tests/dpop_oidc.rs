@@ -13,8 +13,8 @@ use std::time::Duration;
 use audience_token_operator::oauth::assertion::ClientKey;
 use audience_token_operator::oauth::jwt::decode_claims;
 use audience_token_operator::oauth::{
-    AudienceParam, ClientCredentials, DpopAlgorithm, DpopKey, Endpoint, Grant, IssuedToken,
-    TokenClient, TokenError, TokenRequest, issue,
+    AudienceParam, Binding, ClientCredentials, DpopAlgorithm, DpopKey, Endpoint, Grant,
+    IssuedToken, TokenClient, TokenError, TokenRequest, issue,
 };
 use audience_token_operator::redact::SecretString;
 use jiff::Timestamp;
@@ -36,6 +36,7 @@ fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -
         client_id: client_id.to_string(),
         credentials,
         ca_bundle: None,
+        client_certificate: None,
         timeout: TIMEOUT,
     }
 }
@@ -75,7 +76,10 @@ async fn bound_token(
         DEFAULT_LIFETIME,
         ORDERS,
         &request.scopes,
-        Some(key.thumbprint()),
+        Binding {
+            dpop_jkt: Some(key.thumbprint()),
+            ..Binding::NONE
+        },
     )
 }
 
@@ -182,7 +186,10 @@ async fn a_token_not_bound_to_the_key_is_refused() {
         DEFAULT_LIFETIME,
         ORDERS,
         &[],
-        Some(other.thumbprint()),
+        Binding {
+            dpop_jkt: Some(other.thumbprint()),
+            ..Binding::NONE
+        },
     )
     .expect_err("bound to another key");
     assert!(
@@ -207,7 +214,10 @@ async fn a_token_not_bound_to_the_key_is_refused() {
         DEFAULT_LIFETIME,
         ORDERS,
         &[],
-        Some(key.thumbprint()),
+        Binding {
+            dpop_jkt: Some(key.thumbprint()),
+            ..Binding::NONE
+        },
     )
     .expect_err("a Bearer token");
     assert!(err.to_string().contains("token_type \"Bearer\""), "{err}");
@@ -357,6 +367,7 @@ async fn a_server_that_keeps_demanding_nonces_gets_one_retry_only() {
         client_id: "c".into(),
         credentials: ClientCredentials::None,
         ca_bundle: None,
+        client_certificate: None,
         timeout: TIMEOUT,
     };
     let key = new_key(DpopAlgorithm::ES256);

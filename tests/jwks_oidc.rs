@@ -11,7 +11,7 @@ use std::time::Duration;
 use audience_token_operator::oauth::jwks::{JwkSet, key_missing, verify_signature};
 use audience_token_operator::oauth::jwt::decode_claims;
 use audience_token_operator::oauth::{
-    AudienceParam, ClientCredentials, Endpoint, Grant, TokenClient, TokenError, TokenRequest,
+    AudienceParam, ClientCredentials, Endpoint, Grant, Tls, TokenClient, TokenError, TokenRequest,
 };
 use audience_token_operator::redact::SecretString;
 use base64::Engine as _;
@@ -37,6 +37,7 @@ async fn access_token(
         client_id: M2M_BASIC.id.to_string(),
         credentials: ClientCredentials::Basic(SecretString::new(M2M_BASIC.secret)),
         ca_bundle: None,
+        client_certificate: None,
         timeout: TIMEOUT,
     };
     let request = TokenRequest {
@@ -55,12 +56,17 @@ async fn access_token(
 /// The server's metadata and its JWKS, the way the controller finds them.
 async fn discovered_jwks(idp: &OidcServer, tokens: &TokenClient) -> (String, JwkSet) {
     let metadata = tokens
-        .discover(&Url::parse(&idp.issuer).unwrap(), None, TIMEOUT, false)
+        .discover(
+            &Url::parse(&idp.issuer).unwrap(),
+            Tls::default(),
+            TIMEOUT,
+            false,
+        )
         .await
         .expect("discovery");
     let jwks_uri = metadata.jwks_uri.expect("discovery names a jwks_uri");
     let jwks = tokens
-        .fetch_jwks(&jwks_uri, None, TIMEOUT, false)
+        .fetch_jwks(&jwks_uri, Tls::default(), TIMEOUT, false)
         .await
         .expect("JWKS");
     (metadata.issuer, jwks)
@@ -77,7 +83,12 @@ fn signature_error(result: Result<(), TokenError>) -> String {
 async fn discovery_exposes_the_jwks_uri() {
     let idp = OidcServer::start().await;
     let metadata = client()
-        .discover(&Url::parse(&idp.issuer).unwrap(), None, TIMEOUT, false)
+        .discover(
+            &Url::parse(&idp.issuer).unwrap(),
+            Tls::default(),
+            TIMEOUT,
+            false,
+        )
         .await
         .expect("discovery");
     assert_eq!(
@@ -165,7 +176,7 @@ async fn jwks_fetch_failures_are_reported() {
     let missing = Url::parse(&format!("{}/no-such-jwks", idp.issuer)).unwrap();
     let message = signature_error(
         tokens
-            .fetch_jwks(&missing, None, TIMEOUT, false)
+            .fetch_jwks(&missing, Tls::default(), TIMEOUT, false)
             .await
             .map(|_| ()),
     );
@@ -173,7 +184,7 @@ async fn jwks_fetch_failures_are_reported() {
     // Keys decide what is trusted: plain http only on loopback, as for credentials.
     let remote = Url::parse("http://idp.example.com/jwks").unwrap();
     let err = tokens
-        .fetch_jwks(&remote, None, TIMEOUT, false)
+        .fetch_jwks(&remote, Tls::default(), TIMEOUT, false)
         .await
         .unwrap_err();
     assert!(matches!(err, TokenError::Config(_)), "{err:?}");

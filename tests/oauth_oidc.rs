@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use audience_token_operator::oauth::jwt::decode_claims;
 use audience_token_operator::oauth::{
-    AudienceParam, ClientCredentials, Endpoint, Grant, IssuedToken, TokenClient, TokenError,
-    TokenRequest, TokenResponse, issue,
+    AudienceParam, Binding, ClientCredentials, Endpoint, Grant, IssuedToken, Tls, TokenClient,
+    TokenError, TokenRequest, TokenResponse, issue,
 };
 use audience_token_operator::redact::SecretString;
 use jiff::{SignedDuration, Timestamp};
@@ -49,6 +49,7 @@ fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -
         client_id: client_id.to_string(),
         credentials,
         ca_bundle: None,
+        client_certificate: None,
         timeout: TIMEOUT,
     }
 }
@@ -142,7 +143,7 @@ async fn discovery_finds_the_token_endpoint() {
 
     let issuer = Url::parse(&idp.issuer).unwrap();
     let metadata = client()
-        .discover(&issuer, None, TIMEOUT, false)
+        .discover(&issuer, Tls::default(), TIMEOUT, false)
         .await
         .expect("discovery");
     assert_eq!(metadata.token_endpoint.as_str(), idp.token_endpoint());
@@ -151,7 +152,7 @@ async fn discovery_finds_the_token_endpoint() {
     // A trailing slash on the configured issuer is tolerated.
     let with_slash = Url::parse(&format!("{}/", idp.issuer)).unwrap();
     let metadata = client()
-        .discover(&with_slash, None, TIMEOUT, false)
+        .discover(&with_slash, Tls::default(), TIMEOUT, false)
         .await
         .expect("discovery with a trailing slash");
     assert_eq!(metadata.token_endpoint.as_str(), idp.token_endpoint());
@@ -206,7 +207,12 @@ async fn discovery_falls_back_to_openid_configuration() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let metadata = client()
-        .discover(&Url::parse(&issuer).unwrap(), None, TIMEOUT, false)
+        .discover(
+            &Url::parse(&issuer).unwrap(),
+            Tls::default(),
+            TIMEOUT,
+            false,
+        )
         .await
         .expect("discovery with fallback");
     assert_eq!(
@@ -231,7 +237,7 @@ async fn discovery_against_a_wrong_issuer_names_what_was_tried() {
     // An issuer with an extra path: neither metadata URL exists.
     let wrong = Url::parse(&format!("{}/tenant1", idp.issuer)).unwrap();
     let err = client()
-        .discover(&wrong, None, TIMEOUT, false)
+        .discover(&wrong, Tls::default(), TIMEOUT, false)
         .await
         .expect_err("discovery of a non-existent issuer must fail");
     let TokenError::Discovery { url, reason } = &err else {
@@ -257,7 +263,7 @@ async fn discovery_against_a_wrong_issuer_names_what_was_tried() {
     let port = Url::parse(&idp.issuer).unwrap().port().expect("port");
     let alias = Url::parse(&format!("http://localhost:{port}")).unwrap();
     let err = client()
-        .discover(&alias, None, TIMEOUT, false)
+        .discover(&alias, Tls::default(), TIMEOUT, false)
         .await
         .expect_err("metadata of another issuer must be refused");
     let TokenError::Discovery { reason, .. } = &err else {
@@ -312,7 +318,7 @@ async fn two_resources_give_two_single_audience_tokens() {
             DEFAULT_LIFETIME,
             resource,
             &req.scopes,
-            None,
+            Binding::NONE,
         )
         .unwrap_or_else(|e| panic!("issue for {resource}: {e}"));
         assert_eq!(token.audience, vec![resource.to_string()]);
@@ -334,7 +340,7 @@ async fn two_resources_give_two_single_audience_tokens() {
         DEFAULT_LIFETIME,
         PAYMENTS,
         &[],
-        None,
+        Binding::NONE,
     )
     .expect_err("an ORDERS token accepted for PAYMENTS");
     match &err {
@@ -464,7 +470,7 @@ async fn a_multi_audience_token_is_refused() {
         DEFAULT_LIFETIME,
         MULTI_AUDIENCE,
         &req.scopes,
-        None,
+        Binding::NONE,
     )
     .expect_err("a token for two audiences must be refused");
     match &err {
@@ -491,7 +497,15 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
     let response = request(&idp, &tokens, &endpoint, &req).await.unwrap();
     assert_eq!(response.expires_in, Some(Duration::from_secs(3600)));
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, ORDERS, &req.scopes, None).unwrap();
+    let token = issue(
+        response,
+        now,
+        DEFAULT_LIFETIME,
+        ORDERS,
+        &req.scopes,
+        Binding::NONE,
+    )
+    .unwrap();
     assert_eq!(token.issued_at, now);
     let lifetime = secs(token.expires_at.duration_since(now));
     assert!(
@@ -514,7 +528,7 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
         DEFAULT_LIFETIME,
         NO_EXPIRES_IN,
         &req.scopes,
-        None,
+        Binding::NONE,
     )
     .unwrap();
     assert_eq!(token.expires_at.as_second(), exp);
@@ -539,7 +553,7 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
         DEFAULT_LIFETIME,
         NO_EXPIRES_IN_OPAQUE,
         &[],
-        None,
+        Binding::NONE,
     )
     .unwrap();
     assert_eq!(
@@ -555,7 +569,15 @@ async fn lifetime_comes_from_expires_in_then_exp_then_the_default() {
         "the OPAQUE token parsed as a JWT"
     );
     let now = Timestamp::now();
-    let token = issue(response, now, DEFAULT_LIFETIME, OPAQUE, &req.scopes, None).unwrap();
+    let token = issue(
+        response,
+        now,
+        DEFAULT_LIFETIME,
+        OPAQUE,
+        &req.scopes,
+        Binding::NONE,
+    )
+    .unwrap();
     assert!(token.audience.is_empty(), "{:?}", token.audience);
     assert_eq!(token.expires_at, now + SignedDuration::from_secs(600));
     assert_eq!(token.scopes, strings(&["opaque/read"]));
@@ -582,7 +604,7 @@ async fn debug_output_never_shows_secrets_or_tokens() {
             DEFAULT_LIFETIME,
             ORDERS,
             &req.scopes,
-            None,
+            Binding::NONE,
         )
         .unwrap();
 

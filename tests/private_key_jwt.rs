@@ -47,6 +47,7 @@ fn endpoint(idp: &OidcServer, client: TestClient, key: ClientKey, audience: &str
             audience: audience.to_string(),
         },
         ca_bundle: None,
+        client_certificate: None,
         timeout: TIMEOUT,
     }
 }

@@ -18,6 +18,16 @@ pub struct SecretKeySelector {
     pub key: String,
 }
 
+/// A whole Secret, by name. For a TokenIssuer the Secret is in the issuer's namespace; for a
+/// ClusterTokenIssuer it is in the operator's cluster resource namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("size(self.name) > 0").message("a Secret reference needs a name"))]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(max = 253))]
+    pub name: String,
+}
+
 /// A condition in the Kubernetes style (`type`, `status`, `reason`, `message`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]

@@ -8,7 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Condition, SecretKeySelector};
+use super::common::{Condition, SecretKeySelector, SecretReference};
 
 /// How to reach an authorization server and authenticate to it. Shared by TokenIssuer and
 /// ClusterTokenIssuer.
@@ -16,7 +16,8 @@ use super::common::{Condition, SecretKeySelector};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.issuerURL) || has(self.tokenEndpoint)").message("set issuerURL (discovery) or tokenEndpoint"))]
 #[x_kube(validation = Rule::new("size(self.clientID) > 0").message("clientID must not be empty"))]
-#[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef or privateKeyRef), or method None"))]
+#[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, or tlsClientCertificate for the TLS methods), or method None"))]
+#[x_kube(validation = Rule::new("!has(self.clientAuth) || !(self.clientAuth.method == 'TLSClientAuth' || self.clientAuth.method == 'SelfSignedTLSClientAuth') || has(self.tlsClientCertificate)").message("TLSClientAuth and SelfSignedTLSClientAuth authenticate with the client certificate: set tlsClientCertificate.secretRef (a kubernetes.io/tls Secret)"))]
 #[x_kube(validation = Rule::new("!self.verifyAccessTokenSignature || has(self.issuerURL) || has(self.jwksURI)").message("verifyAccessTokenSignature needs issuerURL (its discovery document names the jwks_uri) or jwksURI"))]
 pub struct IssuerSpec {
     /// The authorization server's issuer identifier. The token endpoint is discovered from
@@ -59,6 +60,13 @@ pub struct IssuerSpec {
     /// system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+
+    /// A client certificate (RFC 8705 mutual TLS) presented on every connection to the
+    /// server: for clientAuth methods TLSClientAuth and SelfSignedTLSClientAuth, and for
+    /// certificate-bound tokens with any method. When the discovery document names
+    /// `mtls_endpoint_aliases`, token requests go to its `token_endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_certificate: Option<TlsClientCertificate>,
 
     /// Allow plain `http://` endpoints that are not on a loopback address. Only for tests.
     #[serde(rename = "allowInsecureHTTP", default)]
@@ -105,7 +113,18 @@ pub struct IssuerSpec {
     pub jwks_uri: Option<String>,
 }
 
-/// Client authentication at the token endpoint (RFC 6749 §2.3, RFC 7523).
+/// The client certificate of an issuer (RFC 8705).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsClientCertificate {
+    /// A Secret of type `kubernetes.io/tls`, as cert-manager writes it: `tls.crt` (the
+    /// certificate, then its chain, PEM) and `tls.key` (its private key, PEM). When it
+    /// changes (a renewal), the next connections present the new certificate and tokens
+    /// bound to the old one are replaced at once.
+    pub secret_ref: SecretReference,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 §2.3, RFC 7523, RFC 8705).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(self.method == 'ClientSecretBasic' || self.method == 'ClientSecretPost') || has(self.clientSecretRef)").message("ClientSecretBasic and ClientSecretPost need clientSecretRef"))]
@@ -147,6 +166,14 @@ pub enum ClientAuthMethod {
     /// No client authentication: `client_id` only (public clients).
     #[serde(rename = "None")]
     NoAuth,
+    /// `tls_client_auth` (RFC 8705 §2.1): the tlsClientCertificate, issued by a CA the
+    /// server trusts, authenticates; `client_id` in the body.
+    #[serde(rename = "TLSClientAuth")]
+    TlsClientAuth,
+    /// `self_signed_tls_client_auth` (RFC 8705 §2.2): the tlsClientCertificate, registered
+    /// with the server as it is, authenticates; `client_id` in the body.
+    #[serde(rename = "SelfSignedTLSClientAuth")]
+    SelfSignedTlsClientAuth,
 }
 
 /// JWS algorithm of the client assertion. Default: derived from the key.

@@ -90,6 +90,8 @@ pub struct Context {
     pub signals: signals::Signals,
     /// DPoP keys of AudienceTokens with `spec.dpop`.
     pub dpop_keys: super::dpop_keys::DpopKeys,
+    /// Changes seen of the Secrets that issuers' client certificates are in.
+    pub certificates: super::certificates::CertificateEpochs,
     /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
     /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
     /// backoff.
@@ -104,6 +106,8 @@ pub struct IssuerRevision {
     pub generation: i64,
     /// New bootstrap values this process saw for the issuer's chain (0 after a start).
     pub bootstrap_epoch: u64,
+    /// Changes of the issuer's client certificate Secret this process saw (0 after a start).
+    pub certificate_epoch: u64,
 }
 
 impl Context {
@@ -117,10 +121,16 @@ impl Context {
 
     /// The issuer as it is now (its key and generation), for comparing with a recorded
     /// failure.
-    pub fn issuer_revision(&self, issuer_key: &str, generation: i64) -> IssuerRevision {
+    pub fn issuer_revision(
+        &self,
+        issuer_key: &str,
+        generation: i64,
+        certificate_epoch: u64,
+    ) -> IssuerRevision {
         IssuerRevision {
             generation,
             bootstrap_epoch: self.refresh_chains.bootstrap_epoch(issuer_key),
+            certificate_epoch,
         }
     }
 
@@ -135,6 +145,7 @@ impl Context {
             .unwrap_or(IssuerRevision {
                 generation: now.generation,
                 bootstrap_epoch: 0,
+                certificate_epoch: 0,
             });
         then != now
     }

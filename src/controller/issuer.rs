@@ -30,10 +30,11 @@ pub struct ResolvedIssuer {
 }
 
 impl ResolvedIssuer {
-    /// What may fix a failed request when it changes: the generation, and the refresh
-    /// chain's bootstrap epoch.
+    /// What may fix a failed request when it changes: the generation, the refresh chain's
+    /// bootstrap epoch, and the client certificate's epoch.
     pub fn revision(&self, ctx: &Context) -> super::context::IssuerRevision {
-        ctx.issuer_revision(&self.key, self.generation)
+        let certificate_epoch = ctx.certificates.epoch(&self.spec, &self.secret_namespace);
+        ctx.issuer_revision(&self.key, self.generation, certificate_epoch)
     }
 
     /// The issuer as the issuer layer takes it.

@@ -7,12 +7,14 @@
 //! - [`issuer`]: which issuer an AudienceToken may use (caches and tenancy).
 //! - [`refresh_chain`]: the RefreshToken grant's chains; [`signals`]: how a chain asks the
 //!   other controllers to look again.
+//! - [`certificates`]: renewed client certificates re-issue the tokens bound to them.
 //! - `watches`: reflectors and trigger predicates.
 //!
 //! Caches are kept small on purpose (10,000 tokens on one replica): owned Secrets are
 //! watched metadata-only by label; namespaces metadata-only; `managedFields` and the
 //! last-applied annotation are dropped from everything cached.
 
+pub mod certificates;
 pub mod context;
 pub mod dpop_keys;
 pub mod issuer;
@@ -104,6 +106,7 @@ pub async fn run(
         changed,
         None,
     );
+    let tls_secrets_api = secrets_api.clone();
     let (secrets, secret_triggers) = spawn_reflector(
         &mut tasks,
         watcher(
@@ -158,10 +161,16 @@ pub async fn run(
         rate_limiter: Default::default(),
         signals,
         dpop_keys: Default::default(),
+        certificates: Default::default(),
         recorder,
         reporter,
         failures: Mutex::new(HashMap::new()),
     });
+
+    // Client certificates renewed in their Secrets: after the issuer caches are in `ctx`.
+    tasks
+        .0
+        .push(certificates::spawn_watch(ctx.clone(), tls_secrets_api));
 
     let (reader, writer) = reflector::store::<AudienceToken>();
     let forget_deleted = {

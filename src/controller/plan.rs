@@ -68,6 +68,10 @@ pub struct Observed<'a> {
     /// A Secret of that name exists and is someone else's: it is never written, and
     /// `published` is `None`.
     pub foreign_secret: bool,
+    /// The `x5t#S256` of the client certificate the issuer presents now, when the published
+    /// token is certificate-bound (`None`: the issuer presents none). When the certificate
+    /// cannot be read, the published token's own thumbprint: nothing is known to change.
+    pub client_certificate: Option<&'a str>,
 }
 
 /// Why a token is requested now.
@@ -83,6 +87,9 @@ pub enum RequestReason {
     Expired,
     /// A new `renew-requested-at` value asks for it.
     Forced,
+    /// The token is bound to a client certificate the issuer no longer presents (it was
+    /// renewed): the workload, which mounts the new one, could not use the token.
+    CertificateChanged,
 }
 
 /// The reconciler's next step.
@@ -129,6 +136,12 @@ pub fn decide(o: &Observed, backoff_waived: bool) -> Decision {
     let want = match o.published {
         None => Some(RequestReason::Initial),
         Some(p) if p.spec_hash != o.spec_hash => Some(RequestReason::SpecChanged),
+        Some(p)
+            if p.certificate_thumbprint.is_some()
+                && p.certificate_thumbprint.as_deref() != o.client_certificate =>
+        {
+            Some(RequestReason::CertificateChanged)
+        }
         Some(p) if p.expires_at <= o.now => Some(RequestReason::Expired),
         Some(_) if o.forced() => Some(RequestReason::Forced),
         Some(p) => {
@@ -772,6 +785,7 @@ mod tests {
             spec_hash: hash.into(),
             renew_requested_at: None,
             dpop_jkt: None,
+            certificate_thumbprint: None,
         }
     }
 
@@ -793,6 +807,7 @@ mod tests {
             secret_name: "s",
             audience: "urn:a",
             foreign_secret: false,
+            client_certificate: None,
         }
     }
 
@@ -875,6 +890,39 @@ mod tests {
             decide(&observed(3000, Some(&fresh), &backing_off), true),
             Decision::Request(RequestReason::Due)
         );
+    }
+
+    #[test]
+    fn a_token_bound_to_a_renewed_certificate_is_replaced_at_once() {
+        let none = AudienceTokenStatus::default();
+        let bound = PublishedToken {
+            certificate_thumbprint: Some("cert-1".into()),
+            ..published(0, 3600, "h1")
+        };
+        let mut o = observed(10, Some(&bound), &none);
+        o.client_certificate = Some("cert-1");
+        assert!(matches!(decide(&o, false), Decision::Keep(_)));
+        o.client_certificate = Some("cert-2");
+        assert_eq!(
+            decide(&o, false),
+            Decision::Request(RequestReason::CertificateChanged)
+        );
+        o.client_certificate = None;
+        assert_eq!(
+            decide(&o, false),
+            Decision::Request(RequestReason::CertificateChanged),
+            "the issuer presents no certificate any more"
+        );
+        // A bearer token does not care which certificate the issuer presents.
+        let bearer = published(0, 3600, "h1");
+        let mut o = observed(10, Some(&bearer), &none);
+        o.client_certificate = Some("cert-2");
+        assert!(matches!(decide(&o, false), Decision::Keep(_)));
+        // A failed re-issue backs off like any other.
+        let backing_off = failing(4000, 1);
+        let mut o = observed(10, Some(&bound), &backing_off);
+        o.client_certificate = Some("cert-2");
+        assert_eq!(decide(&o, false), Decision::Wait { until: ts(4000) });
     }
 
     #[test]
@@ -1123,6 +1171,7 @@ mod tests {
             audience: vec!["urn:a".into()],
             scopes: vec![],
             refresh_token: None,
+            certificate_thumbprint: None,
         }
     }
 

@@ -20,7 +20,9 @@ use crate::api::{
     AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
 use crate::oauth::dpop::DpopKey;
-use crate::oauth::{Grant, IssuedToken, TokenError, TokenRequest, issue};
+use crate::oauth::{
+    Binding, ClientCertificate, Grant, IssuedToken, TokenError, TokenRequest, issue,
+};
 use crate::renewal::RenewBefore;
 use crate::secret::{
     MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
@@ -55,6 +57,17 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         SecretState::Absent => (None, false),
         SecretState::Foreign => (None, true),
     };
+    let resolved = issuer::resolve(&ctx, &token);
+    let backoff_waived = match &resolved {
+        Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer.revision(&ctx)),
+        Err(_) => false,
+    };
+    let client_certificate = match (&resolved, published.as_ref()) {
+        (Ok(issuer), Some(published)) => {
+            presented_certificate(&ctx, issuer, published, &namespace, &name).await
+        }
+        _ => None,
+    };
     let observed = Observed {
         now,
         generation: token.meta().generation,
@@ -71,11 +84,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         secret_name: token.secret_name(),
         audience: token.expected_audience(),
         foreign_secret,
-    };
-    let resolved = issuer::resolve(&ctx, &token);
-    let backoff_waived = match &resolved {
-        Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer.revision(&ctx)),
-        Err(_) => false,
+        client_certificate: client_certificate.as_deref(),
     };
 
     let (why, issuer) = match plan::before_request(&observed, resolved, backoff_waived) {
@@ -187,13 +196,21 @@ async fn request_token(
                 .map_err(failed)?
         }
     };
+    let binding = Binding {
+        dpop_jkt: dpop.as_deref().map(DpopKey::thumbprint),
+        certificate_thumbprint: settings
+            .endpoint
+            .client_certificate
+            .as_deref()
+            .map(ClientCertificate::thumbprint),
+    };
     let issued = issue(
         response,
         now,
         settings.default_lifetime,
         token.expected_audience(),
         &token.spec.scopes,
-        dpop.as_deref().map(DpopKey::thumbprint),
+        binding,
     )
     .map_err(failed)?;
     // Optional: a JWT access token must also be signed by the issuer (opaque ones pass).
@@ -212,6 +229,27 @@ async fn request_token(
         },
         dpop,
     ))
+}
+
+/// The thumbprint of the client certificate the issuer presents now, for a published token
+/// that is certificate-bound (read through the issuer layer's cache, which a change of the
+/// certificate's Secret clears). When it cannot be read, the published thumbprint: the
+/// request that reports the problem waits for the renewal.
+async fn presented_certificate(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
+    published: &PublishedToken,
+    namespace: &str,
+    name: &str,
+) -> Option<String> {
+    let bound_to = published.certificate_thumbprint.clone()?;
+    match ctx.endpoints.client_certificate(issuer.target()).await {
+        Ok(certificate) => certificate.map(|c| c.certificate.thumbprint().to_string()),
+        Err(failure) => {
+            debug!(namespace, name, issuer = issuer.key, error = %failure.message, "cannot read the client certificate; keeping the token bound to the last one");
+            Some(bound_to)
+        }
+    }
 }
 
 /// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may

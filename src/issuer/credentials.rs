@@ -46,6 +46,27 @@ pub struct Credential {
     pub from: String,
 }
 
+/// A client certificate with its key, as read (`tls.crt` and `tls.key` of one Secret, or
+/// two files). `Debug` redacts the key.
+#[derive(Clone, Debug)]
+pub struct CertificateCredential {
+    /// The certificate and its chain, PEM.
+    pub chain: String,
+    /// The private key, PEM.
+    pub key: SecretString,
+    /// Where it came from (`Secret ns/name`, `files …`).
+    pub from: String,
+}
+
+/// The `tlsClientCertificate` an issuer names: the Secret, in `namespace`.
+#[derive(Clone, Copy, Debug)]
+pub struct CertificateRef<'a> {
+    /// Where the issuer's Secrets live.
+    pub namespace: &'a str,
+    /// The `kubernetes.io/tls` Secret's name.
+    pub secret_name: &'a str,
+}
+
 /// Reads credentials. Errors name the place, never the value.
 pub trait CredentialSource: Send + Sync {
     /// Reads one credential, fresh (the issuer layer caches).
@@ -53,7 +74,21 @@ pub trait CredentialSource: Send + Sync {
         &self,
         reference: CredentialRef<'_>,
     ) -> impl Future<Output = Result<Credential, Failure>> + Send;
+
+    /// Reads a client certificate and its key together, fresh: both from one read, so a
+    /// renewal between two reads cannot pair a new certificate with an old key.
+    fn read_certificate(
+        &self,
+        reference: CertificateRef<'_>,
+    ) -> impl Future<Output = Result<CertificateCredential, Failure>> + Send;
 }
+
+/// The keys of a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// The private key's key in a `kubernetes.io/tls` Secret.
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+/// The type of Secret a `tlsClientCertificate` names.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 
 /// Credentials from Kubernetes Secrets, through the API (one GET per read).
 #[derive(Clone)]
@@ -68,7 +103,57 @@ impl SecretSource {
     }
 }
 
+impl SecretSource {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Secret, Failure> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|e| {
+                Failure::issuer_not_ready(format!("cannot read Secret {namespace}/{name}: {e}"))
+            })?
+            .ok_or_else(|| {
+                Failure::issuer_not_ready(format!("Secret {namespace}/{name} not found"))
+            })
+    }
+}
+
+/// The text of one key of a Secret's `data`.
+fn data_text(secret: &Secret, namespace: &str, name: &str, key: &str) -> Result<String, Failure> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .ok_or_else(|| {
+            Failure::issuer_not_ready(format!("Secret {namespace}/{name} has no key {key:?}"))
+        })?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| {
+        Failure::issuer_not_ready(format!(
+            "Secret {namespace}/{name} key {key:?} is not UTF-8"
+        ))
+    })
+}
+
 impl CredentialSource for SecretSource {
+    async fn read_certificate(
+        &self,
+        reference: CertificateRef<'_>,
+    ) -> Result<CertificateCredential, Failure> {
+        let (namespace, name) = (reference.namespace, reference.secret_name);
+        let secret = self.get(namespace, name).await?;
+        let type_ = secret.type_.as_deref().unwrap_or("Opaque");
+        if type_ != TLS_SECRET_TYPE {
+            // Only that type is watched for renewals (by a field selector).
+            return Err(Failure::issuer_not_ready(format!(
+                "Secret {namespace}/{name} is of type {type_}; tlsClientCertificate needs a {TLS_SECRET_TYPE} Secret ({TLS_CERT_KEY}, {TLS_PRIVATE_KEY_KEY}), as cert-manager writes"
+            )));
+        }
+        Ok(CertificateCredential {
+            chain: data_text(&secret, namespace, name, TLS_CERT_KEY)?,
+            key: SecretString::new(data_text(&secret, namespace, name, TLS_PRIVATE_KEY_KEY)?),
+            from: format!("Secret {namespace}/{name}"),
+        })
+    }
+
     async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
         let namespace = reference.namespace;
         let Some(selector) = reference.secret else {
@@ -82,35 +167,8 @@ impl CredentialSource for SecretSource {
                 reference.method
             )));
         };
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = api
-            .get_opt(&selector.name)
-            .await
-            .map_err(|e| {
-                Failure::issuer_not_ready(format!(
-                    "cannot read Secret {namespace}/{}: {e}",
-                    selector.name
-                ))
-            })?
-            .ok_or_else(|| {
-                Failure::issuer_not_ready(format!("Secret {namespace}/{} not found", selector.name))
-            })?;
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|data| data.get(&selector.key))
-            .ok_or_else(|| {
-                Failure::issuer_not_ready(format!(
-                    "Secret {namespace}/{} has no key {:?}",
-                    selector.name, selector.key
-                ))
-            })?;
-        let text = String::from_utf8(bytes.0.clone()).map_err(|_| {
-            Failure::issuer_not_ready(format!(
-                "Secret {namespace}/{} key {:?} is not UTF-8",
-                selector.name, selector.key
-            ))
-        })?;
+        let secret = self.get(namespace, &selector.name).await?;
+        let text = data_text(&secret, namespace, &selector.name, &selector.key)?;
         Ok(Credential {
             value: SecretString::new(trim_line_end(&text)),
             from: format!("Secret {namespace}/{} key {}", selector.name, selector.key),

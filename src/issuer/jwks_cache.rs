@@ -12,9 +12,15 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use url::Url;
 
-use crate::api::IssuerSpec;
 use crate::oauth::jwks::{self, JwkSet};
-use crate::oauth::{TokenClient, TokenError};
+use crate::oauth::{Tls, TokenClient, TokenError};
+
+/// Where an issuer's key set is, and how to connect there.
+pub(super) struct JwksSource<'a> {
+    pub url: &'a Url,
+    pub tls: Tls<'a>,
+    pub allow_insecure_http: bool,
+}
 
 /// How long a fetched key set is used before it is fetched again.
 pub const JWKS_TTL: Duration = Duration::from_secs(3600);
@@ -62,12 +68,12 @@ impl JwksCache {
     pub(super) async fn key_set(
         &self,
         tokens: &TokenClient,
-        issuer_key: &str,
-        spec: &IssuerSpec,
-        url: &Url,
+        issuer: &str,
+        source: JwksSource<'_>,
         timeout: Duration,
         token: &str,
     ) -> Result<Arc<JwkSet>, TokenError> {
+        let url = source.url;
         match self.cached(url) {
             Some(entry) if !entry.wants_fetch(token) => return Ok(entry.set),
             _ => {}
@@ -81,12 +87,7 @@ impl JwksCache {
             return Ok(entry.set.clone());
         }
         let fetched = tokens
-            .fetch_jwks(
-                url,
-                spec.ca_bundle.as_deref(),
-                timeout,
-                spec.allow_insecure_http,
-            )
+            .fetch_jwks(url, source.tls, timeout, source.allow_insecure_http)
             .await;
         let now = Instant::now();
         let mut sets = lock(&self.sets);
@@ -105,7 +106,7 @@ impl JwksCache {
             }
             // Keep using the keys we have; the check fails anyway if they do not fit.
             (Err(error), Some(entry)) => {
-                warn!(issuer = issuer_key, jwks_uri = %url, error = %error, "cannot refresh the JWKS; using the cached one");
+                warn!(issuer, jwks_uri = %url, error = %error, "cannot refresh the JWKS; using the cached one");
                 let set = entry.set.clone();
                 sets.insert(
                     url.to_string(),

@@ -28,9 +28,14 @@ use crate::oauth::client::check_transport_security;
 use crate::oauth::discovery::ServerMetadata;
 use crate::oauth::jwks;
 use crate::oauth::jwt::decode_claims;
-use crate::oauth::{AudienceParam, ClientCredentials, Endpoint, TokenClient, TokenError};
+use crate::oauth::{
+    AudienceParam, ClientCertificate, ClientCredentials, Endpoint, Tls, TokenClient, TokenError,
+};
 use crate::redact::SecretString;
-pub use credentials::{Credential, CredentialKind, CredentialRef, CredentialSource};
+pub use credentials::{
+    CertificateCredential, CertificateRef, Credential, CredentialKind, CredentialRef,
+    CredentialSource,
+};
 pub use jwks_cache::{JWKS_MIN_REFRESH, JWKS_TTL};
 
 /// Credentials are re-read at most this often (and at once after `invalid_client`), so a
@@ -64,6 +69,8 @@ pub struct ReadyEndpoint {
     pub token_endpoint_source: String,
     /// Where the client credential came from (`Secret ns/name key k`, `file …`), if any.
     pub credential_from: Option<String>,
+    /// Where the client certificate came from (`Secret ns/name`, `files …`), if any.
+    pub certificate_from: Option<String>,
 }
 
 impl ReadyEndpoint {
@@ -77,11 +84,22 @@ impl ReadyEndpoint {
 /// Namespace, kind, Secret name and key of a cached credential.
 type CredentialKey = (String, &'static str, String, String);
 
+/// A parsed client certificate and where it came from.
+#[derive(Clone, Debug)]
+pub struct IssuerCertificate {
+    /// The certificate and key, ready for connections.
+    pub certificate: Arc<ClientCertificate>,
+    /// Where it was read (`Secret ns/name`, `files …`).
+    pub from: String,
+}
+
 /// The issuer layer for one credential source. See the module docs.
 pub struct IssuerEndpoints<S> {
     tokens: TokenClient,
     source: S,
     credentials: Mutex<HashMap<CredentialKey, (Credential, Instant)>>,
+    /// Client certificates by namespace and Secret name, parsed once per read.
+    certificates: Mutex<HashMap<(String, String), (IssuerCertificate, Instant)>>,
     discovery: Mutex<HashMap<String, (ServerMetadata, Instant)>>,
     jwks: jwks_cache::JwksCache,
 }
@@ -120,6 +138,8 @@ pub fn method_name(method: ClientAuthMethod) -> &'static str {
         ClientAuthMethod::ClientSecretPost => "ClientSecretPost",
         ClientAuthMethod::PrivateKeyJwt => "PrivateKeyJWT",
         ClientAuthMethod::NoAuth => "None",
+        ClientAuthMethod::TlsClientAuth => "TLSClientAuth",
+        ClientAuthMethod::SelfSignedTlsClientAuth => "SelfSignedTLSClientAuth",
     }
 }
 
@@ -167,6 +187,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             tokens,
             source,
             credentials: Mutex::default(),
+            certificates: Mutex::default(),
             discovery: Mutex::default(),
             jwks: jwks_cache::JwksCache::default(),
         }
@@ -191,8 +212,11 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             params::DEFAULT_TOKEN_LIFETIME,
             "defaultTokenLifetime",
         )?;
-        let (token_endpoint, token_endpoint_source, discovered_issuer) =
-            self.token_endpoint(issuer, timeout).await?;
+        let certificate = self.client_certificate(issuer).await?;
+        let client_certificate = certificate.as_ref().map(|c| c.certificate.clone());
+        let (token_endpoint, token_endpoint_source, discovered_issuer) = self
+            .token_endpoint(issuer, client_certificate.as_deref(), timeout)
+            .await?;
         let auth = &spec.client_auth;
         let method = method_name(auth.method);
         let secret_ref = |kind, secret| CredentialRef {
@@ -218,6 +242,19 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 (credentials, Some(credential.from))
             }
             ClientAuthMethod::NoAuth => (ClientCredentials::None, None),
+            ClientAuthMethod::TlsClientAuth | ClientAuthMethod::SelfSignedTlsClientAuth => {
+                // Admission refuses this without a certificate; an issuer stored before
+                // that rule still gets a clear answer.
+                let certificate = certificate.as_ref().ok_or_else(|| {
+                    Failure::issuer_not_ready(format!(
+                        "{method} authenticates with the client certificate: set tlsClientCertificate.secretRef"
+                    ))
+                })?;
+                (
+                    ClientCredentials::TlsClientCertificate,
+                    Some(certificate.from.clone()),
+                )
+            }
             ClientAuthMethod::PrivateKeyJwt => {
                 let reference =
                     secret_ref(CredentialKind::PrivateKey, auth.private_key_ref.as_ref());
@@ -256,13 +293,55 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 client_id: spec.client_id.clone(),
                 credentials,
                 ca_bundle: spec.ca_bundle.clone(),
+                client_certificate,
                 timeout,
             },
             default_lifetime,
             audience_parameter: spec.audience_parameter,
             token_endpoint_source,
             credential_from,
+            certificate_from: certificate.map(|c| c.from),
         })
+    }
+
+    /// The issuer's client certificate (`tlsClientCertificate`), if it names one: read
+    /// through the cache ([`CREDENTIAL_TTL`], dropped when the Secret changes or the server
+    /// refuses the client) and parsed once per read.
+    pub async fn client_certificate(
+        &self,
+        issuer: IssuerTarget<'_>,
+    ) -> Result<Option<IssuerCertificate>, Failure> {
+        let Some(configured) = &issuer.spec.tls_client_certificate else {
+            return Ok(None);
+        };
+        let name = &configured.secret_ref.name;
+        let cache_key = (issuer.secret_namespace.to_string(), name.clone());
+        if let Some((certificate, read_at)) = lock(&self.certificates).get(&cache_key)
+            && read_at.elapsed() < CREDENTIAL_TTL
+        {
+            return Ok(Some(certificate.clone()));
+        }
+        let read = self
+            .source
+            .read_certificate(CertificateRef {
+                namespace: issuer.secret_namespace,
+                secret_name: name,
+            })
+            .await?;
+        let certificate = ClientCertificate::from_pem(&read.chain, &read.key).map_err(|why| {
+            Failure::issuer_not_ready(format!("tlsClientCertificate {}: {why}", read.from))
+        })?;
+        let certificate = IssuerCertificate {
+            certificate: Arc::new(certificate),
+            from: read.from,
+        };
+        lock(&self.certificates).insert(cache_key, (certificate.clone(), Instant::now()));
+        Ok(Some(certificate))
+    }
+
+    /// Forgets a cached client certificate: its Secret changed.
+    pub fn forget_certificate(&self, namespace: &str, secret_name: &str) {
+        lock(&self.certificates).remove(&(namespace.to_string(), secret_name.to_string()));
     }
 
     /// The configured token endpoint, or the discovered one; where it came from; and the
@@ -270,6 +349,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
     async fn token_endpoint(
         &self,
         issuer: IssuerTarget<'_>,
+        client_certificate: Option<&ClientCertificate>,
         timeout: Duration,
     ) -> Result<(Url, String, Option<String>), Failure> {
         let spec = issuer.spec;
@@ -281,18 +361,26 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 .map_err(|e| Failure::issuer_not_ready(e.to_string()))?;
             return Ok((url, "tokenEndpoint".to_string(), None));
         }
-        let metadata = self.server_metadata(issuer, timeout).await?;
-        let source = format!(
-            "discovery from issuerURL {}",
-            spec.issuer_url.as_deref().unwrap_or_default()
-        );
-        Ok((metadata.token_endpoint, source, Some(metadata.issuer)))
+        let metadata = self
+            .server_metadata(issuer, client_certificate, timeout)
+            .await?;
+        let issuer_url = spec.issuer_url.as_deref().unwrap_or_default();
+        let presents_certificate = client_certificate.is_some();
+        let source = match &metadata.mtls_token_endpoint {
+            Some(_) if presents_certificate => {
+                format!("discovery from issuerURL {issuer_url} (mtls_endpoint_aliases)")
+            }
+            _ => format!("discovery from issuerURL {issuer_url}"),
+        };
+        let url = metadata.token_endpoint_for(presents_certificate).clone();
+        Ok((url, source, Some(metadata.issuer)))
     }
 
     /// The server metadata from discovery at issuerURL (cached for [`DISCOVERY_TTL`]).
     pub async fn server_metadata(
         &self,
         issuer: IssuerTarget<'_>,
+        client_certificate: Option<&ClientCertificate>,
         timeout: Duration,
     ) -> Result<ServerMetadata, Failure> {
         let spec = issuer.spec;
@@ -313,7 +401,10 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             .tokens
             .discover(
                 &parsed,
-                spec.ca_bundle.as_deref(),
+                Tls {
+                    ca_bundle: spec.ca_bundle.as_deref(),
+                    client_certificate,
+                },
                 timeout,
                 spec.allow_insecure_http,
             )
@@ -355,6 +446,12 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
 
     /// Forgets what was cached for an issuer after a failure that stale material may explain.
     pub fn invalidate(&self, issuer: IssuerTarget<'_>, error: &TokenError) {
+        // A refused client or a failed handshake may come from a certificate renewed since.
+        if (error.is_client_auth_failure() || matches!(error, TokenError::Transport { .. }))
+            && let Some(configured) = &issuer.spec.tls_client_certificate
+        {
+            self.forget_certificate(issuer.secret_namespace, &configured.secret_ref.name);
+        }
         if error.is_client_auth_failure() {
             let auth = &issuer.spec.client_auth;
             lock(&self.credentials).retain(|(namespace, kind, name, key), _| {
@@ -391,17 +488,20 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
         if decode_claims(access_token).is_none() {
             return Ok(());
         }
-        let (url, expected_issuer) = self.key_source(issuer, timeout).await?;
+        let certificate = self.client_certificate(issuer).await?;
+        let client_certificate = certificate.as_ref().map(|c| &*c.certificate);
+        let (url, expected_issuer) = self.key_source(issuer, client_certificate, timeout).await?;
+        let source = jwks_cache::JwksSource {
+            url: &url,
+            tls: Tls {
+                ca_bundle: issuer.spec.ca_bundle.as_deref(),
+                client_certificate,
+            },
+            allow_insecure_http: issuer.spec.allow_insecure_http,
+        };
         let set = self
             .jwks
-            .key_set(
-                &self.tokens,
-                issuer.key,
-                issuer.spec,
-                &url,
-                timeout,
-                access_token,
-            )
+            .key_set(&self.tokens, issuer.key, source, timeout, access_token)
             .await
             .map_err(|error| {
                 // An unreachable key set may come from a stale discovery document.
@@ -419,6 +519,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
     async fn key_source(
         &self,
         issuer: IssuerTarget<'_>,
+        client_certificate: Option<&ClientCertificate>,
         timeout: Duration,
     ) -> Result<(Url, Option<String>), Failure> {
         let spec = issuer.spec;
@@ -434,7 +535,9 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 issuer.key
             )));
         }
-        let metadata = self.server_metadata(issuer, timeout).await?;
+        let metadata = self
+            .server_metadata(issuer, client_certificate, timeout)
+            .await?;
         let url = metadata.jwks_uri.ok_or_else(|| {
             Failure::issuer_not_ready(format!(
                 "{}: verifyAccessTokenSignature is set but the server's metadata has no usable jwks_uri; set jwksURI",
@@ -492,6 +595,13 @@ mod tests {
     }
 
     impl CredentialSource for Counting {
+        async fn read_certificate(
+            &self,
+            _: CertificateRef<'_>,
+        ) -> Result<CertificateCredential, Failure> {
+            Err(Failure::issuer_not_ready("no certificates here"))
+        }
+
         async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
             self.reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
