@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod harness;
 pub mod kube_double;
 pub mod oidc;
