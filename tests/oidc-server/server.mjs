@@ -8,13 +8,20 @@
 //   * listens on 127.0.0.1, on a free port chosen by the OS;
 //   * when ready, prints exactly ONE line to stdout: {"issuer":"http://127.0.0.1:PORT"};
 //     everything else (logs, warnings) goes to stderr;
+//   * mTLS mode (RFC 8705), when OIDC_SERVER_MTLS_DIR names a directory holding ca.pem,
+//     server.pem, server-key.pem and self-signed-client.pem: the issuer is
+//     https://127.0.0.1:PORT, a second HTTPS listener asks for client certificates, and the
+//     ready line is {"issuer":"https://127.0.0.1:P1","mtls_token_endpoint":"https://127.0.0.1:P2/token"};
 //   * exits on SIGTERM, SIGINT, and when its stdin closes (so a crashed harness never
 //     leaves it running).
 //
 // TEST USE ONLY: in-memory storage, keys generated at startup, well-known client secrets.
 
 import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
+import * as path from 'node:path';
 
 // ---------------------------------------------------------------------------------------
 // stdout belongs to the ready line. oidc-provider prints notices with console.info (which
@@ -160,6 +167,79 @@ function privateKeyJwtClient(clientId, alg) {
   };
 }
 
+// ---------------------------------------------------------------------------------------
+// mTLS mode (RFC 8705): on when OIDC_SERVER_MTLS_DIR is set. The test writes the PEM files
+// there (generated at test run time, tests/support/certs.rs); nothing is generated here.
+//   ca.pem                  the CA that client certificates of tls_client_auth chain to
+//   server.pem              this server's certificate (for 127.0.0.1), signed by that CA
+//   server-key.pem          its private key
+//   self-signed-client.pem  the certificate registered for self_signed_tls_client_auth
+// ---------------------------------------------------------------------------------------
+const MTLS_FILES = {
+  ca: 'ca.pem',
+  serverCert: 'server.pem',
+  serverKey: 'server-key.pem',
+  selfSignedClient: 'self-signed-client.pem',
+};
+
+function readMtlsDir(dir) {
+  const files = {};
+  for (const [name, file] of Object.entries(MTLS_FILES)) {
+    const full = path.join(dir, file);
+    try {
+      files[name] = fs.readFileSync(full, 'utf8');
+    } catch (err) {
+      throw new Error(`OIDC_SERVER_MTLS_DIR: cannot read ${full}: ${err.message}`);
+    }
+  }
+  return files;
+}
+
+const mtlsFiles = process.env.OIDC_SERVER_MTLS_DIR
+  ? readMtlsDir(process.env.OIDC_SERVER_MTLS_DIR)
+  : undefined;
+
+// The client certificate of the request's TLS connection, or undefined (plain HTTP, the
+// listener that asks for none, or a client that sent none).
+function peerCertificate(ctx) {
+  const { socket } = ctx;
+  if (typeof socket?.getPeerCertificate !== 'function') return undefined;
+  const peer = socket.getPeerCertificate();
+  if (!peer?.raw) return undefined;
+  return new crypto.X509Certificate(peer.raw);
+}
+
+// A certificate's subject as an RFC 4514 string ("CN=m2m-tls"; several RDNs joined with ','
+// from the last to the first). Simple subjects only: values are not escaped.
+const subjectDn = (cert) => cert.subject.split('\n').reverse().join(',');
+
+// The mTLS clients. Both must present a certificate, at the mTLS alias of the token
+// endpoint, and get tokens bound to it (cnf["x5t#S256"]):
+//   m2m-tls          tls_client_auth (RFC 8705 §2.1): a certificate issued by ca.pem with
+//                    subject CN=m2m-tls (any key: a renewed certificate is accepted too);
+//   m2m-self-signed  self_signed_tls_client_auth (§2.2): exactly self-signed-client.pem,
+//                    registered as the one key of its jwks (x5c = the certificate).
+function mtlsClients(selfSignedPem) {
+  const m2m = (clientId, authMethod) => ({
+    client_id: clientId,
+    token_endpoint_auth_method: authMethod,
+    tls_client_certificate_bound_access_tokens: true,
+    grant_types: ['client_credentials'],
+    redirect_uris: [],
+    response_types: [],
+    scope: ALL_SCOPES,
+  });
+  const selfSigned = new crypto.X509Certificate(selfSignedPem);
+  const jwk = {
+    ...selfSigned.publicKey.export({ format: 'jwk' }),
+    x5c: [selfSigned.raw.toString('base64')],
+  };
+  return [
+    { ...m2m('m2m-tls', 'tls_client_auth'), tls_client_auth_subject_dn: 'CN=m2m-tls' },
+    { ...m2m('m2m-self-signed', 'self_signed_tls_client_auth'), jwks: { keys: [jwk] } },
+  ];
+}
+
 const GRACE_CLIENT = 'm2m-refresh-grace';
 const REUSE_GRACE_MS = 120_000;
 
@@ -200,6 +280,7 @@ const CLIENTS = [
     ...m2mClient('m2m-dpop', 'm2m-dpop-secret', 'client_secret_basic'),
     dpop_bound_access_tokens: true,
   },
+  ...(mtlsFiles ? mtlsClients(mtlsFiles.selfSignedClient) : []),
 ];
 
 // The algorithms a DPoP proof may be signed with (oidc-provider's default is ES256 and EdDSA).
@@ -318,14 +399,38 @@ function basicClientId(ctx) {
 
 // ---------------------------------------------------------------------------------------
 // Start: listen on port 0 first, then build the provider with the real issuer URL.
+// In mTLS mode the main listener is HTTPS without client certificates, and a second one
+// (the RFC 8705 §5 mTLS endpoint alias) asks for them. It accepts any certificate in the
+// handshake (rejectUnauthorized: false) so that self-signed ones reach the provider; whether
+// one chains to ca.pem is the socket's `authorized`, read by certificateAuthorized below.
 // ---------------------------------------------------------------------------------------
-const server = http.createServer();
-await new Promise((resolve, reject) => {
-  server.once('error', reject);
-  server.listen(0, '127.0.0.1', resolve);
-});
-const { port } = server.address();
-const issuer = `http://127.0.0.1:${port}`;
+const TOKEN_PATH = '/token';
+
+async function listen(httpServer) {
+  await new Promise((resolve, reject) => {
+    httpServer.once('error', reject);
+    httpServer.listen(0, '127.0.0.1', resolve);
+  });
+  return `127.0.0.1:${httpServer.address().port}`;
+}
+
+const server = mtlsFiles
+  ? https.createServer({ cert: mtlsFiles.serverCert, key: mtlsFiles.serverKey })
+  : http.createServer();
+const issuer = `${mtlsFiles ? 'https' : 'http'}://${await listen(server)}`;
+const mtlsServer = mtlsFiles
+  ? https.createServer({
+    cert: mtlsFiles.serverCert,
+    key: mtlsFiles.serverKey,
+    ca: mtlsFiles.ca,
+    requestCert: true,
+    rejectUnauthorized: false,
+  })
+  : undefined;
+const mtlsTokenEndpoint = mtlsServer
+  ? `https://${await listen(mtlsServer)}${TOKEN_PATH}`
+  : undefined;
+const servers = mtlsServer ? [server, mtlsServer] : [server];
 
 const config = {
   clients: CLIENTS,
@@ -338,6 +443,22 @@ const config = {
     dPoPSigningAlgValues: DPOP_ALGS,
   },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
+  routes: { token: TOKEN_PATH },
+  // oidc-provider's default list, plus the RFC 8705 methods in mTLS mode (enabling the
+  // feature alone does not allow them: a client registered for one fails at its first
+  // request with invalid_client_metadata).
+  clientAuthMethods: [
+    'client_secret_basic',
+    'client_secret_jwt',
+    'client_secret_post',
+    'private_key_jwt',
+    'none',
+    ...(mtlsFiles ? ['tls_client_auth', 'self_signed_tls_client_auth'] : []),
+  ],
+  // RFC 8705 §5: where clients authenticating with a certificate send token requests.
+  discovery: mtlsTokenEndpoint
+    ? { mtls_endpoint_aliases: { token_endpoint: mtlsTokenEndpoint } }
+    : {},
 
   features: {
     // No login UI: only machine-to-machine grants are used.
@@ -345,6 +466,25 @@ const config = {
     clientCredentials: { enabled: true },
     introspection: { enabled: false },
     revocation: { enabled: false },
+    // RFC 8705, in mTLS mode only: tls_client_auth, self_signed_tls_client_auth and
+    // certificate-bound access tokens (cnf["x5t#S256"]).
+    mTLS: mtlsFiles
+      ? {
+        enabled: true,
+        certificateBoundAccessTokens: true,
+        tlsClientAuth: true,
+        selfSignedTlsClientAuth: true,
+        getCertificate: peerCertificate,
+        // The handshake verified the certificate against ca.pem (the mTLS listener's `ca`).
+        certificateAuthorized: (ctx) => ctx.socket?.authorized === true,
+        certificateSubjectMatches(ctx, property, expected) {
+          const cert = peerCertificate(ctx);
+          if (!cert) return false;
+          if (property === 'tls_client_auth_subject_dn') return subjectDn(cert) === expected;
+          return false;
+        },
+      }
+      : { enabled: false },
     // DPoP (RFC 9449). With a nonceSecret the provider can hand out nonces (a `DPoP-Nonce`
     // header on answers to DPoP requests); it demands them only while requireDpopNonce is on.
     dPoP: {
@@ -405,6 +545,7 @@ const config = {
 
 const provider = new Provider(issuer, config);
 const tokenPath = new URL(provider.urlFor('token')).pathname;
+if (tokenPath !== TOKEN_PATH) throw new Error(`token endpoint at ${tokenPath}, not ${TOKEN_PATH}`);
 
 // Log token request failures on stderr (never a token or a secret).
 provider.on('grant.error', (ctx, err) => {
@@ -665,11 +806,14 @@ provider.use(async (ctx, next) => {
   }
 });
 
-server.on('request', provider.callback());
+const handle = provider.callback();
+for (const listener of servers) listener.on('request', handle);
 
 // The one and only line on stdout.
-process.stdout.write(`${JSON.stringify({ issuer })}\n`);
-log(`listening, issuer ${issuer}, token endpoint ${issuer}${tokenPath}`);
+const ready = mtlsTokenEndpoint ? { issuer, mtls_token_endpoint: mtlsTokenEndpoint } : { issuer };
+process.stdout.write(`${JSON.stringify(ready)}\n`);
+log(`listening, issuer ${issuer}, token endpoint ${issuer}${tokenPath}`
+  + `${mtlsTokenEndpoint ? `, mTLS token endpoint ${mtlsTokenEndpoint}` : ''}`);
 
 // ---------------------------------------------------------------------------------------
 // Shutdown: on signals, and when stdin closes (the parent went away).
@@ -679,8 +823,9 @@ function shutdown(why) {
   if (stopping) return;
   stopping = true;
   log(`stopping (${why})`);
-  server.close(() => process.exit(0));
-  server.closeAllConnections?.();
+  Promise.all(servers.map((listener) => new Promise((resolve) => { listener.close(resolve); })))
+    .then(() => process.exit(0));
+  for (const listener of servers) listener.closeAllConnections?.();
   setTimeout(() => process.exit(0), 1000).unref();
 }
 process.on('SIGTERM', () => shutdown('SIGTERM'));
