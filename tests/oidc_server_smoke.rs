@@ -34,6 +34,9 @@ async fn token_request(
         AuthMethod::PrivateKeyJwt => {
             panic!("this test has no JWT signer; sign a client_assertion yourself")
         }
+        AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+            panic!("mTLS clients need a client certificate: see tests/mtls_oidc.rs")
+        }
     }
     send(request.form(&form)).await
 }
@@ -100,6 +103,12 @@ async fn discovery_lists_the_token_endpoint() {
     assert_eq!(discovery["issuer"], idp.issuer.as_str());
     assert_eq!(discovery["token_endpoint"], idp.token_endpoint().as_str());
     assert_eq!(discovery["jwks_uri"], idp.jwks_uri().as_str());
+    // mTLS is only on in OidcServer::start_mtls (tests/mtls_oidc.rs).
+    assert_eq!(idp.mtls_token_endpoint, None);
+    assert!(
+        discovery.get("mtls_endpoint_aliases").is_none(),
+        "{discovery}"
+    );
     let grants = discovery["grant_types_supported"].as_array().unwrap();
     assert!(grants.contains(&"client_credentials".into()), "{grants:?}");
     assert!(grants.contains(&"refresh_token".into()), "{grants:?}");

@@ -10,15 +10,21 @@
 //! let idp = OidcServer::start().await;
 //! let token_endpoint = idp.token_endpoint();
 //! ```
+//!
+//! For mutual TLS (RFC 8705), [`OidcServer::start_mtls`] starts it with certificates from
+//! [`super::certs`]: an https issuer and [`OidcServer::mtls_token_endpoint`].
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use super::certs::{ClientCert, TestPki};
 
 /// How long the server may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -56,6 +62,14 @@ pub enum AuthMethod {
     ClientSecretPost,
     /// RFC 7523 `client_assertion`, signed with the key from [`OidcServer::client_private_key`].
     PrivateKeyJwt,
+    /// RFC 8705 §2.1 `tls_client_auth` (mTLS server only, [`OidcServer::start_mtls`]): a
+    /// certificate issued by the test CA with the registered subject, presented in the TLS
+    /// handshake at [`OidcServer::mtls_token_endpoint`]; `client_id` in the form, no secret.
+    TlsClientAuth,
+    /// RFC 8705 §2.2 `self_signed_tls_client_auth` (mTLS server only): the one self-signed
+    /// certificate registered for the client, presented at [`OidcServer::mtls_token_endpoint`];
+    /// `client_id` in the form, no secret.
+    SelfSignedTlsClientAuth,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +144,26 @@ pub const M2M_DPOP: TestClient = TestClient {
     method: AuthMethod::ClientSecretBasic,
 };
 
+/// mTLS server only ([`OidcServer::start_mtls`]): client_credentials with `tls_client_auth`.
+/// Any certificate from [`TestPki::client`]`("m2m-tls")` (subject `CN=m2m-tls`) is accepted,
+/// so a renewed one is too; tokens are bound to it (`cnf["x5t#S256"]`). Without a certificate
+/// (e.g. at [`OidcServer::token_endpoint`]) or with one the CA did not issue:
+/// 401 `invalid_client`. `secret` is empty.
+pub const M2M_TLS: TestClient = TestClient {
+    id: "m2m-tls",
+    secret: "",
+    method: AuthMethod::TlsClientAuth,
+};
+
+/// mTLS server only: client_credentials with `self_signed_tls_client_auth`. Only the
+/// self-signed certificate given to [`OidcServer::start_mtls`] is accepted (another one:
+/// 401 `invalid_client`); tokens are bound to it (`cnf["x5t#S256"]`). `secret` is empty.
+pub const M2M_SELF_SIGNED: TestClient = TestClient {
+    id: "m2m-self-signed",
+    secret: "",
+    method: AuthMethod::SelfSignedTlsClientAuth,
+};
+
 /// Token endpoint requests seen by the server since start or the last reset, successful or
 /// not. A request without `resource` is counted under `"(none)"`; one with several under
 /// the values joined by a space.
@@ -192,14 +226,36 @@ pub struct ClientKey {
 /// A running test authorization server. Killed when dropped (and it also exits by itself
 /// when its stdin, held here, closes).
 pub struct OidcServer {
-    /// `http://127.0.0.1:PORT`, no trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` from [`start_mtls`](Self::start_mtls)), no
+    /// trailing slash.
     pub issuer: String,
+    /// mTLS server only: the RFC 8705 §5 mTLS alias of the token endpoint
+    /// (`https://127.0.0.1:PORT2/token`, discovery's `mtls_endpoint_aliases.token_endpoint`),
+    /// where clients present their certificates. `None` from [`start`](Self::start).
+    pub mtls_token_endpoint: Option<String>,
+    // Trusts the test CA on an mTLS server.
     http: reqwest::Client,
     child: Child,
     // Held open: the server exits when its stdin closes, i.e. when this process goes away.
     _stdin: ChildStdin,
     // Held open so the server never writes to a closed pipe.
     _stdout: Lines<BufReader<ChildStdout>>,
+    // The PEM files of an mTLS server; removed after the server is killed.
+    _mtls_dir: Option<TempDir>,
+}
+
+/// What an mTLS start needs: the directory with the PEM files, and the CA to trust.
+struct MtlsSetup {
+    dir: TempDir,
+    ca_pem: String,
+}
+
+/// The server's answer once it listens.
+#[derive(Debug, Deserialize)]
+struct Ready {
+    issuer: String,
+    #[serde(default)]
+    mtls_token_endpoint: Option<String>,
 }
 
 impl OidcServer {
@@ -215,10 +271,39 @@ impl OidcServer {
     /// 20 used to deadlock at startup (a GC during a key export, see `generateKeyPair` in
     /// server.mjs); that is worked around, and the retry stays as a safety net.
     pub async fn start() -> OidcServer {
+        Self::start_with(None).await
+    }
+
+    /// Starts the server in mTLS mode (RFC 8705): `pki`'s CA, server certificate and key, and
+    /// `self_signed` (the certificate registered for [`M2M_SELF_SIGNED`]) are written to a
+    /// fresh temporary directory (removed when the server is dropped) named by
+    /// `OIDC_SERVER_MTLS_DIR`. The issuer is `https://127.0.0.1:PORT` (a server certificate
+    /// for `127.0.0.1` signed by the test CA, no client certificate asked for); token
+    /// requests with a client certificate go to [`mtls_token_endpoint`](Self::mtls_token_endpoint).
+    /// The helpers here trust the test CA; a test's own client must too
+    /// (`reqwest::ClientBuilder::tls_certs_only` with [`TestPki::ca_pem`]).
+    pub async fn start_mtls(pki: &TestPki, self_signed: &ClientCert) -> OidcServer {
+        let dir = TempDir::new("oidc-server-mtls");
+        dir.write("ca.pem", &pki.ca_pem);
+        dir.write("server.pem", &pki.server_cert_pem);
+        dir.write("server-key.pem", &pki.server_key_pem);
+        dir.write("self-signed-client.pem", &self_signed.cert_pem);
+        Self::start_with(Some(MtlsSetup {
+            dir,
+            ca_pem: pki.ca_pem.clone(),
+        }))
+        .await
+    }
+
+    /// [`start`](Self::start) or [`start_mtls`](Self::start_mtls): the retries of both.
+    async fn start_with(mtls: Option<MtlsSetup>) -> OidcServer {
         let mut last = String::new();
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start().await {
-                Ok(server) => return server,
+            match Self::try_start(mtls.as_ref()).await {
+                Ok(mut server) => {
+                    server._mtls_dir = mtls.map(|setup| setup.dir);
+                    return server;
+                }
                 Err(why) => {
                     eprintln!("[oidc-server] attempt {attempt}: {why}");
                     last = why;
@@ -228,7 +313,7 @@ impl OidcServer {
         panic!("{last} ({START_ATTEMPTS} attempts)")
     }
 
-    async fn try_start() -> Result<OidcServer, String> {
+    async fn try_start(mtls: Option<&MtlsSetup>) -> Result<OidcServer, String> {
         let dir = Self::dir();
         if !dir.join("node_modules").join("oidc-provider").is_dir() {
             panic!(
@@ -239,9 +324,13 @@ impl OidcServer {
         }
         let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_owned());
 
-        let mut child = Command::new(&node)
-            .arg("server.mjs")
-            .current_dir(&dir)
+        let mut command = Command::new(&node);
+        command.arg("server.mjs").current_dir(&dir);
+        match mtls {
+            Some(setup) => command.env("OIDC_SERVER_MTLS_DIR", setup.dir.path()),
+            None => command.env_remove("OIDC_SERVER_MTLS_DIR"),
+        };
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -256,8 +345,8 @@ impl OidcServer {
         let stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
 
-        let issuer = match tokio::time::timeout(START_TIMEOUT, read_issuer(&mut stdout)).await {
-            Ok(Ok(issuer)) => issuer,
+        let ready = match tokio::time::timeout(START_TIMEOUT, read_ready(&mut stdout)).await {
+            Ok(Ok(ready)) => ready,
             Ok(Err(why)) => {
                 let status = child.wait().await.ok();
                 panic!(
@@ -272,18 +361,29 @@ impl OidcServer {
             }
         };
 
-        let http = reqwest::Client::builder()
+        assert_eq!(
+            ready.mtls_token_endpoint.is_some(),
+            mtls.is_some(),
+            "ready line {ready:?}: an mTLS token endpoint if and only if started in mTLS mode"
+        );
+
+        let mut http = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("reqwest client");
+            .timeout(Duration::from_secs(10));
+        if let Some(setup) = mtls {
+            let ca = reqwest::Certificate::from_pem(setup.ca_pem.as_bytes()).expect("CA PEM");
+            http = http.tls_certs_only([ca]);
+        }
+        let http = http.build().expect("reqwest client");
 
         Ok(OidcServer {
-            issuer,
+            issuer: ready.issuer.trim_end_matches('/').to_owned(),
+            mtls_token_endpoint: ready.mtls_token_endpoint,
             http,
             child,
             _stdin: stdin,
             _stdout: stdout,
+            _mtls_dir: None,
         })
     }
 
@@ -513,16 +613,13 @@ impl Drop for OidcServer {
     }
 }
 
-/// Reads stdout lines until the `{"issuer": "..."}` ready line.
-async fn read_issuer(stdout: &mut Lines<BufReader<ChildStdout>>) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Ready {
-        issuer: String,
-    }
+/// Reads stdout lines until the ready line: `{"issuer": "..."}`, with
+/// `"mtls_token_endpoint": "..."` in mTLS mode.
+async fn read_ready(stdout: &mut Lines<BufReader<ChildStdout>>) -> Result<Ready, String> {
     loop {
         match stdout.next_line().await {
             Ok(Some(line)) => match serde_json::from_str::<Ready>(line.trim()) {
-                Ok(ready) => return Ok(ready.issuer.trim_end_matches('/').to_owned()),
+                Ok(ready) => return Ok(ready),
                 Err(_) => eprintln!("[oidc-server stdout] {line}"),
             },
             Ok(None) => {
@@ -530,5 +627,48 @@ async fn read_issuer(stdout: &mut Lines<BufReader<ChildStdout>>) -> Result<Strin
             }
             Err(e) => return Err(format!("reading its stdout: {e}")),
         }
+    }
+}
+
+/// A directory under the system temp directory, unique to this process and call, removed
+/// (with its files) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        // `create`, not `create_all`: fails rather than reuse a directory that exists.
+        builder
+            .create(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, name: &str, contents: &str) {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

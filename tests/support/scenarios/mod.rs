@@ -238,6 +238,12 @@ impl TestEnv {
             AuthMethod::ClientSecretBasic => ClientAuthMethod::ClientSecretBasic,
             AuthMethod::ClientSecretPost => ClientAuthMethod::ClientSecretPost,
             AuthMethod::PrivateKeyJwt => ClientAuthMethod::PrivateKeyJwt,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                panic!(
+                    "create_issuer: {} authenticates with a client certificate, which it cannot set up",
+                    client.id
+                )
+            }
         };
         let issuer = self
             .client_secret_issuer_spec(name, client.id, method, secret_value)
