@@ -13,8 +13,8 @@ use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
-    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, private_key_jwt, rate_limit,
-    refresh_chain, signature,
+    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, mtls, private_key_jwt,
+    rate_limit, refresh_chain, signature,
 };
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -297,6 +297,18 @@ async fn interrupted_rotation_is_resolved_at_start() {
 async fn dpop_bound_tokens_carry_their_key() {
     let mut h = start("dpop").await;
     dpop::dpop_bound_tokens(&h.env, &mut h.operator).await;
+}
+
+/// `tlsClientCertificate`: TLS client authentication (CA-issued and self-signed), bound
+/// tokens with their thumbprint, a restart, a certificate renewal, and what users get wrong.
+#[tokio::test]
+async fn mutual_tls_client_certificates_and_bound_tokens() {
+    let pki = support::certs::TestPki::generate();
+    let self_signed = support::certs::self_signed("m2m-self-signed");
+    let mut h = harness::start_mtls("mtls", &pki, &self_signed).await;
+    mtls::tls_client_auth_and_certificate_renewal(&h.env, &mut h.operator, &pki).await;
+    mtls::self_signed_tls_client_auth(&h.env, &self_signed, &pki).await;
+    mtls::certificate_problems_reach_status(&h.env, &self_signed, &pki).await;
 }
 
 #[tokio::test]

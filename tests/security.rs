@@ -25,7 +25,8 @@ use support::kube_double::{KubeApiDouble, RequestRecord, ResourceKey};
 use support::oidc::{self, OidcServer, SecretsSeen};
 use support::operator::Options;
 use support::scenarios::{
-    READY_TIMEOUT, dpop, eventually, failures, lifecycle, private_key_jwt, refresh_chain, signature,
+    READY_TIMEOUT, dpop, eventually, failures, lifecycle, mtls, private_key_jwt, refresh_chain,
+    signature,
 };
 
 async fn start(namespace: &str, options: Options) -> Harness {
@@ -292,6 +293,22 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
             }
         }
     }
+    // Client certificates' private keys (RFC 8705), as the tests wrote them into
+    // kubernetes.io/tls Secrets: every full line of each PEM body.
+    let tls_keys = secret_data_values(&h.double, "tls.key");
+    for (index, pem) in tls_keys.iter().enumerate() {
+        for (line_no, line) in pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 32)
+            .enumerate()
+        {
+            values.push(Sensitive {
+                kind: Kind::PrivateKey,
+                index: 2000 + 10 * index + line_no,
+                forms: forms(line),
+            });
+        }
+    }
 
     // Positive controls: the recorded access tokens are the ones in the token Secrets, and
     // the search finds them there, in the form the API serves them (base64 `data`).
@@ -408,6 +425,23 @@ async fn no_secret_leaks_with_text_logs() {
         ],
     )
     .await;
+}
+
+/// Client certificates (RFC 8705): TLS client authentication, a renewal, a restart and
+/// refused certificates; their private keys never leave their Secrets.
+#[tokio::test]
+async fn no_secret_leaks_with_mutual_tls() {
+    let pki = support::certs::TestPki::generate();
+    let self_signed = support::certs::self_signed("m2m-self-signed");
+    let mut h = harness::start_mtls("leak-mtls", &pki, &self_signed).await;
+    mtls::tls_client_auth_and_certificate_renewal(&h.env, &mut h.operator, &pki).await;
+    mtls::self_signed_tls_client_auth(&h.env, &self_signed, &pki).await;
+    mtls::certificate_problems_reach_status(&h.env, &self_signed, &pki).await;
+    assert!(
+        secret_data_values(&h.double, "tls.key").len() >= 2,
+        "client certificate keys are in Secrets, so a leak of one would be found"
+    );
+    assert_nothing_leaks(h, &[Kind::AccessToken], &[]).await;
 }
 
 /// The refresh-token chain (rotations, restarts, a spent refresh token, a new bootstrap)

@@ -508,3 +508,110 @@ async fn dpop_shows_the_key_thumbprint_and_the_tokens_cnf() {
     assert_eq!(out.code, Some(2), "{out}");
     assert!(out.stderr.contains("asymmetric"), "{out}");
 }
+
+/// An issuer with `tlsClientCertificate`: the command presents the certificate from
+/// `--client-certificate-file`/`--client-key-file`, uses the server's mTLS alias, and shows
+/// the certificate's thumbprint beside the token's `cnf`. Without the files it says which
+/// flags to give, before any request.
+#[tokio::test]
+async fn mutual_tls_shows_the_certificate_thumbprint_and_the_tokens_cnf() {
+    let pki = support::certs::TestPki::generate();
+    let self_signed = support::certs::self_signed("m2m-self-signed");
+    let idp = OidcServer::start_mtls(&pki, &self_signed).await;
+    let dir = temp_dir("mtls");
+    let certificate = pki.client("m2m-tls");
+    let cert_file = write(&dir, "tls.crt", &certificate.cert_pem);
+    let key_file = write(&dir, "tls.key", &certificate.key_pem);
+    let ca = pki
+        .ca_pem
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let manifest = write(
+        &dir,
+        "issuer.yaml",
+        &format!(
+            "apiVersion: audiencetoken.io/v1alpha1
+kind: TokenIssuer
+metadata:
+  name: mtls-idp
+  namespace: shop
+spec:
+  issuerURL: {issuer}
+  clientID: {id}
+  caBundle: |
+{ca}
+  clientAuth:
+    method: TLSClientAuth
+  tlsClientCertificate:
+    secretRef:
+      name: m2m-tls-cert
+",
+            issuer = idp.issuer,
+            id = M2M_TLS.id
+        ),
+    );
+    let out = token_command(
+        &[
+            "-f",
+            &manifest,
+            "--resource",
+            ORDERS,
+            "--client-certificate-file",
+            &cert_file,
+            "--client-key-file",
+            &key_file,
+            "--output",
+            "json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    assert_eq!(report["ok"], true, "{out}");
+    assert_eq!(
+        report["token_endpoint"].as_str(),
+        idp.mtls_token_endpoint.as_deref(),
+        "the mTLS alias: {out}"
+    );
+    assert_eq!(
+        report["client_certificate_thumbprint"], certificate.thumbprint,
+        "{out}"
+    );
+    assert_eq!(report["cnf"]["x5t#S256"], certificate.thumbprint, "{out}");
+    assert!(
+        !out.stdout
+            .contains(certificate.key_pem.lines().nth(1).unwrap()),
+        "the key is never printed"
+    );
+
+    // The text report names the certificate and the cnf.
+    let out = token_command(
+        &[
+            "-f",
+            &manifest,
+            "--resource",
+            ORDERS,
+            "--client-certificate-file",
+            &cert_file,
+            "--client-key-file",
+            &key_file,
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains(&certificate.thumbprint), "{out}");
+    assert!(out.stdout.contains("x5t#S256"), "{out}");
+
+    // No certificate files: a clear error before any request.
+    idp.reset_counts().await;
+    let out = token_command(&["-f", &manifest, "--resource", ORDERS], &[], None).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("--client-certificate-file"), "{out}");
+    assert_eq!(idp.token_requests().await.total, 0);
+}

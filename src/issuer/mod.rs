@@ -368,7 +368,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
         let presents_certificate = client_certificate.is_some();
         let source = match &metadata.mtls_token_endpoint {
             Some(_) if presents_certificate => {
-                format!("discovery from issuerURL {issuer_url} (mtls_endpoint_aliases)")
+                format!("discovery from issuerURL {issuer_url}, its mtls_endpoint_aliases")
             }
             _ => format!("discovery from issuerURL {issuer_url}"),
         };

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::certs::{ClientCert, TestPki};
 use super::kube_double::KubeApiDouble;
 use super::oidc::OidcServer;
 use super::operator::{OperatorProcess, Options};
@@ -45,8 +46,23 @@ impl Harness {
 /// Starts a harness; waits while two others run.
 pub async fn start(namespace: &str, options: Options) -> Harness {
     let slot = SLOTS.acquire().await.expect("semaphore open");
+    start_with(slot, namespace, options, OidcServer::start().await).await
+}
+
+/// Starts a harness whose OAuth server is in its mTLS mode ([`OidcServer::start_mtls`]).
+pub async fn start_mtls(namespace: &str, pki: &TestPki, self_signed: &ClientCert) -> Harness {
+    let slot = SLOTS.acquire().await.expect("semaphore open");
+    let idp = OidcServer::start_mtls(pki, self_signed).await;
+    start_with(slot, namespace, Options::default(), idp).await
+}
+
+async fn start_with(
+    slot: tokio::sync::SemaphorePermit<'static>,
+    namespace: &str,
+    options: Options,
+    idp: OidcServer,
+) -> Harness {
     let double = KubeApiDouble::start().await;
-    let idp = OidcServer::start().await;
     let env = TestEnv {
         client: double.client(),
         namespace: namespace.to_string(),

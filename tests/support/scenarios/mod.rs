@@ -12,7 +12,9 @@
 //!   recovery, and rotations interrupted by a crash;
 //! - `private_key_jwt`: PrivateKeyJWT client authentication;
 //! - `signature`: `verifyAccessTokenSignature`;
-//! - `rate_limit`: an issuer's `rateLimit`.
+//! - `rate_limit`: an issuer's `rateLimit`;
+//! - `dpop`: DPoP-bound tokens (RFC 9449);
+//! - `mtls`: client certificates and certificate-bound tokens (RFC 8705).
 //!
 //! This file holds what they share: [`TestEnv`] with its fixtures, and the helpers
 //! [`eventually`], [`claims`] and [`data`].
@@ -40,6 +42,7 @@ use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 pub mod dpop;
 pub mod failures;
 pub mod lifecycle;
+pub mod mtls;
 pub mod private_key_jwt;
 pub mod rate_limit;
 pub mod refresh_chain;
