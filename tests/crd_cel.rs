@@ -1463,3 +1463,133 @@ fn the_cost_estimate_flags_unbounded_regex_matching() {
     assert!(rule_cost("self.matches('^[a-z]+$')", &string) > 300_000);
     assert!(rule_cost("size(self) > 0", &string) < 10);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The manifests users copy
+
+/// Problems of `value` against a structural `schema`, the way the API server would prune and
+/// refuse: unknown fields, missing required ones, values outside an `enum`, wrong types.
+fn schema_problems(value: &Value, schema: &Value, path: &str, out: &mut Vec<String>) {
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        out.push(format!("{path}: {value} is not one of {allowed:?}"));
+    }
+    let type_ok = match (schema["type"].as_str(), value) {
+        (Some("object"), Value::Object(_))
+        | (Some("array"), Value::Array(_))
+        | (Some("string"), Value::String(_))
+        | (Some("boolean"), Value::Bool(_))
+        | (None, _) => true,
+        (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
+        (Some("number"), Value::Number(_)) => true,
+        _ => schema["x-kubernetes-int-or-string"] == json!(true),
+    };
+    if !type_ok {
+        out.push(format!("{path}: {value} is not of type {}", schema["type"]));
+        return;
+    }
+    match value {
+        Value::Object(fields) => {
+            if let Some(required) = schema["required"].as_array() {
+                for name in required.iter().filter_map(Value::as_str) {
+                    if !fields.contains_key(name) {
+                        out.push(format!("{path}: missing required field {name}"));
+                    }
+                }
+            }
+            let properties = schema["properties"].as_object();
+            for (name, field) in fields {
+                let field_path = format!("{path}.{name}");
+                match properties.and_then(|p| p.get(name)) {
+                    Some(field_schema) => schema_problems(field, field_schema, &field_path, out),
+                    None if schema["additionalProperties"].is_object() => {
+                        schema_problems(field, &schema["additionalProperties"], &field_path, out)
+                    }
+                    None if schema["x-kubernetes-preserve-unknown-fields"] == json!(true)
+                        || path.is_empty()
+                            && ["apiVersion", "kind", "metadata"].contains(&name.as_str()) => {}
+                    None => out.push(format!("{field_path}: unknown field")),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                schema_problems(item, &schema["items"], &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_schema_check_catches_typos() {
+    let mut object = good(Kind::TokenIssuer);
+    object["spec"]["tlsClientCertificat"] = json!({"secretRef": {"name": "c"}});
+    object["spec"]["clientAuth"]["method"] = json!("TlsClientAuth");
+    let mut problems = Vec::new();
+    schema_problems(&object, &schema(Kind::TokenIssuer), "", &mut problems);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
+/// Every AudienceToken, TokenIssuer and ClusterTokenIssuer under `examples/` (and the
+/// chart's) is accepted as it is: known fields and enum values only, and every CEL rule
+/// passes. Examples are what users copy; they must not rot when the API moves.
+#[test]
+fn every_example_passes_admission() {
+    let admission = Admission::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read examples") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    let mut checked = BTreeMap::<&str, usize>::new();
+    let mut problems = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read example");
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let object: Value = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", file.display()));
+            let api_version = object["apiVersion"].as_str().unwrap_or_default();
+            if !api_version.starts_with("audiencetoken.io/") {
+                continue;
+            }
+            let Some(kind) = KINDS
+                .into_iter()
+                .find(|k| object["kind"].as_str() == Some(k.name()))
+            else {
+                problems.push(format!(
+                    "{}: unknown kind {}",
+                    file.display(),
+                    object["kind"]
+                ));
+                continue;
+            };
+            *checked.entry(kind.name()).or_default() += 1;
+            let name = format!("{} {}", file.display(), object["metadata"]["name"]);
+            let mut found = Vec::new();
+            schema_problems(&object, &schema(kind), "", &mut found);
+            problems.extend(found.into_iter().map(|p| format!("{name}: {p}")));
+            for e in admission.errors(kind, &object) {
+                problems.push(format!("{name}: {} {}", e.field_path, e.message));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "examples refused:\n{}",
+        problems.join("\n")
+    );
+    assert!(
+        checked.get("AudienceToken") >= Some(&5) && checked.get("TokenIssuer") >= Some(&5),
+        "too few examples found: {checked:?}"
+    );
+}
