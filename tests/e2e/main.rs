@@ -20,11 +20,12 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 
+use support::certs::{TestPki, self_signed};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, dpop, eventually, failures, lifecycle, private_key_jwt, rate_limit, refresh_chain,
-    signature,
+    TestEnv, dpop, eventually, failures, lifecycle, mtls, private_key_jwt, rate_limit,
+    refresh_chain, signature,
 };
 
 #[tokio::test]
@@ -92,6 +93,17 @@ async fn scenarios_on_a_real_cluster() {
         signature::signature_check(&env).await;
         dpop::dpop_bound_tokens(&env, &mut operator).await;
         rate_limit::rate_limit_spaces_requests(&env).await;
+        // Mutual TLS: the same namespace and operator, an OAuth server in its mTLS mode.
+        let pki = TestPki::generate();
+        let self_signed = self_signed("m2m-self-signed");
+        let mtls = TestEnv {
+            client: env.client.clone(),
+            namespace: env.namespace.clone(),
+            idp: OidcServer::start_mtls(&pki, &self_signed).await,
+        };
+        mtls::tls_client_auth_and_certificate_renewal(&mtls, &mut operator, &pki).await;
+        mtls::self_signed_tls_client_auth(&mtls, &self_signed, &pki).await;
+        mtls::certificate_problems_reach_status(&mtls, &self_signed, &pki).await;
         operator.stop().await;
     })
     .await;
