@@ -14,12 +14,12 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::context::Context;
-use crate::api::IssuerSpec;
+use crate::api::{ClusterTokenIssuer, IssuerSpec, TokenIssuer};
 use crate::issuer::credentials::TLS_SECRET_TYPE;
 
 /// A Secret by namespace and name.
@@ -73,37 +73,56 @@ impl CertificateEpochs {
     }
 }
 
-/// The issuers whose `tlsClientCertificate` is the Secret `namespace/name`.
-fn issuers_using(ctx: &Context, namespace: &str, name: &str) -> Vec<ObjectReference> {
-    let names = |spec: &IssuerSpec| {
-        spec.tls_client_certificate
-            .as_ref()
-            .is_some_and(|c| c.secret_ref.name == name)
-    };
-    let mut found: Vec<ObjectReference> = ctx
-        .issuers
-        .state()
-        .iter()
-        .filter(|i| i.namespace().as_deref() == Some(namespace) && names(&i.spec.issuer))
-        .map(|i| i.object_ref(&()))
-        .collect();
-    if namespace == ctx.settings.cluster_resource_namespace {
-        found.extend(
-            ctx.cluster_issuers
-                .state()
-                .iter()
-                .filter(|i| names(&i.spec.issuer))
-                .map(|i| i.object_ref(&())),
-        );
+/// Where the watch finds the issuers, and what it tells when a certificate changed.
+pub(super) struct Watch<F> {
+    /// TokenIssuers.
+    pub issuers: Store<TokenIssuer>,
+    /// ClusterTokenIssuers.
+    pub cluster_issuers: Store<ClusterTokenIssuer>,
+    /// Where ClusterTokenIssuers' Secrets live.
+    pub cluster_resource_namespace: String,
+    /// The record of changes (the issuers' revisions read it).
+    pub epochs: Arc<CertificateEpochs>,
+    /// Called with the Secret's namespace and name and the issuers naming it.
+    pub changed: F,
+}
+
+impl<F> Watch<F> {
+    /// The issuers whose `tlsClientCertificate` is the Secret `namespace/name`.
+    fn issuers_using(&self, namespace: &str, name: &str) -> Vec<ObjectReference> {
+        let names = |spec: &IssuerSpec| {
+            spec.tls_client_certificate
+                .as_ref()
+                .is_some_and(|c| c.secret_ref.name == name)
+        };
+        let mut found: Vec<ObjectReference> = self
+            .issuers
+            .state()
+            .iter()
+            .filter(|i| i.namespace().as_deref() == Some(namespace) && names(&i.spec.issuer))
+            .map(|i| i.object_ref(&()))
+            .collect();
+        if namespace == self.cluster_resource_namespace {
+            found.extend(
+                self.cluster_issuers
+                    .state()
+                    .iter()
+                    .filter(|i| names(&i.spec.issuer))
+                    .map(|i| i.object_ref(&())),
+            );
+        }
+        found
     }
-    found
 }
 
 /// Watches `kubernetes.io/tls` Secrets (metadata only) until the task is aborted.
-pub(super) fn spawn_watch(
-    ctx: Arc<Context>,
+pub(super) fn spawn_watch<F>(
+    watch: Watch<F>,
     api: Api<PartialObjectMeta<Secret>>,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(&str, &str, &[ObjectReference]) + Send + 'static,
+{
     let config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
@@ -120,7 +139,7 @@ pub(super) fn spawn_watch(
                 }
             };
             let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-            let issuers = issuers_using(&ctx, &namespace, &name);
+            let issuers = watch.issuers_using(&namespace, &name);
             if issuers.is_empty() {
                 continue;
             }
@@ -129,8 +148,8 @@ pub(super) fn spawn_watch(
             } else {
                 secret.resource_version()
             };
-            if !ctx
-                .certificates
+            if !watch
+                .epochs
                 .observe((namespace.clone(), name.clone()), version, initial)
             {
                 continue;
@@ -141,11 +160,7 @@ pub(super) fn spawn_watch(
                 issuers = issuers.len(),
                 "client certificate Secret changed; re-issuing tokens bound to it"
             );
-            ctx.endpoints.forget_certificate(&namespace, &name);
-            for issuer in &issuers {
-                ctx.signals.recheck_issuer(issuer);
-                ctx.signals.retry_tokens_of(issuer);
-            }
+            (watch.changed)(&namespace, &name, &issuers);
         }
     })
 }

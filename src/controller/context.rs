@@ -91,7 +91,7 @@ pub struct Context {
     /// DPoP keys of AudienceTokens with `spec.dpop`.
     pub dpop_keys: super::dpop_keys::DpopKeys,
     /// Changes seen of the Secrets that issuers' client certificates are in.
-    pub certificates: super::certificates::CertificateEpochs,
+    pub certificates: Arc<super::certificates::CertificateEpochs>,
     /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
     /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
     /// backoff.

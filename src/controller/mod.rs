@@ -167,10 +167,30 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
     });
 
-    // Client certificates renewed in their Secrets: after the issuer caches are in `ctx`.
-    tasks
-        .0
-        .push(certificates::spawn_watch(ctx.clone(), tls_secrets_api));
+    // Client certificates renewed in their Secrets: the cached one goes, the issuer and its
+    // tokens look again.
+    let certificate_watch = certificates::Watch {
+        issuers: ctx.issuers.clone(),
+        cluster_issuers: ctx.cluster_issuers.clone(),
+        cluster_resource_namespace: settings.cluster_resource_namespace.clone(),
+        epochs: ctx.certificates.clone(),
+        changed: {
+            let ctx = ctx.clone();
+            move |namespace: &str,
+                  name: &str,
+                  issuers: &[k8s_openapi::api::core::v1::ObjectReference]| {
+                ctx.endpoints.forget_certificate(namespace, name);
+                for issuer in issuers {
+                    ctx.signals.recheck_issuer(issuer);
+                    ctx.signals.retry_tokens_of(issuer);
+                }
+            }
+        },
+    };
+    tasks.0.push(certificates::spawn_watch(
+        certificate_watch,
+        tls_secrets_api,
+    ));
 
     let (reader, writer) = reflector::store::<AudienceToken>();
     let forget_deleted = {
