@@ -138,6 +138,10 @@ pub struct ManifestIssuer {
     pub kind: IssuerKind,
     /// `namespace/name`, `name`, or `(unnamed)`.
     pub name: String,
+    /// `metadata.namespace`, if the manifest has one.
+    pub namespace: Option<String>,
+    /// `metadata.name`, if the manifest has one.
+    pub object_name: Option<String>,
     /// Its spec.
     pub spec: IssuerSpec,
     /// A ClusterTokenIssuer's `allowedResources`.
@@ -235,6 +239,8 @@ fn token_issuer(object: serde_yaml::Value) -> Result<ManifestIssuer, DebugTokenE
     Ok(ManifestIssuer {
         kind: IssuerKind::TokenIssuer,
         name,
+        namespace: issuer.metadata.namespace,
+        object_name: issuer.metadata.name,
         spec: issuer.spec.issuer,
         allowed_resources: None,
     })
@@ -248,7 +254,10 @@ fn cluster_token_issuer(object: serde_yaml::Value) -> Result<ManifestIssuer, Deb
         name: issuer
             .metadata
             .name
+            .clone()
             .unwrap_or_else(|| "(unnamed)".to_string()),
+        namespace: None,
+        object_name: issuer.metadata.name,
         spec: issuer.spec.issuer,
         allowed_resources: issuer.spec.allowed_resources,
     })

@@ -11,6 +11,7 @@
 //! - [`secret`]: the desired Secret for an issued token, and reading one back.
 //! - [`controller`]: the reconcile loop and its wiring.
 //! - [`debug_token`]: the `token` debugging command (one request, no cluster).
+//! - [`login`]: the `login` command (a person's login bootstraps a refresh-token chain).
 //! - [`telemetry`], [`server`]: metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`leader`]: leader election on a Lease; [`rbac`]: the permissions the operator uses.
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod dpop_proof;
 pub mod failure;
 pub mod issuer;
 pub mod leader;
+pub mod login;
 pub mod rate_limit;
 pub mod rbac;
 pub mod renewal;

@@ -40,6 +40,15 @@ enum Command {
     /// JWT header and claims; the access token only with --show-token.
     #[command(after_help = TOKEN_AFTER_HELP)]
     Token(TokenArgs),
+    /// Log in as a person to bootstrap an issuer's refresh-token chain.
+    ///
+    /// Runs the authorization-code flow (PKCE S256; PAR when the server has it) for every
+    /// resource of grant.refreshToken.resources with offline_access, at a loopback redirect
+    /// URI on 127.0.0.1, and writes the refresh token into the issuer's bootstrap Secret
+    /// (through the current kubeconfig) or a file. Prints who logged in and what was
+    /// granted; never the tokens.
+    #[command(after_help = LOGIN_AFTER_HELP)]
+    Login(LoginArgs),
     /// Print, as JSON, the Kubernetes permissions the operator uses (what the Helm chart's
     /// RBAC grants): cluster-wide rules have `"namespace": null`.
     Rbac(RbacArgs),
@@ -49,6 +58,60 @@ enum Command {
     /// -H "DPoP: $(audience-token-operator dpop-proof --secret-dir /var/run/token
     /// --method GET --url https://api.example.com/orders)" https://api.example.com/orders
     DpopProof(DpopProofArgs),
+}
+
+const LOGIN_AFTER_HELP: &str = "\
+The client authenticates as in the token command: --client-secret-file or ATO_CLIENT_SECRET,
+--private-key-file or ATO_PRIVATE_KEY.
+
+Example:
+  ATO_CLIENT_SECRET=... audience-token-operator login -f token-issuer-refresh.yaml \\
+      --scope orders/read --scope payments/read";
+
+#[derive(clap::Args)]
+struct LoginArgs {
+    /// TokenIssuer or ClusterTokenIssuer manifest (grant.type RefreshToken), YAML or JSON;
+    /// `-` reads stdin.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: PathBuf,
+    /// A scope to ask for besides offline_access (and openid at an OpenID provider);
+    /// repeat the flag or separate scopes with spaces.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// The port of the redirect URI http://127.0.0.1:PORT/callback, for servers that
+    /// register a fixed one [default: an ephemeral port].
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    redirect_port: u16,
+    /// Push the authorization request (RFC 9126) even if the server does not require it
+    /// [default: whenever discovery names a PAR endpoint].
+    #[arg(long)]
+    par: bool,
+    /// Do not try to open a browser; only print the URL.
+    #[arg(long)]
+    no_browser: bool,
+    /// How long to wait for the login in the browser, e.g. `10m`.
+    #[arg(long, value_name = "DURATION", value_parser = api::parse_duration, default_value = "5m")]
+    timeout: Duration,
+    /// Write the refresh token to this file (mode 0600) instead of the bootstrap Secret.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// The namespace of the bootstrap Secret [default: the TokenIssuer's, else the
+    /// kubeconfig context's]; required for a ClusterTokenIssuer (its cluster resource
+    /// namespace).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// RFC 9396 authorization_details (a JSON array) for the authorization request.
+    #[arg(long, value_name = "FILE")]
+    authorization_details: Option<PathBuf>,
+    /// File holding the client secret [default: env ATO_CLIENT_SECRET].
+    #[arg(long, value_name = "PATH")]
+    client_secret_file: Option<PathBuf>,
+    /// File holding the private key (PrivateKeyJWT) [default: env ATO_PRIVATE_KEY].
+    #[arg(long, value_name = "PATH")]
+    private_key_file: Option<PathBuf>,
+    /// Output format of the report.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    format: OutputFormat,
 }
 
 #[derive(clap::Args)]
@@ -223,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args).await,
         Command::Token(args) => token(args).await,
+        Command::Login(args) => login(args).await,
         Command::DpopProof(args) => {
             let proof = dpop_proof::proof_from_secret_dir(
                 &args.secret_dir,
@@ -291,6 +355,34 @@ async fn token(args: TokenArgs) -> anyhow::Result<()> {
             Err(anyhow::anyhow!(debug_token::error_chain(&error)))
         }
     }
+}
+
+async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    let options = audience_token_operator::login::Options {
+        manifest: args.file,
+        scopes: args.scopes,
+        redirect_port: args.redirect_port,
+        par: args.par,
+        open_browser: !args.no_browser,
+        timeout: args.timeout,
+        output: args.output,
+        namespace: args.namespace,
+        authorization_details: args.authorization_details,
+        credentials: debug_token::CredentialSources::with_env(
+            args.client_secret_file,
+            args.private_key_file,
+        ),
+    };
+    let mut say = |text: &str| eprintln!("{text}");
+    let report = audience_token_operator::login::run(&options, &mut say)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if args.format == OutputFormat::Json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

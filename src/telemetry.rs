@@ -47,6 +47,8 @@ pub enum GrantLabel {
     ClientCredentials,
     /// `refresh_token`.
     RefreshToken,
+    /// `authorization_code` (only the `login` command redeems codes; listed for completeness).
+    AuthorizationCode,
 }
 
 impl GrantLabel {
@@ -54,6 +56,7 @@ impl GrantLabel {
         match self {
             GrantLabel::ClientCredentials => "client_credentials",
             GrantLabel::RefreshToken => "refresh_token",
+            GrantLabel::AuthorizationCode => "authorization_code",
         }
     }
 }

@@ -13,7 +13,7 @@ use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
-    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, mtls, private_key_jwt,
+    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, login, mtls, private_key_jwt,
     rate_limit, refresh_chain, signature,
 };
 
@@ -297,6 +297,14 @@ async fn interrupted_rotation_is_resolved_at_start() {
 async fn dpop_bound_tokens_carry_their_key() {
     let mut h = start("dpop").await;
     dpop::dpop_bound_tokens(&h.env, &mut h.operator).await;
+}
+
+/// `login`: a person's login (PAR, PKCE, every resource) bootstraps a refresh-token chain that
+/// the operator runs at once; a second login replaces the chain within seconds.
+#[tokio::test]
+async fn login_bootstraps_a_refresh_token_chain() {
+    let h = start("login").await;
+    login::login_bootstraps_a_refresh_token_chain(&h.env, h.kubeconfig()).await;
 }
 
 /// `tlsClientCertificate`: TLS client authentication (CA-issued and self-signed), bound

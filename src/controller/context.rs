@@ -91,7 +91,7 @@ pub struct Context {
     /// DPoP keys of AudienceTokens with `spec.dpop`.
     pub dpop_keys: super::dpop_keys::DpopKeys,
     /// Changes seen of the Secrets that issuers' client certificates are in.
-    pub certificates: Arc<super::certificates::CertificateEpochs>,
+    pub certificates: Arc<super::secret_watch::SecretChanges>,
     /// For AudienceTokens whose last request failed: the issuer's revision at that time. A
     /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
     /// backoff.
@@ -171,6 +171,7 @@ impl Context {
         let grant = match request.grant {
             crate::oauth::Grant::ClientCredentials => GrantLabel::ClientCredentials,
             crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
+            crate::oauth::Grant::AuthorizationCode { .. } => GrantLabel::AuthorizationCode,
         };
         let started = std::time::Instant::now();
         let response = self.endpoints.tokens().request(endpoint, request).await;

@@ -7,14 +7,14 @@
 //! - [`issuer`]: which issuer an AudienceToken may use (caches and tenancy).
 //! - [`refresh_chain`]: the RefreshToken grant's chains; [`signals`]: how a chain asks the
 //!   other controllers to look again.
-//! - [`certificates`]: renewed client certificates re-issue the tokens bound to them.
+//! - [`secret_watch`]: renewed client certificates re-issue the tokens bound to them;
+//!   bootstrap values that `login` writes are adopted at once.
 //! - `watches`: reflectors and trigger predicates.
 //!
 //! Caches are kept small on purpose (10,000 tokens on one replica): owned Secrets are
 //! watched metadata-only by label; namespaces metadata-only; `managedFields` and the
 //! last-applied annotation are dropped from everything cached.
 
-pub mod certificates;
 pub mod context;
 pub mod dpop_keys;
 pub mod issuer;
@@ -22,6 +22,7 @@ pub mod issuer_status;
 pub mod plan;
 pub mod reconcile;
 pub mod refresh_chain;
+pub mod secret_watch;
 pub mod signals;
 mod watches;
 
@@ -106,7 +107,7 @@ pub async fn run(
         changed,
         None,
     );
-    let tls_secrets_api = secrets_api.clone();
+    let issuer_secrets_api = secrets_api.clone();
     let (secrets, secret_triggers) = spawn_reflector(
         &mut tasks,
         watcher(
@@ -169,7 +170,10 @@ pub async fn run(
 
     // Client certificates renewed in their Secrets: the cached one goes, the issuer and its
     // tokens look again.
-    let certificate_watch = certificates::Watch {
+    let (config, names) = secret_watch::certificates();
+    let certificate_watch = secret_watch::Watch {
+        config,
+        names,
         issuers: ctx.issuers.clone(),
         cluster_issuers: ctx.cluster_issuers.clone(),
         cluster_resource_namespace: settings.cluster_resource_namespace.clone(),
@@ -187,9 +191,32 @@ pub async fn run(
             }
         },
     };
-    tasks.0.push(certificates::spawn_watch(
+    tasks.0.push(secret_watch::spawn_watch(
         certificate_watch,
-        tls_secrets_api,
+        issuer_secrets_api.clone(),
+    ));
+    // Bootstrap values written by `login`: the chain reads its bootstrap Secret at once.
+    let (config, names) = secret_watch::bootstraps();
+    let bootstrap_watch = secret_watch::Watch {
+        config,
+        names,
+        issuers: ctx.issuers.clone(),
+        cluster_issuers: ctx.cluster_issuers.clone(),
+        cluster_resource_namespace: settings.cluster_resource_namespace.clone(),
+        epochs: Default::default(),
+        changed: {
+            let ctx = ctx.clone();
+            move |_: &str, _: &str, issuers: &[k8s_openapi::api::core::v1::ObjectReference]| {
+                for issuer in issuers {
+                    ctx.refresh_chains.bootstrap_changed(issuer);
+                    ctx.signals.recheck_issuer(issuer);
+                }
+            }
+        },
+    };
+    tasks.0.push(secret_watch::spawn_watch(
+        bootstrap_watch,
+        issuer_secrets_api,
     ));
 
     let (reader, writer) = reflector::store::<AudienceToken>();

@@ -19,7 +19,7 @@
 //! chain, and the issuer status looks for a new bootstrap value every few seconds.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ struct Chain {
     /// without the lock: a token whose last failure happened at an older epoch retries at
     /// once instead of waiting out its backoff.
     bootstrap_epoch: AtomicU64,
+    /// The bootstrap Secret changed (its watch said so): read it at the next use, whenever
+    /// it was last read.
+    bootstrap_changed: AtomicBool,
 }
 
 /// What this process knows of one chain (loaded from the state Secret on first use).
@@ -143,7 +146,9 @@ pub fn state_secret_name(issuer_name: &str) -> String {
     format!("{issuer_name}{STATE_SECRET_SUFFIX}")
 }
 
-fn bootstrap_hash(value: &SecretString) -> String {
+/// The hash of a bootstrap value that the state Secret records as the chain's start
+/// ([`BOOTSTRAP_HASH_ANNOTATION`]); `login` compares it before it overwrites a value.
+pub fn bootstrap_hash(value: &SecretString) -> String {
     let digest = Sha256::digest(value.expose().as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -215,6 +220,7 @@ impl RefreshChains {
                 Arc::new(Chain {
                     state: tokio::sync::Mutex::new(ChainState::default()),
                     bootstrap_epoch: AtomicU64::new(0),
+                    bootstrap_changed: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -230,6 +236,26 @@ impl RefreshChains {
         chains
             .get(issuer_key)
             .map_or(0, |c| c.bootstrap_epoch.load(Ordering::Relaxed))
+    }
+
+    /// The issuer's bootstrap Secret changed: its chain reads it at the next use (the issuer
+    /// status, signalled with it, is that use). A chain this process has not used yet reads
+    /// it anyway.
+    pub fn bootstrap_changed(&self, issuer: &k8s_openapi::api::core::v1::ObjectReference) {
+        let key = match (issuer.kind.as_deref(), &issuer.namespace, &issuer.name) {
+            (Some("TokenIssuer"), Some(namespace), Some(name)) => {
+                format!("TokenIssuer/{namespace}/{name}")
+            }
+            (Some("ClusterTokenIssuer"), _, Some(name)) => format!("ClusterTokenIssuer/{name}"),
+            _ => return,
+        };
+        let chains = self
+            .chains
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(chain) = chains.get(&key) {
+            chain.bootstrap_changed.store(true, Ordering::Relaxed);
+        }
     }
 
     /// One token request on the issuer's chain: refuses resources the grant does not cover
@@ -299,6 +325,17 @@ impl RefreshChains {
             } else {
                 ChainHealth::Unknown(failure.message)
             };
+        }
+        // A bootstrap value adopted here (a `login` while the chain was alive, say) is made
+        // the chain's own in the state Secret now, not at the next renewal.
+        if state.dirty
+            && state.lost.is_none()
+            && state.in_flight.is_none()
+            && state.refresh_token.is_some()
+            && let Err(failure) =
+                persist(&session.secrets, issuer, &session.state_name, &mut state).await
+        {
+            warn!(issuer = issuer.key, error = %failure.message, "cannot persist the adopted bootstrap refresh token yet");
         }
         if state.interrupted
             && state.lost.is_none()
@@ -397,10 +434,12 @@ impl<'a> Session<'a> {
             load(&self.secrets, &self.state_name, state).await?;
         }
         let now = Instant::now();
-        if !state.bootstrap_read_due(now) {
+        let changed = self.chain.bootstrap_changed.swap(false, Ordering::Relaxed);
+        if !changed && !state.bootstrap_read_due(now) {
             return Ok(());
         }
-        let was_lost = state.lost.is_some();
+        // Tokens wait (and back off) while the chain is lost or has no token yet.
+        let was_waiting = state.lost.is_some() || state.refresh_token.is_none();
         let bootstrap = self
             .ctx
             .endpoints
@@ -418,9 +457,9 @@ impl<'a> Session<'a> {
                         "adopting the bootstrap refresh token"
                     );
                     self.chain.bootstrap_epoch.fetch_add(1, Ordering::Relaxed);
-                    if was_lost {
-                        // Tokens backing off on the lost chain retry now; the issuer's
-                        // status reads the chain again.
+                    if was_waiting {
+                        // Tokens backing off on the lost (or not yet started) chain retry
+                        // now; the issuer's status reads the chain again.
                         self.ctx.signals.retry_tokens_of(&self.issuer.object);
                         self.ctx.signals.recheck_issuer(&self.issuer.object);
                     }

@@ -37,6 +37,7 @@ console.debug = toStderr;
 const originalWarn = console.warn;
 const expectedDevWarnings = [
   'quick start development-only in-memory adapter',
+  'quick start development-only feature devInteractions',
   'Unsupported runtime',
 ];
 console.warn = (...args) => {
@@ -241,6 +242,8 @@ function mtlsClients(selfSignedPem) {
 }
 
 const GRACE_CLIENT = 'm2m-refresh-grace';
+// The client of a person's login (see CLIENTS).
+const LOGIN_CLIENT = 'login-client';
 const REUSE_GRACE_MS = 120_000;
 
 const CLIENTS = [
@@ -279,6 +282,18 @@ const CLIENTS = [
   {
     ...m2mClient('m2m-dpop', 'm2m-dpop-secret', 'client_secret_basic'),
     dpop_bound_access_tokens: true,
+  },
+  // A person's login (the `login` command): the authorization code flow with PKCE at a
+  // loopback redirect URI on any port (a native application, RFC 8252 §7.3), offline_access
+  // for a refresh token, then the refresh_token grant for the operator's chain. Pushed
+  // authorization requests are offered (discovery names the PAR endpoint), not required.
+  {
+    ...m2mClient(LOGIN_CLIENT, 'login-client-secret', 'client_secret_basic'),
+    application_type: 'native',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback'],
+    scope: `openid offline_access ${ALL_SCOPES}`,
   },
   ...(mtlsFiles ? mtlsClients(mtlsFiles.selfSignedClient) : []),
 ];
@@ -461,8 +476,9 @@ const config = {
     : {},
 
   features: {
-    // No login UI: only machine-to-machine grants are used.
-    devInteractions: { enabled: false },
+    // oidc-provider's own login and consent pages, which the `login` test drives over HTTP
+    // as a browser would: any password, the login name must be TEST_ACCOUNT.
+    devInteractions: { enabled: true },
     clientCredentials: { enabled: true },
     introspection: { enabled: false },
     revocation: { enabled: false },

@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use url::Url;
 
+use super::assertion::new_jti;
+use super::authorize::{PushedRequest, parse_pushed_request};
 use super::discovery::{ServerMetadata, metadata_urls, parse_metadata};
 use super::dpop::htu;
 use super::jwks::{JwkSet, parse_jwks};
-use super::request::{Endpoint, TokenRequest, prepare};
+use super::request::{Endpoint, TokenRequest, authenticate, prepare};
 use super::response::parse_token_response;
 use super::tls::ClientCertificate;
 use super::{TokenError, TokenResponse};
+use crate::redact::SecretString;
 
 const USER_AGENT: &str = concat!("audience-token-operator/", env!("CARGO_PKG_VERSION"));
 /// Largest response body read; token and metadata documents are a few KiB.
@@ -162,6 +165,16 @@ impl TokenClient {
         endpoint: &Endpoint,
         request: &TokenRequest,
     ) -> Result<TokenResponse, TokenError> {
+        Ok(self.request_with_id_token(endpoint, request).await?.0)
+    }
+
+    /// [`TokenClient::request`], also returning the OpenID Connect `id_token` of the answer,
+    /// if any (the `login` command reads the person's `sub` from it).
+    pub async fn request_with_id_token(
+        &self,
+        endpoint: &Endpoint,
+        request: &TokenRequest,
+    ) -> Result<(TokenResponse, Option<SecretString>), TokenError> {
         let http = self.http(endpoint.tls())?;
         let htu = match &request.dpop {
             Some(_) => Some(
@@ -182,7 +195,7 @@ impl TokenClient {
             match answer.result {
                 // RFC 9449 §8: the server wants (another) nonce, which it just sent.
                 Err(_) if nonce_challenge && !retried => retried = true,
-                result => return result,
+                result => return result.map(|response| (response, answer.id_token)),
             }
         }
     }
@@ -230,12 +243,67 @@ impl TokenClient {
         let dpop_nonce = header(DPOP_NONCE).filter(|n| !n.is_empty());
         let www_authenticate = header(reqwest::header::WWW_AUTHENTICATE.as_str());
         let body = read_body(response).await.map_err(transport)?;
+        #[derive(serde::Deserialize)]
+        struct IdToken {
+            id_token: Option<String>,
+        }
+        let id_token = serde_json::from_slice::<IdToken>(&body)
+            .ok()
+            .and_then(|t| t.id_token)
+            .map(SecretString::new);
         Ok(TokenAnswer {
             status,
             dpop_nonce,
             www_authenticate,
+            id_token,
             result: parse_token_response(status, retry_after.as_deref(), &body, Timestamp::now()),
         })
+    }
+
+    /// Pushes an authorization request (RFC 9126 §2.1): its parameters and the client's
+    /// authentication, POSTed to the PAR endpoint. Errors are the server's (RFC 6749 §5.2
+    /// form, as at the token endpoint).
+    pub async fn push_authorization_request(
+        &self,
+        par_endpoint: &Url,
+        endpoint: &Endpoint,
+        params: &[(&'static str, String)],
+    ) -> Result<PushedRequest, TokenError> {
+        let http = self.http(endpoint.tls())?;
+        // The client's authentication adds `client_id` where its method needs it; HTTP
+        // Basic does not, and then the body names the client itself.
+        let mut form: Vec<(&'static str, String)> = params
+            .iter()
+            .filter(|(name, _)| *name != "client_id")
+            .cloned()
+            .collect();
+        let authorization = authenticate(endpoint, &mut form, Timestamp::now(), &new_jti())?;
+        if !form.iter().any(|(name, _)| *name == "client_id") {
+            form.push(("client_id", endpoint.client_id.clone()));
+        }
+        let mut builder = http
+            .post(par_endpoint.clone())
+            .timeout(endpoint.timeout)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form);
+        if let Some(authorization) = &authorization {
+            builder = builder.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        let transport = |source| TokenError::Transport {
+            url: par_endpoint.to_string(),
+            source,
+        };
+        let response = builder.send().await.map_err(transport)?;
+        let status = response.status().as_u16();
+        let body = read_body(response).await.map_err(transport)?;
+        if !(200..300).contains(&status) {
+            return Err(parse_token_response(status, None, &body, Timestamp::now())
+                .err()
+                .unwrap_or_else(|| {
+                    TokenError::InvalidResponse(format!("the PAR endpoint answered {status}"))
+                }));
+        }
+        parse_pushed_request(&body)
     }
 
     fn nonces(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
@@ -261,6 +329,7 @@ struct TokenAnswer {
     status: u16,
     dpop_nonce: Option<String>,
     www_authenticate: Option<String>,
+    id_token: Option<SecretString>,
     result: Result<TokenResponse, TokenError>,
 }
 

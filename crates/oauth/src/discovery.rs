@@ -15,6 +15,17 @@ pub struct ServerMetadata {
     /// The token endpoint for clients that authenticate or bind tokens with a client
     /// certificate, from `mtls_endpoint_aliases` (RFC 8705 §5), if the server has one.
     pub mtls_token_endpoint: Option<Url>,
+    /// The authorization endpoint (for a person's login), if the server has one.
+    pub authorization_endpoint: Option<Url>,
+    /// The pushed authorization request endpoint (RFC 9126 §5), if any.
+    pub pushed_authorization_request_endpoint: Option<Url>,
+    /// Whether the server accepts authorization requests only through PAR.
+    pub require_pushed_authorization_requests: bool,
+    /// Whether the server says it is an OpenID provider (`openid` among `scopes_supported`,
+    /// or an `id_token_signing_alg_values_supported`).
+    pub openid_provider: bool,
+    /// Whether authorization answers carry `iss` (RFC 9207).
+    pub authorization_response_iss_parameter_supported: bool,
 }
 
 impl ServerMetadata {
@@ -35,6 +46,15 @@ struct RawMetadata {
     jwks_uri: Option<String>,
     #[serde(default)]
     mtls_endpoint_aliases: Option<MtlsAliases>,
+    authorization_endpoint: Option<String>,
+    pushed_authorization_request_endpoint: Option<String>,
+    #[serde(default)]
+    require_pushed_authorization_requests: bool,
+    #[serde(default)]
+    scopes_supported: Vec<serde_json::Value>,
+    id_token_signing_alg_values_supported: Option<serde_json::Value>,
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 #[derive(Deserialize)]
@@ -77,11 +97,23 @@ pub fn parse_metadata(body: &[u8], expected_issuer: &str) -> Result<ServerMetada
         .mtls_endpoint_aliases
         .and_then(|a| a.token_endpoint)
         .and_then(|alias| Url::parse(&alias).ok());
+    let url = |value: Option<String>| value.and_then(|v| Url::parse(&v).ok());
+    let openid_provider = raw
+        .scopes_supported
+        .iter()
+        .any(|s| s.as_str() == Some("openid"))
+        || raw.id_token_signing_alg_values_supported.is_some();
     Ok(ServerMetadata {
         issuer,
         token_endpoint,
         jwks_uri,
         mtls_token_endpoint,
+        authorization_endpoint: url(raw.authorization_endpoint),
+        pushed_authorization_request_endpoint: url(raw.pushed_authorization_request_endpoint),
+        require_pushed_authorization_requests: raw.require_pushed_authorization_requests,
+        openid_provider,
+        authorization_response_iss_parameter_supported: raw
+            .authorization_response_iss_parameter_supported,
     })
 }
 
@@ -175,5 +207,24 @@ mod tests {
             meta.mtls_token_endpoint, None,
             "a relative alias is ignored"
         );
+    }
+
+    #[test]
+    fn metadata_for_a_login() {
+        let body = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","authorization_endpoint":"https://idp.example.com/auth","pushed_authorization_request_endpoint":"https://idp.example.com/par","require_pushed_authorization_requests":true,"scopes_supported":["openid","offline_access"],"authorization_response_iss_parameter_supported":true}"#;
+        let meta = parse_metadata(body, "https://idp.example.com").unwrap();
+        assert_eq!(
+            meta.authorization_endpoint.map(String::from).as_deref(),
+            Some("https://idp.example.com/auth")
+        );
+        assert!(meta.pushed_authorization_request_endpoint.is_some());
+        assert!(meta.require_pushed_authorization_requests);
+        assert!(meta.openid_provider);
+        assert!(meta.authorization_response_iss_parameter_supported);
+        let plain = br#"{"issuer":"https://idp.example.com","token_endpoint":"https://idp.example.com/token","scopes_supported":["offline_access"]}"#;
+        let meta = parse_metadata(plain, "https://idp.example.com").unwrap();
+        assert!(!meta.openid_provider);
+        assert_eq!(meta.authorization_endpoint, None);
+        assert!(!meta.require_pushed_authorization_requests);
     }
 }

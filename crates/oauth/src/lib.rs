@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod assertion;
+pub mod authorize;
 pub mod client;
 pub mod discovery;
 pub mod dpop;

@@ -82,6 +82,16 @@ pub enum Grant {
     ClientCredentials,
     /// `grant_type=refresh_token` with this refresh token.
     RefreshToken(SecretString),
+    /// `grant_type=authorization_code` (RFC 6749 §4.1.3) with the PKCE verifier (RFC 7636
+    /// §4.5): the `login` command's redemption of a person's login.
+    AuthorizationCode {
+        /// The code from the redirect.
+        code: SecretString,
+        /// The redirect URI the code was issued for.
+        redirect_uri: String,
+        /// The PKCE `code_verifier`.
+        code_verifier: SecretString,
+    },
 }
 
 /// One token request.
@@ -141,6 +151,16 @@ pub fn prepare_at(
             form.push(("grant_type", "refresh_token".into()));
             form.push(("refresh_token", token.expose().to_string()));
         }
+        Grant::AuthorizationCode {
+            code,
+            redirect_uri,
+            code_verifier,
+        } => {
+            form.push(("grant_type", "authorization_code".into()));
+            form.push(("code", code.expose().to_string()));
+            form.push(("redirect_uri", redirect_uri.clone()));
+            form.push(("code_verifier", code_verifier.expose().to_string()));
+        }
     }
     if !request.scopes.is_empty() {
         form.push(("scope", request.scopes.join(" ")));
@@ -150,7 +170,22 @@ pub fn prepare_at(
         AudienceParam::Audience(audience) => form.push(("audience", audience.clone())),
         AudienceParam::ScopeOnly => {}
     }
-    let authorization = match &endpoint.credentials {
+    let authorization = authenticate(endpoint, &mut form, now, jti)?;
+    Ok(PreparedRequest {
+        form,
+        authorization,
+    })
+}
+
+/// Adds the client's authentication to a request to the server (the token endpoint, or the
+/// PAR endpoint): form fields, or the `Authorization` header value it returns.
+pub fn authenticate(
+    endpoint: &Endpoint,
+    form: &mut Vec<(&'static str, String)>,
+    now: Timestamp,
+    jti: &str,
+) -> Result<Option<String>, TokenError> {
+    Ok(match &endpoint.credentials {
         ClientCredentials::Basic(secret) => Some(basic_authorization(&endpoint.client_id, secret)),
         ClientCredentials::Post(secret) => {
             form.push(("client_id", endpoint.client_id.clone()));
@@ -170,10 +205,6 @@ pub fn prepare_at(
             form.push(("client_assertion", assertion.expose().to_string()));
             None
         }
-    };
-    Ok(PreparedRequest {
-        form,
-        authorization,
     })
 }
 

@@ -14,7 +14,8 @@
 //! - `signature`: `verifyAccessTokenSignature`;
 //! - `rate_limit`: an issuer's `rateLimit`;
 //! - `dpop`: DPoP-bound tokens (RFC 9449);
-//! - `mtls`: client certificates and certificate-bound tokens (RFC 8705).
+//! - `mtls`: client certificates and certificate-bound tokens (RFC 8705);
+//! - `login`: the `login` command bootstraps a refresh-token chain.
 //!
 //! This file holds what they share: [`TestEnv`] with its fixtures, and the helpers
 //! [`eventually`], [`claims`] and [`data`].
@@ -42,6 +43,7 @@ use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 pub mod dpop;
 pub mod failures;
 pub mod lifecycle;
+pub mod login;
 pub mod mtls;
 pub mod private_key_jwt;
 pub mod rate_limit;

@@ -1,11 +1,14 @@
-//! Client certificates (RFC 8705) change under the operator: cert-manager renews them in
-//! their `kubernetes.io/tls` Secrets. This watch notices a change of a Secret an issuer's
-//! `tlsClientCertificate` names, drops the cached certificate, and signals the issuer's
-//! status and its AudienceTokens, whose plan then replaces tokens bound to the old
-//! certificate at once (and retries failures the old certificate may explain).
+//! Secrets that issuers name change under the operator, and some changes must act at once:
 //!
-//! The watch is metadata-only, selected by the Secret type, and keeps no cache: only the
-//! `resourceVersion` of the Secrets issuers name.
+//! - client certificates (RFC 8705), which cert-manager renews in their `kubernetes.io/tls`
+//!   Secrets: the cached certificate goes, and tokens bound to the old one are replaced
+//!   (and failures the old certificate may explain are retried);
+//! - bootstrap refresh tokens that `login` writes (labelled [`BOOTSTRAP_LABEL`]): the chain
+//!   adopts the new value within seconds, not at its next 5-minute read.
+//!
+//! Each watch is metadata-only, selected by the Secret type or a label (never every Secret
+//! of the cluster), and keeps no cache: only the `resourceVersion` of the Secrets issuers
+//! name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,14 +28,19 @@ use crate::issuer::credentials::TLS_SECRET_TYPE;
 /// A Secret by namespace and name.
 type SecretKey = (String, String);
 
-/// How often each named certificate Secret changed while this process ran.
+/// Label on a bootstrap Secret (value: the issuer's name) that the operator watches for
+/// changes; `login` sets it. Without it, a new value is read within 5 minutes (at once
+/// while the chain is lost or has no token).
+pub const BOOTSTRAP_LABEL: &str = "audiencetoken.io/bootstrap";
+
+/// How often each watched Secret that an issuer names changed while this process ran.
 #[derive(Default)]
-pub struct CertificateEpochs {
+pub struct SecretChanges {
     /// The last `resourceVersion` seen, and the number of changes since the start.
     seen: Mutex<HashMap<SecretKey, (Option<String>, u64)>>,
 }
 
-impl CertificateEpochs {
+impl SecretChanges {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SecretKey, (Option<String>, u64)>> {
         self.seen
             .lock()
@@ -42,13 +50,10 @@ impl CertificateEpochs {
     /// Changes of the issuer's certificate Secret seen since the start (0 without one): part
     /// of the issuer's revision, so a renewed certificate waives a failed token's backoff.
     pub fn epoch(&self, spec: &IssuerSpec, secret_namespace: &str) -> u64 {
-        let Some(configured) = &spec.tls_client_certificate else {
+        let Some(name) = certificate_secret(spec) else {
             return 0;
         };
-        let key = (
-            secret_namespace.to_string(),
-            configured.secret_ref.name.clone(),
-        );
+        let key = (secret_namespace.to_string(), name.to_string());
         self.lock().get(&key).map_or(0, |(_, epoch)| *epoch)
     }
 
@@ -73,16 +78,36 @@ impl CertificateEpochs {
     }
 }
 
-/// Where the watch finds the issuers, and what it tells when a certificate changed.
+/// The Secret an issuer's `tlsClientCertificate` names.
+pub fn certificate_secret(spec: &IssuerSpec) -> Option<&str> {
+    spec.tls_client_certificate
+        .as_ref()
+        .map(|c| c.secret_ref.name.as_str())
+}
+
+/// The Secret an issuer's refresh-token chain bootstraps from.
+pub fn bootstrap_secret(spec: &IssuerSpec) -> Option<&str> {
+    spec.grant
+        .refresh_token
+        .as_ref()
+        .map(|g| g.bootstrap_secret_ref.name.as_str())
+}
+
+/// Where a watch finds the issuers, which Secret of an issuer it follows, and what it tells
+/// when one changed.
 pub(super) struct Watch<F> {
+    /// Which Secrets: `type=kubernetes.io/tls`, or a label selector.
+    pub config: watcher::Config,
+    /// The Secret of an issuer this watch follows.
+    pub names: fn(&IssuerSpec) -> Option<&str>,
     /// TokenIssuers.
     pub issuers: Store<TokenIssuer>,
     /// ClusterTokenIssuers.
     pub cluster_issuers: Store<ClusterTokenIssuer>,
     /// Where ClusterTokenIssuers' Secrets live.
     pub cluster_resource_namespace: String,
-    /// The record of changes (the issuers' revisions read it).
-    pub epochs: Arc<CertificateEpochs>,
+    /// The record of changes.
+    pub epochs: Arc<SecretChanges>,
     /// Called with the Secret's namespace and name and the issuers naming it.
     pub changed: F,
 }
@@ -90,11 +115,7 @@ pub(super) struct Watch<F> {
 impl<F> Watch<F> {
     /// The issuers whose `tlsClientCertificate` is the Secret `namespace/name`.
     fn issuers_using(&self, namespace: &str, name: &str) -> Vec<ObjectReference> {
-        let names = |spec: &IssuerSpec| {
-            spec.tls_client_certificate
-                .as_ref()
-                .is_some_and(|c| c.secret_ref.name == name)
-        };
+        let names = |spec: &IssuerSpec| (self.names)(spec) == Some(name);
         let mut found: Vec<ObjectReference> = self
             .issuers
             .state()
@@ -115,7 +136,23 @@ impl<F> Watch<F> {
     }
 }
 
-/// Watches `kubernetes.io/tls` Secrets (metadata only) until the task is aborted.
+/// The watch of client certificates.
+pub(super) fn certificates() -> (watcher::Config, fn(&IssuerSpec) -> Option<&str>) {
+    (
+        watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
+        certificate_secret,
+    )
+}
+
+/// The watch of labelled bootstrap Secrets.
+pub(super) fn bootstraps() -> (watcher::Config, fn(&IssuerSpec) -> Option<&str>) {
+    (
+        watcher::Config::default().labels(BOOTSTRAP_LABEL),
+        bootstrap_secret,
+    )
+}
+
+/// Watches Secrets (metadata only) until the task is aborted.
 pub(super) fn spawn_watch<F>(
     watch: Watch<F>,
     api: Api<PartialObjectMeta<Secret>>,
@@ -123,7 +160,7 @@ pub(super) fn spawn_watch<F>(
 where
     F: Fn(&str, &str, &[ObjectReference]) + Send + 'static,
 {
-    let config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
+    let config = watch.config.clone();
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);
@@ -134,7 +171,7 @@ where
                 Ok(watcher::Event::Delete(s)) => (s, true, false),
                 Ok(_) => continue,
                 Err(e) => {
-                    warn!(error = %e, "watch of kubernetes.io/tls Secrets failed; retrying");
+                    warn!(error = %e, "watch of issuers' Secrets failed; retrying");
                     continue;
                 }
             };
@@ -158,7 +195,7 @@ where
                 namespace,
                 name,
                 issuers = issuers.len(),
-                "client certificate Secret changed; re-issuing tokens bound to it"
+                "a Secret issuers name changed"
             );
             (watch.changed)(&namespace, &name, &issuers);
         }
@@ -171,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_new_resource_version_is_a_change_and_the_first_is_not() {
-        let epochs = CertificateEpochs::default();
+        let epochs = SecretChanges::default();
         let key = || ("shop".to_string(), "client-cert".to_string());
         assert!(
             !epochs.observe(key(), Some("1".into()), true),
