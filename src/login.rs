@@ -254,7 +254,14 @@ pub async fn run(options: &Options, say: &mut dyn FnMut(&str)) -> Result<Report,
                 .tokens()
                 .push_authorization_request(par, &ready.endpoint, &request.params())
                 .await
-                .map_err(|e| server_error("the pushed authorization request", &e, &redirect_uri))?;
+                .map_err(|e| {
+                    server_error(
+                        "the pushed authorization request",
+                        "the PAR endpoint",
+                        &e,
+                        &redirect_uri,
+                    )
+                })?;
             pushed_authorization_url(
                 &authorization_endpoint,
                 &issuer.spec.client_id,
@@ -304,7 +311,14 @@ pub async fn run(options: &Options, say: &mut dyn FnMut(&str)) -> Result<Report,
         .tokens()
         .request_with_id_token(&ready.endpoint, &redeem)
         .await
-        .map_err(|e| server_error("redeeming the code", &e, &redirect_uri))?;
+        .map_err(|e| {
+            server_error(
+                "redeeming the code",
+                "the token endpoint",
+                &e,
+                &redirect_uri,
+            )
+        })?;
     let refresh_token = response
         .refresh_token
         .clone()
@@ -394,30 +408,44 @@ fn read_authorization_details(path: &Path) -> Result<String, LoginError> {
     Ok(value.to_string())
 }
 
-/// A server error, with what the person can do about the common ones.
-fn server_error(during: &str, error: &TokenError, redirect_uri: &str) -> LoginError {
+/// A server error, with what the person can do about the common ones. `endpoint` names
+/// who answered (`the PAR endpoint`, `the token endpoint`).
+fn server_error(
+    during: &str,
+    endpoint: &str,
+    error: &TokenError,
+    redirect_uri: &str,
+) -> LoginError {
+    let register = format!(
+        " (register {redirect_uri} for the client: any port on 127.0.0.1, RFC 8252 §7.3; or use --redirect-port with the one registered)"
+    );
+    let text = match error {
+        TokenError::Server {
+            status,
+            error,
+            description,
+            ..
+        } => match description {
+            Some(d) if !d.is_empty() => format!("{endpoint} answered {status} {error}: {d}"),
+            _ => format!("{endpoint} answered {status} {error}"),
+        },
+        other => crate::oauth::error_chain(other),
+    };
     let hint = match error.oauth_error() {
         Some("invalid_target") => {
             " (the server does not support resource indicators, RFC 8707, or does not know one of grant.refreshToken.resources)"
                 .to_string()
         }
-        Some("invalid_redirect_uri") => format!(
-            " (register {redirect_uri} for the client: any port on 127.0.0.1, RFC 8252 §7.3; or use --redirect-port with the one registered)"
-        ),
-        Some("invalid_request")
-            if error.to_string().contains("redirect_uri") =>
-        {
-            format!(
-                " (register {redirect_uri} for the client: any port on 127.0.0.1, RFC 8252 §7.3; or use --redirect-port with the one registered)"
-            )
+        Some("invalid_redirect_uri") => register,
+        Some("invalid_request") if text.contains("redirect_uri") => register,
+        Some("invalid_request" | "unauthorized_client") if text.contains("response_type") => {
+            " (the client is not allowed the authorization code flow: allow the response type code and the grant types authorization_code and refresh_token)"
+                .to_string()
         }
         Some("invalid_client") => " (check the client credential)".to_string(),
         _ => String::new(),
     };
-    LoginError::Server(format!(
-        "{during} failed: {}{hint}",
-        crate::oauth::error_chain(error)
-    ))
+    LoginError::Server(format!("{during} failed: {text}{hint}"))
 }
 
 /// Accepts connections on the loopback listener until one asks for the callback path;

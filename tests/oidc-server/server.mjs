@@ -295,6 +295,25 @@ const CLIENTS = [
     redirect_uris: ['http://127.0.0.1/callback'],
     scope: `openid offline_access ${ALL_SCOPES}`,
   },
+  // A web application's client: its one redirect URI is not on the loopback, so a
+  // command-line login (any port on 127.0.0.1) is refused with invalid_redirect_uri.
+  {
+    ...m2mClient('login-web', 'login-web-secret', 'client_secret_basic'),
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['https://app.example.test/callback'],
+    scope: `openid offline_access ${ALL_SCOPES}`,
+  },
+  // Like login-client, but without the refresh_token grant: its logins never get a refresh
+  // token (what a person sees when offline_access is not granted).
+  {
+    ...m2mClient('login-no-offline', 'login-no-offline-secret', 'client_secret_basic'),
+    application_type: 'native',
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback'],
+    scope: `openid offline_access ${ALL_SCOPES}`,
+  },
   ...(mtlsFiles ? mtlsClients(mtlsFiles.selfSignedClient) : []),
 ];
 

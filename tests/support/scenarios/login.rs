@@ -33,13 +33,13 @@ pub struct LoginRun {
 
 /// A browser, as far as a login needs one: follows redirects by hand, keeps cookies, and
 /// submits oidc-provider's login and consent forms.
-struct Browser {
+pub struct Browser {
     http: reqwest::Client,
     cookies: BTreeMap<String, String>,
 }
 
 impl Browser {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -71,7 +71,7 @@ impl Browser {
 
     /// Opens `url` and goes on until a page that is not a redirect or a form of the login
     /// flow: the callback's answer, or an error page. Returns its URL, status and body.
-    async fn log_in(&mut self, url: &str) -> (String, u16, String) {
+    pub async fn log_in(&mut self, url: &str) -> (String, u16, String) {
         let mut next = Some((reqwest::Method::GET, url.to_string(), Vec::new()));
         for _ in 0..20 {
             let (method, url, form) = next.take().expect("a next step");
@@ -169,23 +169,50 @@ impl TestEnv {
     /// Runs `login -f manifest` with the client secret in the environment and `kubeconfig`,
     /// logs in at the URL it prints as a browser would, and returns what it printed.
     pub async fn run_login(&self, manifest: &Path, kubeconfig: &Path, args: &[&str]) -> LoginRun {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_audience-token-operator"))
-            .arg("login")
-            .arg("-f")
-            .arg(manifest)
-            .args(["--no-browser", "--timeout", "60s", "-o", "json"])
-            .args(args)
-            .env("ATO_CLIENT_SECRET", LOGIN_CLIENT_SECRET)
-            .env("KUBECONFIG", kubeconfig)
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start login");
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let mut said = String::new();
+        let kubeconfig = kubeconfig.to_str().expect("UTF-8 path");
+        login_command(
+            manifest,
+            args,
+            &[
+                ("ATO_CLIENT_SECRET", LOGIN_CLIENT_SECRET),
+                ("KUBECONFIG", kubeconfig),
+            ],
+            true,
+        )
+        .await
+    }
+}
+
+/// Runs `audience-token-operator login -f manifest --no-browser -o json ARGS` with `env`.
+/// With `browse`, logs in at the URL it prints as a browser would (and requires that the
+/// browser ends at the command's redirect URI); without, only waits for it to end.
+pub async fn login_command(
+    manifest: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    browse: bool,
+) -> LoginRun {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_audience-token-operator"))
+        .arg("login")
+        .arg("-f")
+        .arg(manifest)
+        .args(["--no-browser", "-o", "json"])
+        .args(args)
+        .env_remove("ATO_CLIENT_SECRET")
+        .env_remove("ATO_PRIVATE_KEY")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start login");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut said = String::new();
+    if browse {
         let url = tokio::time::timeout(LOGIN_TIMEOUT, async {
             while let Some(line) = stderr.next_line().await.expect("read stderr") {
                 said.push_str(&line);
@@ -206,19 +233,19 @@ impl TestEnv {
             "the browser ended at the redirect URI, not {last_url} ({status}): {body}"
         );
         assert_eq!(status, 200, "the command's page: {body}");
-        let output = tokio::time::timeout(LOGIN_TIMEOUT, child.wait_with_output())
-            .await
-            .expect("login ends")
-            .expect("wait for login");
-        while let Ok(Some(line)) = stderr.next_line().await {
-            said.push_str(&line);
-            said.push('\n');
-        }
-        LoginRun {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: said,
-        }
+    }
+    let output = tokio::time::timeout(LOGIN_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("login ends")
+        .expect("wait for login");
+    while let Ok(Some(line)) = stderr.next_line().await {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    LoginRun {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: said,
     }
 }
 
