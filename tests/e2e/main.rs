@@ -24,7 +24,7 @@ use support::certs::{TestPki, self_signed};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, dpop, eventually, failures, lifecycle, mtls, private_key_jwt, rate_limit,
+    TestEnv, dpop, eventually, failures, lifecycle, login, mtls, private_key_jwt, rate_limit,
     refresh_chain, signature,
 };
 
@@ -64,6 +64,7 @@ async fn scenarios_on_a_real_cluster() {
         env.idp.issuer
     );
     let mut operator = OperatorProcess::start(&path, &namespace);
+    let kubeconfig_path = path.clone();
 
     let outcome = tokio::spawn(async move {
         lifecycle::issues_one_token_per_audience(&env).await;
@@ -104,6 +105,8 @@ async fn scenarios_on_a_real_cluster() {
         mtls::tls_client_auth_and_certificate_renewal(&mtls, &mut operator, &pki).await;
         mtls::self_signed_tls_client_auth(&mtls, &self_signed, &pki).await;
         mtls::certificate_problems_reach_status(&mtls, &self_signed, &pki).await;
+        // `login` writes the bootstrap Secret through the same kubeconfig.
+        login::login_bootstraps_a_refresh_token_chain(&env, &kubeconfig_path).await;
         operator.stop().await;
     })
     .await;
