@@ -49,26 +49,6 @@ fn manifest(
     path
 }
 
-/// One refresh request with `refresh_token` for `resource`, as the operator's chain makes it.
-async fn refresh(idp: &OidcServer, refresh_token: &str, resource: &str) -> Value {
-    let response = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(idp.token_endpoint())
-        .basic_auth("login-client", Some(LOGIN_CLIENT_SECRET))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token),
-            ("resource", resource),
-        ])
-        .send()
-        .await
-        .expect("refresh request");
-    assert_eq!(response.status().as_u16(), 200);
-    response.json().await.expect("JSON")
-}
-
 /// `--output FILE`: the refresh token goes into a 0600 file, covers every resource of the
 /// chain, and is never printed; the report names the user and what was granted.
 #[tokio::test]
@@ -102,7 +82,15 @@ async fn login_writes_a_private_file_for_every_resource() {
         assert_eq!(mode & 0o777, 0o600);
     }
     // The grant covers both resources: the second one's token comes from the same chain.
-    let answer = refresh(&idp, &refresh_token, oidc::PAYMENTS).await;
+    let login_client = oidc::TestClient {
+        id: "login-client",
+        secret: LOGIN_CLIENT_SECRET,
+        method: oidc::AuthMethod::ClientSecretBasic,
+    };
+    let (status, answer) = idp
+        .spend_refresh_token(&login_client, &refresh_token, oidc::PAYMENTS)
+        .await;
+    assert_eq!(status, 200, "{answer}");
     let access = answer["access_token"].as_str().expect("access token");
     assert_eq!(claims(access)["aud"], json!(oidc::PAYMENTS));
 }

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{
@@ -168,21 +168,21 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
     });
 
-    // Client certificates renewed in their Secrets: the cached one goes, the issuer and its
-    // tokens look again.
-    let (config, names) = secret_watch::certificates();
-    let certificate_watch = secret_watch::Watch {
-        config,
-        names,
+    let stores = || secret_watch::IssuerStores {
         issuers: ctx.issuers.clone(),
         cluster_issuers: ctx.cluster_issuers.clone(),
         cluster_resource_namespace: settings.cluster_resource_namespace.clone(),
-        epochs: ctx.certificates.clone(),
-        changed: {
+    };
+    // Client certificates renewed in their Secrets: the cached one goes, the issuer and its
+    // tokens look again.
+    tasks.0.push(secret_watch::spawn_watch(
+        secret_watch::Followed::Certificates,
+        stores(),
+        ctx.certificates.clone(),
+        issuer_secrets_api.clone(),
+        {
             let ctx = ctx.clone();
-            move |namespace: &str,
-                  name: &str,
-                  issuers: &[k8s_openapi::api::core::v1::ObjectReference]| {
+            move |namespace: &str, name: &str, issuers: &[ObjectReference]| {
                 ctx.endpoints.forget_certificate(namespace, name);
                 for issuer in issuers {
                     ctx.signals.recheck_issuer(issuer);
@@ -190,33 +190,22 @@ pub async fn run(
                 }
             }
         },
-    };
-    tasks.0.push(secret_watch::spawn_watch(
-        certificate_watch,
-        issuer_secrets_api.clone(),
     ));
     // Bootstrap values written by `login`: the chain reads its bootstrap Secret at once.
-    let (config, names) = secret_watch::bootstraps();
-    let bootstrap_watch = secret_watch::Watch {
-        config,
-        names,
-        issuers: ctx.issuers.clone(),
-        cluster_issuers: ctx.cluster_issuers.clone(),
-        cluster_resource_namespace: settings.cluster_resource_namespace.clone(),
-        epochs: Default::default(),
-        changed: {
+    tasks.0.push(secret_watch::spawn_watch(
+        secret_watch::Followed::Bootstraps,
+        stores(),
+        Default::default(),
+        issuer_secrets_api,
+        {
             let ctx = ctx.clone();
-            move |_: &str, _: &str, issuers: &[k8s_openapi::api::core::v1::ObjectReference]| {
+            move |_: &str, _: &str, issuers: &[ObjectReference]| {
                 for issuer in issuers {
                     ctx.refresh_chains.bootstrap_changed(issuer);
                     ctx.signals.recheck_issuer(issuer);
                 }
             }
         },
-    };
-    tasks.0.push(secret_watch::spawn_watch(
-        bootstrap_watch,
-        issuer_secrets_api,
     ));
 
     let (reader, writer) = reflector::store::<AudienceToken>();

@@ -93,39 +93,68 @@ pub fn bootstrap_secret(spec: &IssuerSpec) -> Option<&str> {
         .map(|g| g.bootstrap_secret_ref.name.as_str())
 }
 
-/// Where a watch finds the issuers, which Secret of an issuer it follows, and what it tells
-/// when one changed.
-pub(super) struct Watch<F> {
-    /// Which Secrets: `type=kubernetes.io/tls`, or a label selector.
-    pub config: watcher::Config,
-    /// The Secret of an issuer this watch follows.
-    pub names: fn(&IssuerSpec) -> Option<&str>,
+/// Where a watch finds the issuers.
+pub(super) struct IssuerStores {
     /// TokenIssuers.
     pub issuers: Store<TokenIssuer>,
     /// ClusterTokenIssuers.
     pub cluster_issuers: Store<ClusterTokenIssuer>,
     /// Where ClusterTokenIssuers' Secrets live.
     pub cluster_resource_namespace: String,
-    /// The record of changes.
-    pub epochs: Arc<SecretChanges>,
-    /// Called with the Secret's namespace and name and the issuers naming it.
-    pub changed: F,
+}
+
+/// Which Secrets of the issuers a watch follows.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Followed {
+    /// `tlsClientCertificate`, selected by `type=kubernetes.io/tls`.
+    Certificates,
+    /// `grant.refreshToken.bootstrapSecretRef`, selected by [`BOOTSTRAP_LABEL`].
+    Bootstraps,
+}
+
+impl Followed {
+    fn config(self) -> watcher::Config {
+        match self {
+            Followed::Certificates => {
+                watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"))
+            }
+            Followed::Bootstraps => watcher::Config::default().labels(BOOTSTRAP_LABEL),
+        }
+    }
+
+    fn secret_of(self, spec: &IssuerSpec) -> Option<&str> {
+        match self {
+            Followed::Certificates => certificate_secret(spec),
+            Followed::Bootstraps => bootstrap_secret(spec),
+        }
+    }
+}
+
+/// One watch: what it follows, where the issuers are, its record, and what it tells when
+/// a followed Secret changed.
+struct Watch<F> {
+    followed: Followed,
+    stores: IssuerStores,
+    epochs: Arc<SecretChanges>,
+    changed: F,
 }
 
 impl<F> Watch<F> {
     /// The issuers whose `tlsClientCertificate` is the Secret `namespace/name`.
     fn issuers_using(&self, namespace: &str, name: &str) -> Vec<ObjectReference> {
-        let names = |spec: &IssuerSpec| (self.names)(spec) == Some(name);
+        let names = |spec: &IssuerSpec| self.followed.secret_of(spec) == Some(name);
         let mut found: Vec<ObjectReference> = self
+            .stores
             .issuers
             .state()
             .iter()
             .filter(|i| i.namespace().as_deref() == Some(namespace) && names(&i.spec.issuer))
             .map(|i| i.object_ref(&()))
             .collect();
-        if namespace == self.cluster_resource_namespace {
+        if namespace == self.stores.cluster_resource_namespace {
             found.extend(
-                self.cluster_issuers
+                self.stores
+                    .cluster_issuers
                     .state()
                     .iter()
                     .filter(|i| names(&i.spec.issuer))
@@ -136,31 +165,25 @@ impl<F> Watch<F> {
     }
 }
 
-/// The watch of client certificates.
-pub(super) fn certificates() -> (watcher::Config, fn(&IssuerSpec) -> Option<&str>) {
-    (
-        watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
-        certificate_secret,
-    )
-}
-
-/// The watch of labelled bootstrap Secrets.
-pub(super) fn bootstraps() -> (watcher::Config, fn(&IssuerSpec) -> Option<&str>) {
-    (
-        watcher::Config::default().labels(BOOTSTRAP_LABEL),
-        bootstrap_secret,
-    )
-}
-
-/// Watches Secrets (metadata only) until the task is aborted.
+/// Watches the `followed` Secrets (metadata only) until the task is aborted; `changed`
+/// gets the namespace and name of one that changed and the issuers that name it.
 pub(super) fn spawn_watch<F>(
-    watch: Watch<F>,
+    followed: Followed,
+    stores: IssuerStores,
+    epochs: Arc<SecretChanges>,
     api: Api<PartialObjectMeta<Secret>>,
+    changed: F,
 ) -> tokio::task::JoinHandle<()>
 where
     F: Fn(&str, &str, &[ObjectReference]) + Send + 'static,
 {
-    let config = watch.config.clone();
+    let watch = Watch {
+        followed,
+        stores,
+        epochs,
+        changed,
+    };
+    let config = followed.config();
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);

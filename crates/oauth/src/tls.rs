@@ -110,19 +110,7 @@ fn pem_blocks<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pem(label: &str, der: &[u8]) -> String {
-        let body = STANDARD.encode(der);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    }
+    use crate::assertion::test_keys::pem;
 
     #[test]
     fn the_thumbprint_is_of_the_leaf_certificate() {

@@ -25,28 +25,28 @@ use audience_token_operator::api::TokenIssuer;
 /// token itself lives an hour; its renewal is 40 minutes away).
 const ROTATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A Secret `name` of `type_` holding `certificate` as `tls.crt` and `tls.key`.
+fn certificate_secret(name: &str, type_: &str, certificate: &ClientCert) -> Secret {
+    let bytes = |text: &str| ByteString(text.as_bytes().to_vec());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".into(), bytes(&certificate.cert_pem)),
+            ("tls.key".into(), bytes(&certificate.key_pem)),
+        ])),
+        ..Secret::default()
+    }
+}
+
 impl TestEnv {
     /// Server-side applies `kubernetes.io/tls` Secret `name` with `certificate`, as
     /// cert-manager writes one (and rewrites it at a renewal).
     pub async fn put_tls_secret(&self, name: &str, certificate: &ClientCert) {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..ObjectMeta::default()
-            },
-            type_: Some("kubernetes.io/tls".into()),
-            data: Some(BTreeMap::from([
-                (
-                    "tls.crt".into(),
-                    ByteString(certificate.cert_pem.as_bytes().to_vec()),
-                ),
-                (
-                    "tls.key".into(),
-                    ByteString(certificate.key_pem.as_bytes().to_vec()),
-                ),
-            ])),
-            ..Secret::default()
-        };
+        let secret = certificate_secret(name, "kubernetes.io/tls", certificate);
         self.secrets()
             .patch(
                 name,
@@ -229,23 +229,7 @@ pub async fn certificate_problems_reach_status(
     pki: &TestPki,
 ) {
     // An Opaque Secret with the right keys: not what cert-manager writes, and not watched.
-    let opaque = Secret {
-        metadata: ObjectMeta {
-            name: Some("opaque-cert".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([
-            (
-                "tls.crt".into(),
-                ByteString(self_signed.cert_pem.as_bytes().to_vec()),
-            ),
-            (
-                "tls.key".into(),
-                ByteString(self_signed.key_pem.as_bytes().to_vec()),
-            ),
-        ])),
-        ..Secret::default()
-    };
+    let opaque = certificate_secret("opaque-cert", "Opaque", self_signed);
     env.secrets()
         .create(&PostParams::default(), &opaque)
         .await
