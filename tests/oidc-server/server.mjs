@@ -111,6 +111,34 @@ const EXTRA_AUDIENCES = {
   'urn:test:multi-audience': ['https://other.example.test'],
 };
 
+// ---------------------------------------------------------------------------------------
+// Rich authorization requests (RFC 9396): the one authorization details type this server
+// knows, HelseID's. A detail of another type is 400 invalid_authorization_details
+// (oidc-provider's own check), and so is a helseid_authorization detail without
+// practitioner_role.organization.identifier.value as a string (this check). Granted details
+// are exactly those requested; they come back in the token response (`authorization_details`)
+// and in JWT access tokens (claim `authorization_details`).
+// ---------------------------------------------------------------------------------------
+const HELSEID_AUTHORIZATION = 'helseid_authorization';
+const AUTHORIZATION_DETAILS_TYPES = {
+  [HELSEID_AUTHORIZATION]: {
+    validate(ctx, detail) {
+      const value = detail.practitioner_role?.organization?.identifier?.value;
+      if (typeof value !== 'string') {
+        throw new errors.InvalidAuthorizationDetails(
+          `${HELSEID_AUTHORIZATION} needs practitioner_role.organization.identifier.value, a string`,
+        );
+      }
+    },
+  },
+};
+// The details of this request's `authorization_details` parameter (already checked by
+// oidc-provider and the type's validate), or undefined.
+const requestedAuthorizationDetails = (ctx) => {
+  const raw = ctx.oidc?.params?.authorization_details;
+  return raw === undefined ? undefined : JSON.parse(raw);
+};
+
 const ALL_SCOPES = [...new Set(
   Object.values(RESOURCE_SERVERS).flatMap((rs) => rs.scope.split(' ')),
 )].join(' ');
@@ -126,6 +154,7 @@ const m2mClient = (clientId, secret, authMethod) => ({
   redirect_uris: [],
   response_types: [],
   scope: ALL_SCOPES,
+  authorization_details_types: [HELSEID_AUTHORIZATION],
 });
 
 // Private keys of the private_key_jwt clients, by client id: { pem (PKCS#8), jwk }.
@@ -165,6 +194,7 @@ function privateKeyJwtClient(clientId, alg) {
     redirect_uris: [],
     response_types: [],
     scope: ALL_SCOPES,
+    authorization_details_types: [HELSEID_AUTHORIZATION],
   };
 }
 
@@ -538,6 +568,17 @@ const config = {
         return { ...info };
       },
       useGrantedResource: () => false,
+    },
+    // RFC 9396 (see AUTHORIZATION_DETAILS_TYPES): what a token request asks for is granted
+    // as it is; a refresh request without the parameter keeps what its grant had.
+    richAuthorizationRequests: {
+      enabled: true,
+      types: AUTHORIZATION_DETAILS_TYPES,
+      authorizationDetailsForAccessToken: (ctx, token, source) => (
+        requestedAuthorizationDetails(ctx) ?? source?.rar
+      ),
+      authorizationDetailsForGrantSource: (ctx) => requestedAuthorizationDetails(ctx),
+      authorizationDetailsForIntrospection: (ctx, token) => token.rar,
     },
   },
 
