@@ -628,6 +628,7 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
             scopes,
             audience,
             dpop: None,
+            authorization_details: None,
         },
         spec: spec_for_request,
         timeout,
@@ -1090,6 +1091,7 @@ spec:
             expires_in: expires_in.map(Duration::from_secs),
             scope: scope.map(str::to_string),
             refresh_token: None,
+            authorization_details: Vec::new(),
         }
     }
 

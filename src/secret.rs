@@ -267,6 +267,7 @@ mod tests {
             scopes: vec!["orders/read".into()],
             refresh_token: Some(SecretString::new("must-not-be-written")),
             certificate_thumbprint: None,
+            authorization_details: Vec::new(),
         }
     }
 

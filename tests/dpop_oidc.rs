@@ -55,6 +55,7 @@ fn orders(key: Option<&Arc<DpopKey>>) -> TokenRequest {
         scopes: vec!["orders/read".into()],
         audience: AudienceParam::Resource(ORDERS.into()),
         dpop: key.cloned(),
+        authorization_details: None,
     }
 }
 

@@ -45,6 +45,7 @@ async fn access_token(
         scopes: vec![scope.to_string()],
         audience: AudienceParam::Resource(resource.to_string()),
         dpop: None,
+        authorization_details: None,
     };
     let response = tokens
         .request(&endpoint, &request)

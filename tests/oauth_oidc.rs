@@ -60,6 +60,7 @@ fn client_credentials(resource: &str, scopes: &[&str]) -> TokenRequest {
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
         audience: AudienceParam::Resource(resource.to_string()),
         dpop: None,
+        authorization_details: None,
     }
 }
 

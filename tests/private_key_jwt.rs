@@ -58,6 +58,7 @@ fn for_resource(resource: &str) -> TokenRequest {
         scopes: vec![],
         audience: AudienceParam::Resource(resource.to_string()),
         dpop: None,
+        authorization_details: None,
     }
 }
 

@@ -1172,6 +1172,7 @@ mod tests {
             scopes: vec![],
             refresh_token: None,
             certificate_thumbprint: None,
+            authorization_details: Vec::new(),
         }
     }
 

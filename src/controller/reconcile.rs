@@ -190,6 +190,7 @@ async fn request_token(
                 scopes: token.spec.scopes.clone(),
                 audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
                 dpop: dpop.clone(),
+                authorization_details: None,
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await

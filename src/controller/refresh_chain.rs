@@ -513,6 +513,7 @@ impl<'a> Session<'a> {
             scopes: wanted.scopes.clone(),
             audience: endpoint.audience_for(&wanted.resource, &wanted.audience),
             dpop,
+            authorization_details: None,
         };
         match self
             .ctx

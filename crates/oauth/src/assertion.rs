@@ -157,7 +157,8 @@ impl fmt::Debug for ClientKey {
     }
 }
 
-/// The claims of a client assertion (RFC 7523 §3).
+/// The claims of a client assertion (RFC 7523 §3), and the authorization details some
+/// servers read from it (HelseID's `assertion_details`).
 #[derive(Serialize)]
 struct AssertionClaims<'a> {
     iss: &'a str,
@@ -166,6 +167,8 @@ struct AssertionClaims<'a> {
     jti: &'a str,
     iat: i64,
     exp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertion_details: Option<&'a [serde_json::Value]>,
 }
 
 impl ClientKey {
@@ -246,6 +249,31 @@ impl ClientKey {
         now: Timestamp,
         jti: &str,
     ) -> Result<SecretString, KeyError> {
+        self.sign(client_id, audience, now, jti, None)
+    }
+
+    /// [`ClientKey::sign_assertion`] with one more claim, `assertion_details`: the
+    /// authorization details (RFC 9396 §2) as a JSON array, as HelseID's multi-tenant
+    /// clients say which organisation they act for.
+    pub fn sign_assertion_with_details(
+        &self,
+        client_id: &str,
+        audience: &str,
+        now: Timestamp,
+        jti: &str,
+        details: &[serde_json::Value],
+    ) -> Result<SecretString, KeyError> {
+        self.sign(client_id, audience, now, jti, Some(details))
+    }
+
+    fn sign(
+        &self,
+        client_id: &str,
+        audience: &str,
+        now: Timestamp,
+        jti: &str,
+        assertion_details: Option<&[serde_json::Value]>,
+    ) -> Result<SecretString, KeyError> {
         let mut header = Header::new(self.algorithm.jws());
         header.kid = self.key_id.clone();
         let iat = now.as_second();
@@ -256,6 +284,7 @@ impl ClientKey {
             jti,
             iat,
             exp: iat + ASSERTION_LIFETIME_SECS,
+            assertion_details,
         };
         jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map(SecretString::new)
@@ -888,6 +917,35 @@ mod tests {
                 "iss": CLIENT, "sub": CLIENT, "aud": AUDIENCE, "jti": "0123abcd",
                 "iat": 1_700_000_000, "exp": 1_700_000_060,
             })
+        );
+    }
+
+    #[test]
+    fn authorization_details_ride_in_the_assertion_details_claim() {
+        let key = rsa();
+        let client_key = ClientKey::parse(&key.pkcs8_pem, None, None).unwrap();
+        let details = vec![serde_json::json!({
+            "type": "helseid_authorization",
+            "practitioner_role": {"organization": {"identifier": {
+                "system": "urn:oid:1.0.6523", "type": "ENH", "value": "NO:ORGNR:999977775:999977776"
+            }}}
+        })];
+        let assertion = client_key
+            .sign_assertion_with_details(CLIENT, AUDIENCE, now(), "jti-d", &details)
+            .unwrap();
+        let claims = verify(&assertion, &key.public, SigningAlg::RS256);
+        assert_eq!(
+            claims,
+            serde_json::json!({
+                "iss": CLIENT, "sub": CLIENT, "aud": AUDIENCE, "jti": "jti-d",
+                "iat": 1_700_000_000, "exp": 1_700_000_060,
+                "assertion_details": details,
+            }),
+            "the RFC 7523 claims, and the details as one array"
+        );
+        assert!(
+            !format!("{assertion:?}").contains("helseid"),
+            "Debug shows no part of the assertion"
         );
     }
 

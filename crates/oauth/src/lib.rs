@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod assertion;
+pub mod authorization_details;
 pub mod authorize;
 pub mod client;
 pub mod discovery;
@@ -25,6 +26,7 @@ pub mod response;
 pub mod tls;
 mod token;
 
+pub use authorization_details::{AuthorizationDetails, DetailsLocation};
 pub use client::{Tls, TokenClient};
 pub use dpop::{DpopAlgorithm, DpopKey};
 pub use error::{TokenError, error_chain};

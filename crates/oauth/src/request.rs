@@ -10,6 +10,9 @@ use jiff::Timestamp;
 
 use super::TokenError;
 use super::assertion::{CLIENT_ASSERTION_TYPE, ClientKey, new_jti};
+use super::authorization_details::{
+    AUTHORIZATION_DETAILS_PARAMETER, AuthorizationDetails, DetailsLocation,
+};
 use super::client::Tls;
 use super::dpop::DpopKey;
 use super::tls::ClientCertificate;
@@ -106,6 +109,9 @@ pub struct TokenRequest {
     /// A DPoP key (RFC 9449): when set, every attempt of this request carries a new `DPoP`
     /// proof of it, and the token must come back bound to it.
     pub dpop: Option<Arc<DpopKey>>,
+    /// RFC 9396 authorization details, sent where they say: the `authorization_details`
+    /// form field, or the `assertion_details` claim of the client assertion.
+    pub authorization_details: Option<AuthorizationDetails>,
 }
 
 /// The wire form of a token request: form fields and an optional `Authorization` header.
@@ -170,7 +176,23 @@ pub fn prepare_at(
         AudienceParam::Audience(audience) => form.push(("audience", audience.clone())),
         AudienceParam::ScopeOnly => {}
     }
-    let authorization = authenticate(endpoint, &mut form, now, jti)?;
+    let details = request.authorization_details.as_ref();
+    if let Some(details) = details.filter(|d| d.location() == DetailsLocation::TokenRequest) {
+        form.push((AUTHORIZATION_DETAILS_PARAMETER, details.json().to_string()));
+    }
+    let assertion_details = details
+        .filter(|d| d.location() == DetailsLocation::ClientAssertion)
+        .map(AuthorizationDetails::details);
+    if assertion_details.is_some()
+        && !matches!(endpoint.credentials, ClientCredentials::PrivateKeyJwt { .. })
+    {
+        return Err(TokenError::Config(
+            "authorization details for the client assertion need private_key_jwt client \
+             authentication"
+                .into(),
+        ));
+    }
+    let authorization = authenticate_with(endpoint, &mut form, now, jti, assertion_details)?;
     Ok(PreparedRequest {
         form,
         authorization,
@@ -185,6 +207,18 @@ pub fn authenticate(
     now: Timestamp,
     jti: &str,
 ) -> Result<Option<String>, TokenError> {
+    authenticate_with(endpoint, form, now, jti, None)
+}
+
+/// [`authenticate`], with RFC 9396 details for a private_key_jwt assertion's
+/// `assertion_details` claim.
+fn authenticate_with(
+    endpoint: &Endpoint,
+    form: &mut Vec<(&'static str, String)>,
+    now: Timestamp,
+    jti: &str,
+    assertion_details: Option<&[serde_json::Value]>,
+) -> Result<Option<String>, TokenError> {
     Ok(match &endpoint.credentials {
         ClientCredentials::Basic(secret) => Some(basic_authorization(&endpoint.client_id, secret)),
         ClientCredentials::Post(secret) => {
@@ -197,9 +231,17 @@ pub fn authenticate(
             None
         }
         ClientCredentials::PrivateKeyJwt { key, audience } => {
-            let assertion = key
-                .sign_assertion(&endpoint.client_id, audience, now, jti)
-                .map_err(|e| TokenError::Config(e.to_string()))?;
+            let assertion = match assertion_details {
+                Some(details) => key.sign_assertion_with_details(
+                    &endpoint.client_id,
+                    audience,
+                    now,
+                    jti,
+                    details,
+                ),
+                None => key.sign_assertion(&endpoint.client_id, audience, now, jti),
+            }
+            .map_err(|e| TokenError::Config(e.to_string()))?;
             form.push(("client_id", endpoint.client_id.clone()));
             form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
             form.push(("client_assertion", assertion.expose().to_string()));
@@ -244,6 +286,7 @@ mod tests {
             scopes: vec!["orders/read".into(), "orders/write".into()],
             audience,
             dpop: None,
+            authorization_details: None,
         }
     }
 
@@ -433,5 +476,83 @@ mod tests {
         let iat = a["iat"].as_i64().unwrap();
         assert!((now - 5..=now).contains(&iat), "iat {iat}, now {now}");
         assert_eq!(a["exp"].as_i64().unwrap() - iat, 60);
+    }
+
+    fn helseid_details(location: DetailsLocation) -> AuthorizationDetails {
+        AuthorizationDetails::new(
+            vec![serde_json::json!({
+                "type": "helseid_authorization",
+                "practitioner_role": {"organization": {"identifier": {"value": "NO:ORGNR:1:2"}}}
+            })],
+            location,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn authorization_details_go_in_the_form_as_one_json_array() {
+        let mut req = request(AudienceParam::Resource("urn:api".into()));
+        req.authorization_details = Some(helseid_details(DetailsLocation::TokenRequest));
+        let prepared = prepare(&endpoint(ClientCredentials::None), &req).unwrap();
+        let names: Vec<&str> = prepared.form.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "grant_type",
+                "scope",
+                "resource",
+                "authorization_details",
+                "client_id"
+            ]
+        );
+        let sent: serde_json::Value = serde_json::from_str(&prepared.form[3].1).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!([{
+                "type": "helseid_authorization",
+                "practitioner_role": {"organization": {"identifier": {"value": "NO:ORGNR:1:2"}}}
+            }])
+        );
+        // The refresh-token grant sends them the same way.
+        req.grant = Grant::RefreshToken(SecretString::new("rt-1"));
+        let prepared = prepare(&endpoint(ClientCredentials::None), &req).unwrap();
+        assert!(
+            prepared
+                .form
+                .iter()
+                .any(|(name, value)| *name == "authorization_details" && value.contains("NO:ORGNR:1:2"))
+        );
+    }
+
+    #[test]
+    fn authorization_details_for_the_assertion_go_in_its_claim_only() {
+        let (endpoint, public) = private_key_jwt();
+        let mut req = request(AudienceParam::Resource("urn:api".into()));
+        req.authorization_details = Some(helseid_details(DetailsLocation::ClientAssertion));
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let prepared = prepare_at(&endpoint, &req, now, "jti-1").unwrap();
+        assert!(
+            !prepared.form.iter().any(|(name, _)| *name == "authorization_details"),
+            "not in the form"
+        );
+        let claims = assertion_claims(&prepared, &public);
+        assert_eq!(
+            claims["assertion_details"],
+            serde_json::json!(helseid_details(DetailsLocation::ClientAssertion).details())
+        );
+        // Without details the assertion has no such claim.
+        req.authorization_details = None;
+        let claims = assertion_claims(&prepare_at(&endpoint, &req, now, "jti-2").unwrap(), &public);
+        assert!(claims.get("assertion_details").is_none(), "{claims}");
+    }
+
+    #[test]
+    fn authorization_details_for_the_assertion_need_private_key_jwt() {
+        let mut req = request(AudienceParam::Resource("urn:api".into()));
+        req.authorization_details = Some(helseid_details(DetailsLocation::ClientAssertion));
+        let err = prepare(&endpoint(ClientCredentials::Basic(SecretString::new("pw"))), &req)
+            .unwrap_err();
+        assert!(matches!(err, TokenError::Config(_)), "{err}");
+        assert!(err.to_string().contains("private_key_jwt"), "{err}");
     }
 }

@@ -21,6 +21,9 @@ pub struct TokenResponse {
     pub scope: Option<String>,
     /// A refresh token, when the server sent one.
     pub refresh_token: Option<SecretString>,
+    /// The authorization details granted (RFC 9396 §7): the response's
+    /// `authorization_details` when it is an array of objects, else empty.
+    pub authorization_details: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -31,6 +34,8 @@ struct RawSuccess {
     expires_in: Option<serde_json::Value>,
     scope: Option<String>,
     refresh_token: Option<String>,
+    #[serde(default)]
+    authorization_details: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +81,7 @@ pub fn parse_token_response(
             .refresh_token
             .filter(|t| !t.is_empty())
             .map(SecretString::new),
+        authorization_details: crate::authorization_details::granted(raw.authorization_details),
     })
 }
 
@@ -159,6 +165,27 @@ mod tests {
         assert_eq!(r.expires_in, Some(Duration::from_secs(3600)));
         assert_eq!(r.scope.as_deref(), Some("a b"));
         assert!(r.refresh_token.is_none());
+    }
+
+    #[test]
+    fn granted_authorization_details_are_kept() {
+        let body = br#"{"access_token":"abc","token_type":"Bearer","authorization_details":[{"type":"helseid_authorization","practitioner_role":{"organization":{"identifier":{"value":"NO:ORGNR:1:2"}}}}]}"#;
+        let r = parse_token_response(200, None, body, now()).unwrap();
+        assert_eq!(
+            r.authorization_details,
+            vec![serde_json::json!({
+                "type": "helseid_authorization",
+                "practitioner_role": {"organization": {"identifier": {"value": "NO:ORGNR:1:2"}}}
+            })]
+        );
+        let r = parse_token_response(200, None, br#"{"access_token":"abc"}"#, now()).unwrap();
+        assert!(r.authorization_details.is_empty());
+        let malformed = br#"{"access_token":"abc","authorization_details":"helseid_authorization"}"#;
+        let r = parse_token_response(200, None, malformed, now()).unwrap();
+        assert!(
+            r.authorization_details.is_empty(),
+            "a malformed member does not cost the token"
+        );
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct IssuedToken {
     /// JWT's `cnf.x5t#S256`, which is the certificate presented; for an opaque token asked
     /// for with a certificate, that certificate. `None` when not certificate-bound.
     pub certificate_thumbprint: Option<String>,
+    /// The authorization details the server granted (RFC 9396 §7), as its response listed
+    /// them; empty when it listed none.
+    pub authorization_details: Vec<serde_json::Value>,
 }
 
 /// What a token request was sender-constrained with, which the token must then be bound to.
@@ -93,6 +96,7 @@ pub fn issue(
         scopes,
         refresh_token: response.refresh_token,
         certificate_thumbprint,
+        authorization_details: response.authorization_details,
     })
 }
 
@@ -149,6 +153,7 @@ mod tests {
             expires_in: expires_in.map(Duration::from_secs),
             scope: scope.map(str::to_string),
             refresh_token: None,
+            authorization_details: Vec::new(),
         }
     }
 
@@ -226,6 +231,28 @@ mod tests {
         )
         .unwrap();
         assert!(issued.audience.is_empty());
+    }
+
+    #[test]
+    fn granted_authorization_details_are_carried_to_the_token() {
+        let granted = vec![serde_json::json!({"type": "helseid_authorization", "n": 1})];
+        let issued = issue(
+            TokenResponse {
+                authorization_details: granted.clone(),
+                ..response("opaque".into(), Some(60), None)
+            },
+            now(),
+            FIVE_MIN,
+            "urn:a",
+            &[],
+            Binding::NONE,
+        )
+        .unwrap();
+        assert_eq!(issued.authorization_details, granted);
+        assert!(
+            !format!("{issued:?}").contains("opaque"),
+            "Debug still hides the token"
+        );
     }
 
     #[test]
