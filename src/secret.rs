@@ -79,6 +79,11 @@ pub fn spec_hash(spec: &AudienceTokenSpec) -> String {
     if let Some(dpop) = &spec.dpop {
         canonical["dpop"] = serde_json::json!(dpop.algorithm);
     }
+    // As JSON values: object members in key order (serde_json's map is sorted), so the
+    // order in which the manifest wrote them does not matter; the order of the list does.
+    if !spec.authorization_details.is_empty() {
+        canonical["authorizationDetails"] = serde_json::json!(spec.authorization_details);
+    }
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -379,5 +384,76 @@ mod tests {
             change(&mut changed);
             assert_ne!(spec_hash(&changed), hash);
         }
+    }
+
+    fn helseid(org: &str) -> serde_json::Value {
+        serde_json::json!({
+            "type": "helseid_authorization",
+            "practitioner_role": {"organization": {"identifier": {
+                "system": "urn:oid:1.0.6523", "type": "ENH", "value": org
+            }}}
+        })
+    }
+
+    #[test]
+    fn spec_hash_without_authorization_details_is_what_it_was() {
+        // Pinned: a spec without authorizationDetails (every token from before they existed)
+        // hashes as before, so an upgrade re-issues nothing.
+        let base = token_resource(DeletionPolicy::Delete).spec;
+        assert_eq!(spec_hash(&base), "69e7c8cd5af75db1");
+    }
+
+    #[test]
+    fn spec_hash_tracks_authorization_details() {
+        let base = token_resource(DeletionPolicy::Delete).spec;
+        let with = |details: Vec<serde_json::Value>| AudienceTokenSpec {
+            authorization_details: details,
+            ..base.clone()
+        };
+        let one = spec_hash(&with(vec![helseid("NO:ORGNR:1:2")]));
+        assert_ne!(one, spec_hash(&base), "asking for details is another token");
+        assert_ne!(
+            one,
+            spec_hash(&with(vec![helseid("NO:ORGNR:1:3")])),
+            "another organisation is another token"
+        );
+        let reordered: serde_json::Value = serde_json::from_str(
+            r#"{"practitioner_role":{"organization":{"identifier":{"value":"NO:ORGNR:1:2","type":"ENH","system":"urn:oid:1.0.6523"}}},"type":"helseid_authorization"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            one,
+            spec_hash(&with(vec![reordered])),
+            "the order of an object's members does not matter"
+        );
+        let two = with(vec![helseid("a"), helseid("b")]);
+        let swapped = with(vec![helseid("b"), helseid("a")]);
+        assert_ne!(
+            spec_hash(&two),
+            spec_hash(&swapped),
+            "the list's order does"
+        );
+    }
+
+    #[test]
+    fn authorization_details_are_not_written_into_the_secret() {
+        let mut at = token_resource(DeletionPolicy::Delete);
+        at.spec.authorization_details = vec![helseid("NO:ORGNR:1:2")];
+        let granted = IssuedToken {
+            authorization_details: vec![helseid("NO:ORGNR:1:2")],
+            ..issued()
+        };
+        let secret = desired_secret(&at, &granted, None);
+        assert_eq!(
+            secret.data.as_ref().unwrap().len(),
+            5,
+            "the usual keys only"
+        );
+        let written = serde_json::to_string(&secret).unwrap();
+        assert!(!written.contains("NO:ORGNR"), "{written}");
+        assert_eq!(
+            published_token(&secret.metadata).unwrap().spec_hash,
+            spec_hash(&at.spec)
+        );
     }
 }

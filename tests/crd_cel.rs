@@ -220,6 +220,27 @@ const RATE: &str = "requestsPerSecond must be positive";
 const BURST: &str = "burst must be at least 1";
 const VERIFY_NEEDS_KEYS: &str = "verifyAccessTokenSignature needs issuerURL (its discovery document names the jwks_uri) or jwksURI";
 const JWKS_URI: &str = "jwksURI must be an http(s) URL without fragment";
+const DETAIL_TYPE: &str =
+    "each authorization detail must be an object with a non-empty string type (RFC 9396 §2)";
+const DETAILS_IN_ASSERTION: &str = "authorizationDetailsIn ClientAssertion puts the authorization details into the client assertion: it needs clientAuth.method PrivateKeyJWT";
+
+/// A HelseID authorization detail for the organisation `value` (DESIGN.md).
+fn helseid_detail(value: &str) -> Value {
+    json!({
+        "type": "helseid_authorization",
+        "practitioner_role": {"organization": {"identifier": {
+            "system": "urn:oid:1.0.6523", "type": "ENH", "value": value
+        }}}
+    })
+}
+
+/// `clientAuth` of a PrivateKeyJWT issuer.
+fn private_key_jwt_auth() -> Value {
+    json!({
+        "method": "PrivateKeyJWT",
+        "privateKeyRef": {"name": "idp-client", "key": "private-key.pem"}
+    })
+}
 
 struct Case {
     name: String,
@@ -344,6 +365,29 @@ fn valid_cases() -> Vec<Case> {
         ok(
             "issuerRef kind defaulted",
             &[set("spec/issuerRef", json!({"name": "corp-idp"}))],
+        ),
+        ok(
+            "a HelseID authorization detail",
+            &[set(
+                "spec/authorizationDetails",
+                json!([helseid_detail("NO:ORGNR:999977775:999977776")]),
+            )],
+        ),
+        ok(
+            "several authorization details with nested members of any kind",
+            &[set(
+                "spec/authorizationDetails",
+                json!([
+                    helseid_detail("NO:ORGNR:1:2"),
+                    {"type": "payment_initiation", "locations": ["https://a.example"],
+                     "instructedAmount": {"currency": "NOK", "amount": 12.5}, "urgent": true,
+                     "nothing": null}
+                ]),
+            )],
+        ),
+        ok(
+            "an empty list of authorization details",
+            &[set("spec/authorizationDetails", json!([]))],
         ),
     ]);
     let ok = |name: &str, edits: &[Edit]| issuer_cases(name, edits, &[]);
@@ -479,6 +523,17 @@ fn valid_cases() -> Vec<Case> {
                 unset("spec/issuerURL"),
                 set("spec/verifyAccessTokenSignature", json!(false)),
             ],
+        ),
+        ok(
+            "authorization details in the client assertion of a PrivateKeyJWT client",
+            &[
+                set("spec/clientAuth", private_key_jwt_auth()),
+                set("spec/authorizationDetailsIn", json!("ClientAssertion")),
+            ],
+        ),
+        ok(
+            "authorization details in the token request, explicitly",
+            &[set("spec/authorizationDetailsIn", json!("TokenRequest"))],
         ),
         ok(
             "a loopback http jwksURI with a query, check defaulted off",
@@ -656,9 +711,49 @@ fn invalid_cases() -> Vec<Case> {
             &[set("spec/issuerRef/name", json!(""))],
             &[ISSUER_REF_NAME],
         ),
+        bad(
+            "an authorization detail without a type",
+            &[set(
+                "spec/authorizationDetails",
+                json!([
+                    helseid_detail("NO:ORGNR:1:2"),
+                    {"practitioner_role": {"organization": {"identifier": {"value": "x"}}}}
+                ]),
+            )],
+            &[DETAIL_TYPE],
+        ),
+        bad(
+            "an authorization detail with an empty type",
+            &[set("spec/authorizationDetails", json!([{"type": ""}]))],
+            &[DETAIL_TYPE],
+        ),
     ]);
     let bad = issuer_cases;
     for batch in [
+        bad(
+            "authorization details in the client assertion of a client-secret client",
+            &[set("spec/authorizationDetailsIn", json!("ClientAssertion"))],
+            &[DETAILS_IN_ASSERTION],
+        ),
+        bad(
+            "authorization details in the client assertion, clientAuth method defaulted",
+            &[
+                set(
+                    "spec/clientAuth",
+                    json!({"clientSecretRef": {"name": "s", "key": "k"}}),
+                ),
+                set("spec/authorizationDetailsIn", json!("ClientAssertion")),
+            ],
+            &[DETAILS_IN_ASSERTION],
+        ),
+        bad(
+            "authorization details in the client assertion of a public client",
+            &[
+                set("spec/clientAuth", json!({"method": "None"})),
+                set("spec/authorizationDetailsIn", json!("ClientAssertion")),
+            ],
+            &[DETAILS_IN_ASSERTION],
+        ),
         bad(
             "an empty clientID",
             &[set("spec/clientID", json!(""))],

@@ -101,6 +101,51 @@ pub struct AudienceTokenSpec {
     /// Secret beside the token, so the workload can make the proofs for its API calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpop: Option<DpopSpec>,
+
+    /// Authorization details (RFC 9396) to ask for with the token: JSON objects, each with
+    /// a string `type` and any further members the server defines for that type, such as
+    /// HelseID's `{type: helseid_authorization, practitioner_role: {organization:
+    /// {identifier: {system, type, value}}}}`. At most 8 items; the operator sends at most
+    /// 8 KiB of them (serialised JSON) and refuses a larger list without asking the server.
+    /// The issuer's authorizationDetailsIn says where they go: the `authorization_details`
+    /// form parameter, or the `assertion_details` claim of the client assertion. A change
+    /// gets a new token at once; what the server granted shows in
+    /// `status.authorizationDetails`. Never written into the Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), transform = authorization_detail_items)]
+    pub authorization_details: Vec<serde_json::Value>,
+}
+
+/// The schema of an authorization detail (RFC 9396 §2): a JSON object whose members are
+/// kept as they are (`x-kubernetes-preserve-unknown-fields`), with a non-empty string
+/// `type`, which a CEL rule checks (members other than declared ones are invisible to CEL).
+fn authorization_detail_items(schema: &mut schemars::Schema) {
+    schema.insert(
+        "items".into(),
+        serde_json::json!({
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+            "properties": {
+                "type": {
+                    "description": "The kind of authorization detail, e.g. `helseid_authorization`; the server defines the other members for it.",
+                    "type": "string",
+                    "maxLength": 256
+                }
+            },
+            "x-kubernetes-validations": [{
+                "rule": "has(self.type) && size(self.type) > 0",
+                "message": "each authorization detail must be an object with a non-empty string type (RFC 9396 §2)"
+            }]
+        }),
+    );
+}
+
+/// The schema of granted authorization details in status: JSON objects kept as they are.
+fn granted_detail_items(schema: &mut schemars::Schema) {
+    schema.insert(
+        "items".into(),
+        serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+    );
 }
 
 /// DPoP settings of an AudienceToken.
@@ -217,6 +262,13 @@ pub struct AudienceTokenStatus {
     /// The last `audiencetoken.io/renew-requested-at` value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_renew_requested_at: Option<String>,
+    /// The authorization details (RFC 9396 §7) the server granted the current token, as its
+    /// token response listed them; absent when it listed none (servers that read the
+    /// details from the client assertion may not list them). Set at each issuance and
+    /// renewal, kept across operator restarts; not in the Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(transform = granted_detail_items)]
+    pub authorization_details: Vec<serde_json::Value>,
 }
 
 fn is_zero(n: &i32) -> bool {

@@ -19,6 +19,7 @@ use super::common::{Condition, SecretKeySelector, SecretReference};
 #[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, or tlsClientCertificate for the TLS methods), or method None"))]
 #[x_kube(validation = Rule::new("!has(self.clientAuth) || !(self.clientAuth.method == 'TLSClientAuth' || self.clientAuth.method == 'SelfSignedTLSClientAuth') || has(self.tlsClientCertificate)").message("TLSClientAuth and SelfSignedTLSClientAuth authenticate with the client certificate: set tlsClientCertificate.secretRef (a kubernetes.io/tls Secret)"))]
 #[x_kube(validation = Rule::new("!self.verifyAccessTokenSignature || has(self.issuerURL) || has(self.jwksURI)").message("verifyAccessTokenSignature needs issuerURL (its discovery document names the jwks_uri) or jwksURI"))]
+#[x_kube(validation = Rule::new("!has(self.authorizationDetailsIn) || self.authorizationDetailsIn != 'ClientAssertion' || (has(self.clientAuth) && has(self.clientAuth.method) && self.clientAuth.method == 'PrivateKeyJWT')").message("authorizationDetailsIn ClientAssertion puts the authorization details into the client assertion: it needs clientAuth.method PrivateKeyJWT"))]
 pub struct IssuerSpec {
     /// The authorization server's issuer identifier. The token endpoint is discovered from
     /// RFC 8414 metadata (`/.well-known/oauth-authorization-server`), then OpenID Connect
@@ -51,6 +52,14 @@ pub struct IssuerSpec {
     /// How the wanted audience is named in the token request.
     #[serde(default)]
     pub audience_parameter: AudienceParameter,
+
+    /// Where token requests carry an AudienceToken's authorizationDetails (RFC 9396):
+    /// `TokenRequest` (default), the `authorization_details` form parameter, a JSON array
+    /// (RFC 9396 §6); or `ClientAssertion`, an `assertion_details` claim (the same array)
+    /// inside the PrivateKeyJWT client assertion, as HelseID's multi-tenant clients name the
+    /// organisation they act for. A change applies from the next token request.
+    #[serde(default)]
+    pub authorization_details_in: AuthorizationDetailsIn,
 
     /// The grant used to obtain tokens. Default: client credentials.
     #[serde(default)]
@@ -213,6 +222,16 @@ pub enum AudienceParameter {
     /// No parameter: the scopes select the API (Entra ID `api://…/.default`, BankID, Cognito).
     #[serde(rename = "None")]
     ScopeOnly,
+}
+
+/// Where token requests carry authorization details (RFC 9396).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AuthorizationDetailsIn {
+    /// The `authorization_details` form parameter of the token request (RFC 9396 §6).
+    #[default]
+    TokenRequest,
+    /// An `assertion_details` claim in the PrivateKeyJWT client assertion (HelseID).
+    ClientAssertion,
 }
 
 /// The OAuth grant used for token requests.

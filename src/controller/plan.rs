@@ -231,6 +231,9 @@ pub fn status_issued(
             .renew_requested_at
             .map(str::to_string)
             .or_else(|| prev.last_renew_requested_at.clone()),
+        // What the server granted this token: a token asked for without details (the spec
+        // dropped them) clears the last token's.
+        authorization_details: token.authorization_details.clone(),
     };
     let why = if renewed {
         reason::RENEWED
@@ -366,7 +369,7 @@ pub fn status_failed(
 }
 
 /// Every field of [`AudienceTokenStatus`] as serialised; a unit test keeps it complete.
-const STATUS_FIELDS: [&str; 13] = [
+const STATUS_FIELDS: [&str; 14] = [
     "conditions",
     "observedGeneration",
     "audience",
@@ -380,6 +383,7 @@ const STATUS_FIELDS: [&str; 13] = [
     "lastFailureMessage",
     "nextAttemptTime",
     "lastRenewRequestedAt",
+    "authorizationDetails",
 ];
 
 /// Status when the published token ran out while a retry is still pending: Ready turns
@@ -1089,6 +1093,7 @@ mod tests {
             last_failure_message: Some("m".into()),
             next_attempt_time: Some(time(ts(0))),
             last_renew_requested_at: Some("x".into()),
+            authorization_details: vec![serde_json::json!({"type": "t"})],
         };
         let value = serde_json::to_value(&full).unwrap();
         let mut keys: Vec<&str> = value
@@ -1101,6 +1106,67 @@ mod tests {
         keys.sort_unstable();
         listed.sort_unstable();
         assert_eq!(keys, listed);
+    }
+
+    #[test]
+    fn status_shows_the_authorization_details_granted_to_the_current_token() {
+        let granted = vec![serde_json::json!({
+            "type": "helseid_authorization",
+            "practitioner_role": {"organization": {"identifier": {"value": "NO:ORGNR:1:2"}}}
+        })];
+        let none = AudienceTokenStatus::default();
+        let o = observed(10, None, &none);
+        let with_details = IssuedToken {
+            authorization_details: granted.clone(),
+            ..issued(10, 3610)
+        };
+        let AfterRequest::Publish { outcome, .. } = after_request(&o, Ok(&with_details)) else {
+            panic!("an issued token is published")
+        };
+        let StatusWrite::Full(status) = &outcome.status else {
+            panic!("a new token writes the full status")
+        };
+        assert_eq!(status.authorization_details, granted, "issued: shown");
+
+        // Kept while the token is current (a restart rebuilds only the derived fields) and
+        // while renewals fail.
+        let published_token = published(10, 3610, "h1");
+        let o = observed(500, Some(&published_token), status);
+        let Step::Done(kept) = before_request(&o, Ok::<(), Failure>(()), false) else {
+            panic!("a current token is kept")
+        };
+        let (write, kept) = write_of(&kept.status);
+        assert_eq!(write, Write::Derived);
+        assert!(
+            !derived_status_patch(kept.unwrap())["status"]
+                .as_object()
+                .unwrap()
+                .contains_key("authorizationDetails"),
+            "a derived write leaves them as they are"
+        );
+        let o = observed(3000, Some(&published_token), status);
+        let failed = status_failed(status, &request_failed(), Some(ts(3005)), true, &o);
+        assert_eq!(
+            failed.authorization_details, granted,
+            "renewal failing: kept"
+        );
+
+        // A token granted none (the spec no longer asks for any) clears them, and the full
+        // patch removes them from the stored status.
+        let old_spec = published(10, 3610, "h0");
+        let o = observed(3000, Some(&old_spec), status);
+        let AfterRequest::Publish { outcome, .. } = after_request(&o, Ok(&issued(3000, 6600)))
+        else {
+            panic!("an issued token is published")
+        };
+        let StatusWrite::Full(cleared) = &outcome.status else {
+            panic!("a new token writes the full status")
+        };
+        assert!(cleared.authorization_details.is_empty(), "{cleared:?}");
+        assert_eq!(
+            status_patch(cleared)["status"]["authorizationDetails"],
+            serde_json::Value::Null
+        );
     }
 
     // --- Outcomes: before_request, rate_limited, after_request ---

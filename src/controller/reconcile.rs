@@ -168,6 +168,8 @@ async fn request_token(
         ctx.endpoints.invalidate(issuer.target(), &error);
         Failure::from_token_error(&error)
     };
+    let authorization_details =
+        settings.authorization_details_for(&token.spec.authorization_details)?;
     let response = match issuer.spec.grant.type_ {
         GrantType::RefreshToken => {
             ctx.refresh_chains
@@ -180,6 +182,7 @@ async fn request_token(
                         resource: &token.spec.resource,
                         audience: token.expected_audience(),
                         dpop: dpop.clone(),
+                        authorization_details,
                     },
                 )
                 .await?
@@ -190,7 +193,7 @@ async fn request_token(
                 scopes: token.spec.scopes.clone(),
                 audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
                 dpop: dpop.clone(),
-                authorization_details: None,
+                authorization_details,
             };
             ctx.token_request(&issuer.key, &settings.endpoint, &request)
                 .await

@@ -39,7 +39,7 @@ use crate::failure::{Failure, reason};
 use crate::issuer::CredentialKind;
 use crate::issuer::ReadyEndpoint;
 use crate::oauth::dpop::DpopKey;
-use crate::oauth::{Grant, TokenRequest, TokenResponse};
+use crate::oauth::{AuthorizationDetails, Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
 use crate::secret::{MANAGED_BY_LABEL, MANAGER};
@@ -139,6 +139,8 @@ pub struct ChainRequest<'a> {
     pub audience: &'a str,
     /// The AudienceToken's DPoP key, for a DPoP-bound token.
     pub dpop: Option<Arc<DpopKey>>,
+    /// The AudienceToken's authorization details (RFC 9396), sent where the issuer says.
+    pub authorization_details: Option<AuthorizationDetails>,
 }
 
 /// The state Secret's name for an issuer.
@@ -273,6 +275,7 @@ impl RefreshChains {
             resource,
             audience,
             dpop,
+            authorization_details,
         } = wanted;
         let grant = grant(issuer)?;
         if !grant.resources.iter().any(|r| r == resource) {
@@ -300,7 +303,9 @@ impl RefreshChains {
             audience: audience.to_string(),
             scopes: scopes.to_vec(),
         };
-        session.send(&mut state, endpoint, wanted, dpop).await
+        session
+            .send(&mut state, endpoint, wanted, dpop, authorization_details)
+            .await
     }
 
     /// The chain as the issuer status shows it. Loads the chain if this process has not yet;
@@ -358,8 +363,9 @@ impl RefreshChains {
                     ..recorded
                 }
             };
-            // The AudienceToken's DPoP key is not at hand here; the answer is not published.
-            if let Err(failure) = session.send(&mut state, endpoint, retry, None).await {
+            // The AudienceToken's DPoP key and authorization details are not at hand here;
+            // the answer is not published.
+            if let Err(failure) = session.send(&mut state, endpoint, retry, None, None).await {
                 warn!(issuer = issuer.key, error = %failure.message, "retry of the interrupted refresh request failed");
                 if state.interrupted {
                     // No answer (the server is down, say): try again at the next recheck.
@@ -484,6 +490,7 @@ impl<'a> Session<'a> {
         endpoint: &ReadyEndpoint,
         wanted: InFlight,
         dpop: Option<Arc<DpopKey>>,
+        authorization_details: Option<AuthorizationDetails>,
     ) -> Result<TokenResponse, Failure> {
         let issuer = self.issuer;
         let Some(current) = state.refresh_token.clone() else {
@@ -513,7 +520,7 @@ impl<'a> Session<'a> {
             scopes: wanted.scopes.clone(),
             audience: endpoint.audience_for(&wanted.resource, &wanted.audience),
             dpop,
-            authorization_details: None,
+            authorization_details,
         };
         match self
             .ctx

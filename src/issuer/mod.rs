@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use url::Url;
 
 use crate::api::{
-    AudienceParameter, ClientAuthMethod, IssuerSpec, SecretKeySelector, SigningAlgorithm,
+    AudienceParameter, AuthorizationDetailsIn, ClientAuthMethod, IssuerSpec, SecretKeySelector,
+    SigningAlgorithm,
 };
 use crate::failure::Failure;
 use crate::oauth::assertion::{ClientKey, SigningAlg};
@@ -29,7 +30,8 @@ use crate::oauth::discovery::ServerMetadata;
 use crate::oauth::jwks;
 use crate::oauth::jwt::decode_claims;
 use crate::oauth::{
-    AudienceParam, ClientCertificate, ClientCredentials, Endpoint, Tls, TokenClient, TokenError,
+    AudienceParam, AuthorizationDetails, ClientCertificate, ClientCredentials, Endpoint, Tls,
+    TokenClient, TokenError,
 };
 use crate::redact::SecretString;
 pub use credentials::{
@@ -65,6 +67,8 @@ pub struct ReadyEndpoint {
     pub default_lifetime: Duration,
     /// How a request names the one API (`audienceParameter`).
     pub audience_parameter: AudienceParameter,
+    /// Where a request carries authorization details (`authorizationDetailsIn`).
+    pub authorization_details_in: AuthorizationDetailsIn,
     /// `tokenEndpoint`, or `discovery from issuerURL <url>`.
     pub token_endpoint_source: String,
     /// Where the client credential came from (`Secret ns/name key k`, `file …`), if any.
@@ -78,6 +82,38 @@ impl ReadyEndpoint {
     /// `expected_audience`, in the issuer's dialect.
     pub fn audience_for(&self, resource: &str, expected_audience: &str) -> AudienceParam {
         params::audience_param(self.audience_parameter, resource, expected_audience)
+    }
+
+    /// An AudienceToken's `authorizationDetails` as this issuer sends them: none for an
+    /// empty list; in the client assertion only with PrivateKeyJWT (else IssuerNotReady,
+    /// which admission normally prevents); a list the client would not send (over 8 KiB)
+    /// is TokenRequestFailed without asking the server.
+    pub fn authorization_details_for(
+        &self,
+        details: &[serde_json::Value],
+    ) -> Result<Option<AuthorizationDetails>, Failure> {
+        if details.is_empty() {
+            return Ok(None);
+        }
+        if self.authorization_details_in == AuthorizationDetailsIn::ClientAssertion
+            && !matches!(
+                self.endpoint.credentials,
+                ClientCredentials::PrivateKeyJwt { .. }
+            )
+        {
+            return Err(Failure::issuer_not_ready(
+                "authorizationDetailsIn ClientAssertion needs clientAuth.method PrivateKeyJWT: \
+                 the authorization details go into the client assertion",
+            ));
+        }
+        params::authorization_details(self.authorization_details_in, details)
+            .map(Some)
+            .map_err(|e| {
+                Failure::new(
+                    crate::failure::reason::TOKEN_REQUEST_FAILED,
+                    format!("spec.authorizationDetails not sent: {e}"),
+                )
+            })
     }
 }
 
@@ -298,6 +334,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             },
             default_lifetime,
             audience_parameter: spec.audience_parameter,
+            authorization_details_in: spec.authorization_details_in,
             token_endpoint_source,
             credential_from,
             certificate_from: certificate.map(|c| c.from),
@@ -627,6 +664,45 @@ mod tests {
             key: "client-secret".into(),
         });
         spec
+    }
+
+    #[tokio::test]
+    async fn authorization_details_in_the_assertion_need_private_key_jwt() {
+        let layer = IssuerEndpoints::new(
+            TokenClient::new().unwrap(),
+            Counting {
+                reads: Default::default(),
+            },
+        );
+        let mut spec = basic_spec();
+        spec.authorization_details_in = AuthorizationDetailsIn::ClientAssertion;
+        let target = IssuerTarget {
+            key: "TokenIssuer/ns/idp",
+            spec: &spec,
+            secret_namespace: "ns",
+        };
+        let ready = layer.endpoint(target).await.unwrap();
+        let details = [serde_json::json!({"type": "helseid_authorization"})];
+        assert_eq!(ready.authorization_details_for(&[]).unwrap(), None);
+        let err = ready.authorization_details_for(&details).unwrap_err();
+        assert_eq!(err.reason, crate::failure::reason::ISSUER_NOT_READY);
+        assert!(err.message.contains("PrivateKeyJWT"), "{}", err.message);
+
+        let ready = ReadyEndpoint {
+            authorization_details_in: AuthorizationDetailsIn::TokenRequest,
+            ..ready
+        };
+        let sent = ready.authorization_details_for(&details).unwrap().unwrap();
+        assert_eq!(sent.location(), crate::oauth::DetailsLocation::TokenRequest);
+        let huge = [serde_json::json!({"type": "t", "x": "a".repeat(9000)})];
+        let err = ready.authorization_details_for(&huge).unwrap_err();
+        assert_eq!(err.reason, crate::failure::reason::TOKEN_REQUEST_FAILED);
+        assert!(
+            err.message
+                .starts_with("spec.authorizationDetails not sent:"),
+            "{}",
+            err.message
+        );
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::api::{AssertionAudience, AudienceParameter};
-use crate::oauth::AudienceParam;
+use crate::api::{AssertionAudience, AudienceParameter, AuthorizationDetailsIn};
+use crate::oauth::authorization_details::DetailsError;
+use crate::oauth::{AudienceParam, AuthorizationDetails, DetailsLocation};
 
 /// Timeout of one discovery or token request when the issuer sets no `requestTimeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,6 +28,19 @@ pub fn audience_param(
         AudienceParameter::Audience => AudienceParam::Audience(expected_audience.to_string()),
         AudienceParameter::ScopeOnly => AudienceParam::ScopeOnly,
     }
+}
+
+/// An AudienceToken's `authorizationDetails` for a token request, sent where the issuer's
+/// `authorizationDetailsIn` says. The error says why the client would not send them.
+pub fn authorization_details(
+    location: AuthorizationDetailsIn,
+    details: &[serde_json::Value],
+) -> Result<AuthorizationDetails, DetailsError> {
+    let location = match location {
+        AuthorizationDetailsIn::TokenRequest => DetailsLocation::TokenRequest,
+        AuthorizationDetailsIn::ClientAssertion => DetailsLocation::ClientAssertion,
+    };
+    AuthorizationDetails::new(details.to_vec(), location)
 }
 
 /// The `aud` of a PrivateKeyJWT client assertion: with `assertionAudience: Issuer` the issuer
@@ -66,6 +80,20 @@ mod tests {
             Ok("https://idp.example.com/connect/token".to_string())
         );
         assert!(assertion_audience(AssertionAudience::Issuer, None, &endpoint).is_err());
+    }
+
+    #[test]
+    fn authorization_details_go_where_the_issuer_says() {
+        let details = [serde_json::json!({"type": "helseid_authorization"})];
+        let sent = authorization_details(AuthorizationDetailsIn::TokenRequest, &details).unwrap();
+        assert_eq!(sent.location(), DetailsLocation::TokenRequest);
+        assert_eq!(sent.details(), &details);
+        let sent =
+            authorization_details(AuthorizationDetailsIn::ClientAssertion, &details).unwrap();
+        assert_eq!(sent.location(), DetailsLocation::ClientAssertion);
+        let huge = [serde_json::json!({"type": "t", "x": "a".repeat(9000)})];
+        let err = authorization_details(AuthorizationDetailsIn::TokenRequest, &huge).unwrap_err();
+        assert!(err.to_string().contains("at most 8192"), "{err}");
     }
 
     #[test]

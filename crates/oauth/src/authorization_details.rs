@@ -35,7 +35,9 @@ impl fmt::Display for DetailsLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DetailsLocation::TokenRequest => "the authorization_details form parameter",
-            DetailsLocation::ClientAssertion => "the assertion_details claim of the client assertion",
+            DetailsLocation::ClientAssertion => {
+                "the assertion_details claim of the client assertion"
+            }
         })
     }
 }
@@ -186,10 +188,7 @@ mod tests {
 
     #[test]
     fn granted_details_are_an_array_of_objects_or_nothing() {
-        assert_eq!(
-            granted(Some(json!([helseid("a")]))),
-            vec![helseid("a")]
-        );
+        assert_eq!(granted(Some(json!([helseid("a")]))), vec![helseid("a")]);
         for nothing in [
             None,
             Some(Value::Null),

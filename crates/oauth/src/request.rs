@@ -184,7 +184,10 @@ pub fn prepare_at(
         .filter(|d| d.location() == DetailsLocation::ClientAssertion)
         .map(AuthorizationDetails::details);
     if assertion_details.is_some()
-        && !matches!(endpoint.credentials, ClientCredentials::PrivateKeyJwt { .. })
+        && !matches!(
+            endpoint.credentials,
+            ClientCredentials::PrivateKeyJwt { .. }
+        )
     {
         return Err(TokenError::Config(
             "authorization details for the client assertion need private_key_jwt client \
@@ -516,12 +519,9 @@ mod tests {
         // The refresh-token grant sends them the same way.
         req.grant = Grant::RefreshToken(SecretString::new("rt-1"));
         let prepared = prepare(&endpoint(ClientCredentials::None), &req).unwrap();
-        assert!(
-            prepared
-                .form
-                .iter()
-                .any(|(name, value)| *name == "authorization_details" && value.contains("NO:ORGNR:1:2"))
-        );
+        assert!(prepared.form.iter().any(
+            |(name, value)| *name == "authorization_details" && value.contains("NO:ORGNR:1:2")
+        ));
     }
 
     #[test]
@@ -532,7 +532,10 @@ mod tests {
         let now = Timestamp::from_second(1_700_000_000).unwrap();
         let prepared = prepare_at(&endpoint, &req, now, "jti-1").unwrap();
         assert!(
-            !prepared.form.iter().any(|(name, _)| *name == "authorization_details"),
+            !prepared
+                .form
+                .iter()
+                .any(|(name, _)| *name == "authorization_details"),
             "not in the form"
         );
         let claims = assertion_claims(&prepared, &public);
@@ -550,8 +553,11 @@ mod tests {
     fn authorization_details_for_the_assertion_need_private_key_jwt() {
         let mut req = request(AudienceParam::Resource("urn:api".into()));
         req.authorization_details = Some(helseid_details(DetailsLocation::ClientAssertion));
-        let err = prepare(&endpoint(ClientCredentials::Basic(SecretString::new("pw"))), &req)
-            .unwrap_err();
+        let err = prepare(
+            &endpoint(ClientCredentials::Basic(SecretString::new("pw"))),
+            &req,
+        )
+        .unwrap_err();
         assert!(matches!(err, TokenError::Config(_)), "{err}");
         assert!(err.to_string().contains("private_key_jwt"), "{err}");
     }

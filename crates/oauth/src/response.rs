@@ -180,7 +180,8 @@ mod tests {
         );
         let r = parse_token_response(200, None, br#"{"access_token":"abc"}"#, now()).unwrap();
         assert!(r.authorization_details.is_empty());
-        let malformed = br#"{"access_token":"abc","authorization_details":"helseid_authorization"}"#;
+        let malformed =
+            br#"{"access_token":"abc","authorization_details":"helseid_authorization"}"#;
         let r = parse_token_response(200, None, malformed, now()).unwrap();
         assert!(
             r.authorization_details.is_empty(),
