@@ -13,8 +13,8 @@ use support::harness::{self, Harness};
 use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
-    READY_TIMEOUT, TestEnv, dpop, eventually, failures, lifecycle, login, mtls, private_key_jwt,
-    rate_limit, refresh_chain, signature,
+    READY_TIMEOUT, TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login,
+    mtls, private_key_jwt, rate_limit, refresh_chain, signature,
 };
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -305,6 +305,18 @@ async fn dpop_bound_tokens_carry_their_key() {
 async fn login_bootstraps_a_refresh_token_chain() {
     let h = start("login").await;
     login::login_bootstraps_a_refresh_token_chain(&h.env, h.kubeconfig()).await;
+}
+
+/// `spec.authorizationDetails` (RFC 9396): in the token request, granted and shown in
+/// status, re-issued at once on a change, kept across a restart, sent by the refresh-token
+/// grant too; in the client assertion of
+/// a PrivateKeyJWT issuer, exactly as the spec has them.
+#[tokio::test]
+async fn authorization_details_in_the_request_or_the_assertion() {
+    let mut h = start("rar").await;
+    authorization_details::details_in_the_token_request(&h.env, &mut h.operator).await;
+    authorization_details::details_through_the_refresh_chain(&h.env).await;
+    authorization_details::details_in_the_client_assertion(&h.env).await;
 }
 
 /// `tlsClientCertificate`: TLS client authentication (CA-issued and self-signed), bound

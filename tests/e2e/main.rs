@@ -24,8 +24,8 @@ use support::certs::{TestPki, self_signed};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, dpop, eventually, failures, lifecycle, login, mtls, private_key_jwt, rate_limit,
-    refresh_chain, signature,
+    TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login, mtls,
+    private_key_jwt, rate_limit, refresh_chain, signature,
 };
 
 #[tokio::test]
@@ -93,6 +93,9 @@ async fn scenarios_on_a_real_cluster() {
         private_key_jwt::private_key_jwt(&env).await;
         signature::signature_check(&env).await;
         dpop::dpop_bound_tokens(&env, &mut operator).await;
+        authorization_details::details_in_the_token_request(&env, &mut operator).await;
+        authorization_details::details_through_the_refresh_chain(&env).await;
+        authorization_details::details_in_the_client_assertion(&env).await;
         rate_limit::rate_limit_spaces_requests(&env).await;
         // Mutual TLS: the same namespace and operator, an OAuth server in its mTLS mode.
         let pki = TestPki::generate();

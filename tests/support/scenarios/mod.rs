@@ -15,7 +15,9 @@
 //! - `rate_limit`: an issuer's `rateLimit`;
 //! - `dpop`: DPoP-bound tokens (RFC 9449);
 //! - `mtls`: client certificates and certificate-bound tokens (RFC 8705);
-//! - `login`: the `login` command bootstraps a refresh-token chain.
+//! - `login`: the `login` command bootstraps a refresh-token chain;
+//! - `authorization_details`: authorization details (RFC 9396) in the token request or the
+//!   client assertion.
 //!
 //! This file holds what they share: [`TestEnv`] with its fixtures, and the helpers
 //! [`eventually`], [`claims`] and [`data`].
@@ -40,6 +42,7 @@ use serde_json::{Value, json};
 
 use super::oidc::{self, AuthMethod, OidcServer, TestClient};
 
+pub mod authorization_details;
 pub mod dpop;
 pub mod failures;
 pub mod lifecycle;
