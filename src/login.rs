@@ -306,6 +306,8 @@ pub async fn run(options: &Options, say: &mut dyn FnMut(&str)) -> Result<Report,
         scopes: Vec::new(),
         audience,
         dpop: None,
+        // Details of a login travel in the authorization request (`--authorization-details`).
+        authorization_details: None,
     };
     let (response, id_token) = layer
         .tokens()

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use support::oidc::{self, OidcServer};
+use support::scenarios::authorization_details::helseid;
 use support::scenarios::claims;
 use support::scenarios::login::{LOGIN_ACCOUNT, LOGIN_CLIENT_SECRET, login_command};
 
@@ -57,6 +58,10 @@ async fn login_writes_a_private_file_for_every_resource() {
     let dir = temp_dir("file");
     let manifest = manifest(&idp, &dir, "login-client", &[oidc::ORDERS, oidc::PAYMENTS]);
     let file = dir.join("refresh-token");
+    // RFC 9396 details for the organisation, in the pushed authorization request.
+    let details = dir.join("details.json");
+    let organisation = json!([helseid("999999999", "888888888")]);
+    std::fs::write(&details, organisation.to_string()).unwrap();
     let run = login_command(
         &manifest,
         &[
@@ -64,6 +69,8 @@ async fn login_writes_a_private_file_for_every_resource() {
             file.to_str().unwrap(),
             "--scope",
             "orders/read payments/read",
+            "--authorization-details",
+            details.to_str().unwrap(),
         ],
         &[("ATO_CLIENT_SECRET", LOGIN_CLIENT_SECRET)],
         true,
@@ -93,6 +100,10 @@ async fn login_writes_a_private_file_for_every_resource() {
     assert_eq!(status, 200, "{answer}");
     let access = answer["access_token"].as_str().expect("access token");
     assert_eq!(claims(access)["aud"], json!(oidc::PAYMENTS));
+    assert_eq!(
+        answer["authorization_details"], organisation,
+        "the grant carries the login's authorization details"
+    );
 }
 
 /// What a person can fix, said before or instead of a silent failure: no browser answer in
@@ -156,6 +167,22 @@ async fn login_explains_what_a_person_can_fix() {
     assert!(
         run.stderr
             .contains("not allowed the authorization code flow"),
+        "{}",
+        run.stderr
+    );
+
+    // Details the server refuses: the PAR answer says why.
+    let details = dir.join("bad-details.json");
+    std::fs::write(&details, r#"[{"type":"helseid_authorization"}]"#).unwrap();
+    let with_details: Vec<&str> = output
+        .iter()
+        .copied()
+        .chain(["--authorization-details", details.to_str().unwrap()])
+        .collect();
+    let run = login_command(&login, &with_details, &secret, false).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("invalid_authorization_details"),
         "{}",
         run.stderr
     );

@@ -25,6 +25,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jiff::Timestamp;
 use serde_json::{Value, json};
 use support::oidc::{M2M_BASIC, M2M_JWT_ES256, M2M_REFRESH, ORDERS, OidcServer, PAYMENTS};
+use support::scenarios::authorization_details::helseid;
 use url::Url;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,19 +39,6 @@ fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -
         client_certificate: None,
         timeout: TIMEOUT,
     }
-}
-
-/// HelseID's authorization detail for a multi-tenant client acting for organisation
-/// `child` of `parent` (DESIGN.md).
-fn helseid(parent: &str, child: &str) -> Value {
-    json!({
-        "type": "helseid_authorization",
-        "practitioner_role": {"organization": {"identifier": {
-            "system": "urn:oid:1.0.6523",
-            "type": "ENH",
-            "value": format!("NO:ORGNR:{parent}:{child}")
-        }}}
-    })
 }
 
 fn details(list: Vec<Value>, location: DetailsLocation) -> AuthorizationDetails {
