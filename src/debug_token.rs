@@ -263,6 +263,27 @@ fn cluster_token_issuer(object: serde_yaml::Value) -> Result<ManifestIssuer, Deb
     })
 }
 
+/// Reads RFC 9396 authorization details from a file: a JSON array of objects, each with a
+/// non-empty string `type` (§2). For the `token` and `login` commands.
+pub fn read_authorization_details(path: &Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let typed = |item: &Value| {
+        item.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty())
+    };
+    match value {
+        Value::Array(items) if items.iter().all(typed) => Ok(items),
+        _ => Err(format!(
+            "{}: authorization details must be a JSON array of objects, each with a string type (RFC 9396 §2)",
+            path.display()
+        )),
+    }
+}
+
 // ---- Credentials --------------------------------------------------------------------------
 
 /// Where credentials may come from, in order of precedence: the file, then the environment
@@ -488,6 +509,9 @@ pub struct Options {
     pub show_token: bool,
     /// Ask for a DPoP-bound token with a new key of this algorithm (RFC 9449).
     pub dpop: Option<DpopAlgorithm>,
+    /// RFC 9396 authorization details to send (a JSON array file), where the issuer's
+    /// `authorizationDetailsIn` says.
+    pub authorization_details: Option<PathBuf>,
     /// Where credentials come from.
     pub credentials: CredentialSources,
 }
@@ -665,6 +689,12 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
         .as_ref()
         .zip(ready.certificate_from.clone())
         .map(|(certificate, from)| (certificate.thumbprint().to_string(), from));
+    if let Some(path) = &options.authorization_details {
+        let details = read_authorization_details(path).map_err(DebugTokenError::Config)?;
+        plan.request.authorization_details = ready
+            .authorization_details_for(&details)
+            .map_err(|failure| DebugTokenError::Config(failure.message))?;
+    }
     if let Some(algorithm) = options.dpop {
         let key = DpopKey::generate(algorithm)
             .map_err(|e| DebugTokenError::Config(format!("cannot make a DPoP key: {e}")))?;
@@ -739,6 +769,8 @@ pub struct Report {
     pub problem: Option<String>,
     /// Whether the server also sent a refresh token (never shown).
     pub refresh_token: bool,
+    /// The `authorization_details` the server granted (RFC 9396 §7).
+    pub authorization_details: Vec<Value>,
     /// The access token.
     pub access_token: SecretString,
     /// Whether [`Report::to_text`] and [`Report::to_json`] include the access token.
@@ -805,6 +837,7 @@ pub fn build_report(
         audience_check,
         problem,
         refresh_token: response.refresh_token.is_some(),
+        authorization_details: response.authorization_details,
         access_token: response.access_token,
         show_token,
     }
@@ -892,6 +925,12 @@ impl Report {
             );
         }
         line("HTTP outcome", "success (2xx), a token response");
+        if !self.authorization_details.is_empty() {
+            line(
+                "granted details",
+                &Value::Array(self.authorization_details.clone()).to_string(),
+            );
+        }
         line("token_type", &self.token_type);
         line(
             "expires_in",
@@ -992,6 +1031,7 @@ impl Report {
             "client_certificate_thumbprint": r.client_certificate.as_ref().map(|(t, _)| t),
             "client_certificate_source": r.client_certificate.as_ref().map(|(_, f)| f),
             "cnf": self.cnf(),
+            "authorization_details": self.authorization_details,
             "header": self.jwt.as_ref().map(|j| j.header.clone()),
             "claims": self.jwt.as_ref().map(|j| Value::Object(j.claims.clone())),
         });
@@ -1104,6 +1144,7 @@ spec:
             timeout: None,
             show_token: false,
             dpop: None,
+            authorization_details: None,
             credentials,
         }
     }

@@ -390,24 +390,9 @@ pub fn login_scopes(asked: &[String], openid_provider: bool) -> Vec<String> {
 }
 
 fn read_authorization_details(path: &Path) -> Result<String, LoginError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| LoginError::Setup(format!("cannot read {}: {e}", path.display())))?;
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| LoginError::Setup(format!("{} is not JSON: {e}", path.display())))?;
-    let valid = value.as_array().is_some_and(|items| {
-        items.iter().all(|i| {
-            i.get("type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| !t.is_empty())
-        })
-    });
-    if !valid {
-        return Err(LoginError::Setup(format!(
-            "{}: authorization_details must be a JSON array of objects, each with a string type (RFC 9396 §2)",
-            path.display()
-        )));
-    }
-    Ok(value.to_string())
+    let details =
+        crate::debug_token::read_authorization_details(path).map_err(LoginError::Setup)?;
+    Ok(Value::Array(details).to_string())
 }
 
 /// A server error, with what the person can do about the common ones. `endpoint` names

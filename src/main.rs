@@ -200,6 +200,10 @@ struct TokenArgs {
     /// ES384, PS256 or RS256. The report shows the key's thumbprint and the token's `cnf`.
     #[arg(long, value_name = "ALG", value_parser = parse_dpop_algorithm)]
     dpop: Option<audience_token_operator::oauth::dpop::DpopAlgorithm>,
+    /// Send RFC 9396 authorization details (a JSON array in this file), where the issuer's
+    /// authorizationDetailsIn says; the report shows what the server granted.
+    #[arg(long, value_name = "FILE")]
+    authorization_details: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -328,6 +332,7 @@ async fn token(args: TokenArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         show_token: args.show_token,
         dpop: args.dpop,
+        authorization_details: args.authorization_details,
         credentials: debug_token::CredentialSources::with_env(
             args.client_secret_file,
             args.private_key_file,

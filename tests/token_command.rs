@@ -615,3 +615,60 @@ spec:
     assert!(out.stderr.contains("--client-certificate-file"), "{out}");
     assert_eq!(idp.token_requests().await.total, 0);
 }
+
+/// `--authorization-details FILE`: the details go into the token request (the issuer's
+/// `authorizationDetailsIn`, here the default TokenRequest) and the report shows what the
+/// server granted; a file that is not an array of typed objects is refused before any
+/// request.
+#[tokio::test]
+async fn authorization_details_are_sent_and_the_grant_is_shown() {
+    let idp = OidcServer::start().await;
+    let dir = temp_dir("rar");
+    let manifest = write(
+        &dir,
+        "issuer.yaml",
+        &discovery_issuer(&idp, M2M_BASIC, "ClientSecretBasic"),
+    );
+    let wanted = serde_json::json!([support::scenarios::authorization_details::helseid(
+        "999977775",
+        "999977776"
+    )]);
+    let details = write(&dir, "details.json", &wanted.to_string());
+    let out = token_command(
+        &[
+            "-f",
+            &manifest,
+            "--resource",
+            ORDERS,
+            "--authorization-details",
+            &details,
+            "-o",
+            "json",
+        ],
+        &[("ATO_CLIENT_SECRET", M2M_BASIC.secret)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("one JSON object");
+    assert_eq!(report["authorization_details"], wanted, "{out}");
+
+    let bad = write(&dir, "bad.json", r#"{"type":"helseid_authorization"}"#);
+    idp.reset_counts().await;
+    let out = token_command(
+        &[
+            "-f",
+            &manifest,
+            "--resource",
+            ORDERS,
+            "--authorization-details",
+            &bad,
+        ],
+        &[("ATO_CLIENT_SECRET", M2M_BASIC.secret)],
+        None,
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains("JSON array"), "{out}");
+    assert_eq!(idp.token_requests().await.total, 0);
+}
