@@ -40,6 +40,9 @@ use crate::redact::SecretString;
 pub const FIELD_MANAGER: &str = "audience-token-operator-login";
 /// The path of the loopback redirect URI.
 pub const CALLBACK_PATH: &str = "/callback";
+/// How long one connection to the redirect listener may take to send its request line and
+/// headers.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to do.
 #[derive(Clone, Debug)]
@@ -107,8 +110,8 @@ pub struct Report {
     pub scopes: Vec<String>,
     /// The resources the grant was asked for.
     pub resources: Vec<String>,
-    /// When the refresh token expires, when the server says (a JWT refresh token, or
-    /// `refresh_expires_in`).
+    /// When the refresh token expires, when it says so itself (a JWT refresh token's `exp`;
+    /// opaque refresh tokens do not).
     pub refresh_token_expires_at: Option<Timestamp>,
     /// Whether the request went through PAR.
     pub pushed: bool,
@@ -177,6 +180,12 @@ pub async fn run(options: &Options, say: &mut dyn FnMut(&str)) -> Result<Report,
     let issuer = parse_manifest(&read_manifest(&options.manifest).map_err(|e| setup(&e))?)
         .map_err(|e| setup(&e))?;
     let grant = refresh_grant(&issuer)?;
+    if issuer.spec.issuer_url.is_none() {
+        return Err(LoginError::Setup(format!(
+            "{}: login needs issuerURL, whose discovery document names the authorization endpoint",
+            issuer.label()
+        )));
+    }
     let authorization_details = match &options.authorization_details {
         Some(path) => Some(read_authorization_details(path)?),
         None => None,
@@ -440,19 +449,29 @@ fn server_error(
 async fn wait_for_callback(listener: &TcpListener) -> std::io::Result<String> {
     loop {
         let (mut stream, _) = listener.accept().await?;
+        // A browser may open a connection ahead and send nothing on it: never let one such
+        // connection hold up the one that brings the answer.
         let mut buffer = vec![0u8; 16 * 1024];
-        let mut read = 0;
-        // The request line and headers; a browser sends them at once.
-        while read < buffer.len() {
-            let n = stream.read(&mut buffer[read..]).await?;
-            if n == 0 {
-                break;
+        let head = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, async {
+            let mut read = 0;
+            while read < buffer.len() {
+                let n = stream.read(&mut buffer[read..]).await?;
+                if n == 0 {
+                    break;
+                }
+                read += n;
+                if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
             }
-            read += n;
-            if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
+            Ok::<usize, std::io::Error>(read)
+        })
+        .await;
+        let read = match head {
+            Ok(Ok(read)) => read,
+            // Silent or broken: not the answer.
+            Ok(Err(_)) | Err(_) => continue,
+        };
         let head = String::from_utf8_lossy(&buffer[..read]);
         let target = head
             .lines()
@@ -660,7 +679,15 @@ mod tests {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let waiting = tokio::spawn(async move { wait_for_callback(&listener).await.unwrap() });
-        let http = reqwest::Client::new();
+        // A connection that never sends a request (a browser's preconnect) holds nothing up.
+        let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        // A hung listener fails the test instead of hanging it.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
         let favicon = http
             .get(format!("http://127.0.0.1:{port}/favicon.ico"))
             .send()
@@ -674,7 +701,11 @@ mod tests {
             .unwrap();
         assert_eq!(page.status().as_u16(), 200);
         assert!(page.text().await.unwrap().contains("close this window"));
-        assert_eq!(waiting.await.unwrap(), "code=c&state=s");
+        let query = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("the silent connection does not hold up the answer")
+            .unwrap();
+        assert_eq!(query, "code=c&state=s");
     }
 
     #[test]
