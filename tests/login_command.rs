@@ -106,6 +106,55 @@ async fn login_writes_a_private_file_for_every_resource() {
     );
 }
 
+/// A PrivateKeyJWT client (as HelseID's): a new assertion at the PAR endpoint and at the
+/// token endpoint, the key from `ATO_PRIVATE_KEY`.
+#[tokio::test]
+async fn login_with_private_key_jwt_at_the_par_and_token_endpoints() {
+    let idp = OidcServer::start().await;
+    let dir = temp_dir("jwt");
+    let text = serde_yaml::to_string(&json!({
+        "apiVersion": "audiencetoken.io/v1alpha1",
+        "kind": "TokenIssuer",
+        "metadata": {"name": "idp", "namespace": "shop"},
+        "spec": {
+            "issuerURL": idp.issuer,
+            "clientID": "login-jwt",
+            "clientAuth": {"method": "PrivateKeyJWT", "privateKeyRef": {"name": "k", "key": "k"}},
+            "grant": {"type": "RefreshToken", "refreshToken": {
+                "bootstrapSecretRef": {"name": "idp-bootstrap", "key": "refresh-token"},
+                "resources": [oidc::ORDERS, oidc::PAYMENTS]
+            }}
+        }
+    }))
+    .expect("YAML");
+    let manifest = dir.join("login-jwt.yaml");
+    std::fs::write(&manifest, text).unwrap();
+    let key = idp.client_private_key("login-jwt").await;
+    let file = dir.join("refresh-token");
+    idp.reset_counts().await;
+    let run = login_command(
+        &manifest,
+        &["--output", file.to_str().unwrap()],
+        &[("ATO_PRIVATE_KEY", key.pem.as_str())],
+        true,
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let report: Value = serde_json::from_str(&run.stdout).expect("JSON report");
+    assert_eq!(report["pushed_authorization_request"], true);
+    assert_eq!(report["subject"], LOGIN_ACCOUNT);
+    // The PAR endpoint authenticates the client too (oidc-provider refuses a pushed request
+    // without it), so `pushed` means the assertion there was accepted; the test server
+    // records the one it received at the token endpoint.
+    let seen = idp.secrets_seen().await;
+    assert_eq!(
+        seen.client_assertions.len(),
+        1,
+        "the code redemption's assertion"
+    );
+    assert!(!std::fs::read_to_string(&file).unwrap().is_empty());
+}
+
 /// What a person can fix, said before or instead of a silent failure: no browser answer in
 /// time, a resource the server does not know, a redirect URI the client did not register, a
 /// client that gets no refresh token, an issuer that does not use the RefreshToken grant.

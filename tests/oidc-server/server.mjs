@@ -325,6 +325,16 @@ const CLIENTS = [
     redirect_uris: ['http://127.0.0.1/callback'],
     scope: `openid offline_access ${ALL_SCOPES}`,
   },
+  // login-client with private_key_jwt (as HelseID's clients): the assertion at the PAR
+  // endpoint and at the token endpoint; its key from GET /__test/client-keys/login-jwt.
+  {
+    ...privateKeyJwtClient('login-jwt', 'ES256'),
+    application_type: 'native',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback'],
+    scope: `openid offline_access ${ALL_SCOPES}`,
+  },
   // A web application's client: its one redirect URI is not on the loopback, so a
   // command-line login (any port on 127.0.0.1) is refused with invalid_redirect_uri.
   {
