@@ -483,8 +483,10 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
 
     /// Forgets what was cached for an issuer after a failure that stale material may explain.
     pub fn invalidate(&self, issuer: IssuerTarget<'_>, error: &TokenError) {
-        // A refused client or a failed handshake may come from a certificate renewed since.
-        if (error.is_client_auth_failure() || matches!(error, TokenError::Transport { .. }))
+        // A refused client may come from a certificate renewed since (the watch of its
+        // Secret usually says so first). Not on transport errors: while a server is down,
+        // every retry of every bound token would read the Secret again.
+        if error.is_client_auth_failure()
             && let Some(configured) = &issuer.spec.tls_client_certificate
         {
             self.forget_certificate(issuer.secret_namespace, &configured.secret_ref.name);
