@@ -66,7 +66,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         (Ok(issuer), Some(published)) => {
             presented_certificate(&ctx, issuer, published, &namespace, &name).await
         }
-        _ => None,
+        // Without the issuer nothing is known to have changed: the plan decides as for any
+        // token (a valid one is kept).
+        (Err(_), Some(published)) => published.certificate_thumbprint.clone(),
+        (_, None) => None,
     };
     let observed = Observed {
         now,
