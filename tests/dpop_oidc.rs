@@ -30,20 +30,8 @@ const ALGORITHMS: [DpopAlgorithm; 4] = [
     DpopAlgorithm::RS256,
 ];
 
-fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -> Endpoint {
-    Endpoint {
-        token_endpoint: Url::parse(&idp.token_endpoint()).expect("token endpoint URL"),
-        client_id: client_id.to_string(),
-        credentials,
-        ca_bundle: None,
-        client_certificate: None,
-        timeout: TIMEOUT,
-    }
-}
-
 fn dpop_client(idp: &OidcServer) -> Endpoint {
-    endpoint(
-        idp,
+    idp.endpoint(
         M2M_DPOP.id,
         ClientCredentials::Basic(SecretString::new(M2M_DPOP.secret)),
     )
@@ -225,8 +213,7 @@ async fn a_token_not_bound_to_the_key_is_refused() {
 }
 
 fn endpoint_basic(idp: &OidcServer) -> Endpoint {
-    endpoint(
-        idp,
+    idp.endpoint(
         M2M_BASIC.id,
         ClientCredentials::Basic(SecretString::new(M2M_BASIC.secret)),
     )
@@ -273,8 +260,7 @@ async fn a_nonce_retry_signs_a_new_client_assertion() {
     let tokens = TokenClient::new().expect("token client");
     let served = idp.client_private_key(M2M_JWT_ES256.id).await;
     let client_key = ClientKey::parse(&served.pem, None, Some(&served.kid)).expect("client key");
-    let endpoint = endpoint(
-        &idp,
+    let endpoint = idp.endpoint(
         M2M_JWT_ES256.id,
         ClientCredentials::PrivateKeyJwt {
             key: Arc::new(client_key),

@@ -28,30 +28,17 @@ fn client() -> TokenClient {
 }
 
 fn basic(idp: &OidcServer, client: TestClient) -> Endpoint {
-    endpoint(
-        idp,
+    idp.endpoint(
         client.id,
         ClientCredentials::Basic(SecretString::new(client.secret)),
     )
 }
 
 fn post(idp: &OidcServer, client: TestClient) -> Endpoint {
-    endpoint(
-        idp,
+    idp.endpoint(
         client.id,
         ClientCredentials::Post(SecretString::new(client.secret)),
     )
-}
-
-fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -> Endpoint {
-    Endpoint {
-        token_endpoint: Url::parse(&idp.token_endpoint()).expect("token endpoint URL"),
-        client_id: client_id.to_string(),
-        credentials,
-        ca_bundle: None,
-        client_certificate: None,
-        timeout: TIMEOUT,
-    }
 }
 
 fn client_credentials(resource: &str, scopes: &[&str]) -> TokenRequest {
@@ -431,8 +418,7 @@ async fn oauth_errors_surface_with_status_code_and_description() {
     assert!(!err.is_client_auth_failure(), "{err}");
 
     // A wrong secret.
-    let wrong_secret = endpoint(
-        &idp,
+    let wrong_secret = idp.endpoint(
         M2M_BASIC.id,
         ClientCredentials::Basic(SecretString::new("not-the-secret")),
     );

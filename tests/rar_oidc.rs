@@ -26,20 +26,6 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 use support::oidc::{M2M_BASIC, M2M_JWT_ES256, M2M_REFRESH, ORDERS, OidcServer, PAYMENTS};
 use support::scenarios::authorization_details::helseid;
-use url::Url;
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn endpoint(idp: &OidcServer, client_id: &str, credentials: ClientCredentials) -> Endpoint {
-    Endpoint {
-        token_endpoint: Url::parse(&idp.token_endpoint()).expect("token endpoint URL"),
-        client_id: client_id.to_string(),
-        credentials,
-        ca_bundle: None,
-        client_certificate: None,
-        timeout: TIMEOUT,
-    }
-}
 
 fn details(list: Vec<Value>, location: DetailsLocation) -> AuthorizationDetails {
     AuthorizationDetails::new(list, location).expect("valid authorization details")
@@ -56,8 +42,7 @@ fn request(grant: Grant, resource: &str, details: AuthorizationDetails) -> Token
 }
 
 fn basic(idp: &OidcServer) -> Endpoint {
-    endpoint(
-        idp,
+    idp.endpoint(
         M2M_BASIC.id,
         ClientCredentials::Basic(SecretString::new(M2M_BASIC.secret)),
     )
@@ -131,8 +116,7 @@ async fn the_refresh_token_grant_sends_them_too() {
     let response = TokenClient::new()
         .unwrap()
         .request(
-            &endpoint(
-                &idp,
+            &idp.endpoint(
                 M2M_REFRESH.id,
                 ClientCredentials::Basic(SecretString::new(M2M_REFRESH.secret)),
             ),
@@ -209,8 +193,7 @@ async fn details_the_server_does_not_accept_are_refused_with_its_error() {
 async fn details_in_the_client_assertion_reach_the_server_inside_it() {
     let idp = OidcServer::start().await;
     let key = idp.client_private_key(M2M_JWT_ES256.id).await;
-    let endpoint = endpoint(
-        &idp,
+    let endpoint = idp.endpoint(
         M2M_JWT_ES256.id,
         ClientCredentials::PrivateKeyJwt {
             key: Arc::new(ClientKey::parse(&key.pem, None, Some(&key.kid)).expect("key")),

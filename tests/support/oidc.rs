@@ -392,6 +392,23 @@ impl OidcServer {
         self.child.id()
     }
 
+    /// An endpoint of the OAuth client for this server's token endpoint, as `client_id` with
+    /// `credentials` (system roots, no client certificate, a 10 s timeout).
+    pub fn endpoint(
+        &self,
+        client_id: &str,
+        credentials: audience_token_operator::oauth::ClientCredentials,
+    ) -> audience_token_operator::oauth::Endpoint {
+        audience_token_operator::oauth::Endpoint {
+            token_endpoint: url::Url::parse(&self.token_endpoint()).expect("token endpoint URL"),
+            client_id: client_id.to_string(),
+            credentials,
+            ca_bundle: None,
+            client_certificate: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
     /// The token endpoint (`{issuer}/token`, as in the server's discovery document).
     pub fn token_endpoint(&self) -> String {
         format!("{}/token", self.issuer)

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use audience_token_operator::api::{AudienceToken, AudienceTokenSpec, TokenIssuer};
+use audience_token_operator::api::{AudienceToken, AudienceTokenSpec};
 use audience_token_operator::secret::keys;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -85,37 +85,6 @@ impl TestEnv {
             },
         )
         .await
-    }
-
-    /// A TokenIssuer for private_key_jwt client `client_id` (key in Secret `<name>-key`,
-    /// signing with `alg`) that sends authorization details in the client assertion.
-    pub async fn create_assertion_details_issuer(
-        &self,
-        name: &str,
-        client_id: &str,
-        key: &str,
-        alg: &str,
-    ) {
-        let secret_name = format!("{name}-key");
-        self.put_secret(&secret_name, "private-key", key, "key")
-            .await;
-        let issuer: TokenIssuer = serde_json::from_value(json!({
-            "apiVersion": "audiencetoken.io/v1alpha1",
-            "kind": "TokenIssuer",
-            "metadata": {"name": name},
-            "spec": {
-                "issuerURL": self.idp.issuer,
-                "clientID": client_id,
-                "clientAuth": {
-                    "method": "PrivateKeyJWT",
-                    "privateKeyRef": {"name": secret_name, "key": "private-key"},
-                    "signingAlgorithm": alg
-                },
-                "authorizationDetailsIn": "ClientAssertion"
-            }
-        }))
-        .expect("TokenIssuer");
-        self.submit_issuer(&issuer).await;
     }
 
     /// The `assertion_details` of every client assertion of `client_id` the server has
@@ -256,8 +225,15 @@ pub async fn details_through_the_refresh_chain(env: &TestEnv) {
 pub async fn details_in_the_client_assertion(env: &TestEnv) {
     let client = oidc::M2M_JWT_PS256.id;
     let key = env.idp.client_private_key(client).await;
-    env.create_assertion_details_issuer("rar-helseid", client, &key.pem, &key.alg)
-        .await;
+    // Key in Secret `rar-helseid-key`, signing with the server's `alg` for this client.
+    env.create_private_key_issuer_with(
+        "rar-helseid",
+        client,
+        &key.pem,
+        json!({"signingAlgorithm": key.alg}),
+        json!({"authorizationDetailsIn": "ClientAssertion"}),
+    )
+    .await;
     let org = vec![helseid("999977775", "999977778")];
     env.create_token_with_details("rar-tenant", "rar-helseid", oidc::ORDERS, org.clone())
         .await;

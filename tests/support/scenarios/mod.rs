@@ -172,15 +172,28 @@ impl TestEnv {
 
     /// Server-side applies Secret `name` holding `value` under `key` (and nothing else).
     async fn put_secret(&self, name: &str, key: &str, value: &str, what: &str) {
+        self.apply_secret(name, None, &[(key, value)], what).await;
+    }
+
+    /// Server-side applies Secret `name` of `type_` (default Opaque) holding exactly `data`.
+    pub async fn apply_secret(
+        &self,
+        name: &str,
+        type_: Option<&str>,
+        data: &[(&str, &str)],
+        what: &str,
+    ) {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 ..ObjectMeta::default()
             },
-            data: Some(BTreeMap::from([(
-                key.into(),
-                ByteString(value.as_bytes().to_vec()),
-            )])),
+            type_: type_.map(str::to_string),
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
             ..Secret::default()
         };
         self.secrets()
@@ -293,22 +306,45 @@ impl TestEnv {
         key: &str,
         assertion_audience: &str,
     ) {
+        self.create_private_key_issuer_with(
+            name,
+            client_id,
+            key,
+            json!({"assertionAudience": assertion_audience}),
+            json!({}),
+        )
+        .await;
+    }
+
+    /// A PrivateKeyJWT TokenIssuer as [`TestEnv::create_private_key_issuer`], with these
+    /// members added to its `clientAuth` and its `spec`.
+    pub async fn create_private_key_issuer_with(
+        &self,
+        name: &str,
+        client_id: &str,
+        key: &str,
+        client_auth: Value,
+        spec: Value,
+    ) {
         let secret_name = format!("{name}-key");
         self.put_secret(&secret_name, "private-key", key, "key")
             .await;
+        let mut auth = json!({
+            "method": "PrivateKeyJWT",
+            "privateKeyRef": {"name": secret_name, "key": "private-key"}
+        });
+        let mut full = json!({"issuerURL": self.idp.issuer, "clientID": client_id});
+        for (target, extra) in [(&mut auth, client_auth), (&mut full, spec)] {
+            if let (Some(target), Value::Object(extra)) = (target.as_object_mut(), extra) {
+                target.extend(extra);
+            }
+        }
+        full["clientAuth"] = auth;
         let issuer: TokenIssuer = serde_json::from_value(json!({
             "apiVersion": "audiencetoken.io/v1alpha1",
             "kind": "TokenIssuer",
             "metadata": {"name": name},
-            "spec": {
-                "issuerURL": self.idp.issuer,
-                "clientID": client_id,
-                "clientAuth": {
-                    "method": "PrivateKeyJWT",
-                    "privateKeyRef": {"name": secret_name, "key": "private-key"},
-                    "assertionAudience": assertion_audience
-                }
-            }
+            "spec": full
         }))
         .expect("TokenIssuer");
         self.submit_issuer(&issuer).await;

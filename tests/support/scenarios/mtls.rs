@@ -6,13 +6,8 @@
 //! ([`OidcServer::start_mtls`](super::super::oidc::OidcServer::start_mtls)), whose
 //! certificates [`TestPki`] made.
 
-use std::collections::BTreeMap;
-
 use audience_token_operator::secret::keys;
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
 
 use super::super::certs::{ClientCert, TestPki};
@@ -25,36 +20,23 @@ use audience_token_operator::api::TokenIssuer;
 /// token itself lives an hour; its renewal is 40 minutes away).
 const ROTATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A Secret `name` of `type_` holding `certificate` as `tls.crt` and `tls.key`.
-fn certificate_secret(name: &str, type_: &str, certificate: &ClientCert) -> Secret {
-    let bytes = |text: &str| ByteString(text.as_bytes().to_vec());
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        type_: Some(type_.into()),
-        data: Some(BTreeMap::from([
-            ("tls.crt".into(), bytes(&certificate.cert_pem)),
-            ("tls.key".into(), bytes(&certificate.key_pem)),
-        ])),
-        ..Secret::default()
-    }
-}
-
 impl TestEnv {
     /// Server-side applies `kubernetes.io/tls` Secret `name` with `certificate`, as
     /// cert-manager writes one (and rewrites it at a renewal).
     pub async fn put_tls_secret(&self, name: &str, certificate: &ClientCert) {
-        let secret = certificate_secret(name, "kubernetes.io/tls", certificate);
-        self.secrets()
-            .patch(
-                name,
-                &PatchParams::apply("cert-manager-in-a-test").force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("apply TLS Secret {name}: {e}"));
+        self.put_certificate_secret(name, "kubernetes.io/tls", certificate)
+            .await;
+    }
+
+    /// Server-side applies Secret `name` of `type_` holding `certificate` as `tls.crt` and
+    /// `tls.key`.
+    async fn put_certificate_secret(&self, name: &str, type_: &str, certificate: &ClientCert) {
+        let data = [
+            ("tls.crt", certificate.cert_pem.as_str()),
+            ("tls.key", certificate.key_pem.as_str()),
+        ];
+        self.apply_secret(name, Some(type_), &data, "certificate")
+            .await;
     }
 
     /// TokenIssuer `name` at the mTLS test server (discovery, the test CA as `caBundle`)
@@ -229,11 +211,8 @@ pub async fn certificate_problems_reach_status(
     pki: &TestPki,
 ) {
     // An Opaque Secret with the right keys: not what cert-manager writes, and not watched.
-    let opaque = certificate_secret("opaque-cert", "Opaque", self_signed);
-    env.secrets()
-        .create(&PostParams::default(), &opaque)
-        .await
-        .expect("create Opaque Secret");
+    env.put_certificate_secret("opaque-cert", "Opaque", self_signed)
+        .await;
     env.create_mtls_issuer(
         "opaque-idp",
         oidc::M2M_TLS.id,
