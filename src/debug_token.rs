@@ -25,7 +25,8 @@ use crate::issuer::params::{DEFAULT_REQUEST_TIMEOUT, DEFAULT_TOKEN_LIFETIME, aud
 use crate::issuer::tenancy::glob_match;
 use crate::issuer::{
     CertificateCredential, CertificateRef, Credential, CredentialKind, CredentialRef,
-    IssuerEndpoints, IssuerTarget, method_name, optional_duration,
+    IssuerEndpoints, IssuerTarget, ServiceAccountToken, ServiceAccountTokenRef, method_name,
+    optional_duration,
 };
 use crate::oauth::dpop::{DpopAlgorithm, DpopKey};
 use crate::oauth::jwt::decode_claims;
@@ -39,6 +40,9 @@ use crate::redact::SecretString;
 pub const CLIENT_SECRET_ENV: &str = "ATO_CLIENT_SECRET";
 /// Environment variable holding the PrivateKeyJWT private key (after `--private-key-file`).
 pub const PRIVATE_KEY_ENV: &str = "ATO_PRIVATE_KEY";
+/// Environment variable holding a ServiceAccount token (after
+/// `--service-account-token-file`).
+pub const SERVICE_ACCOUNT_TOKEN_ENV: &str = "ATO_SERVICE_ACCOUNT_TOKEN";
 
 /// Why the command could not produce a report. Messages never contain a credential or a
 /// token.
@@ -302,6 +306,11 @@ pub struct CredentialSources {
     pub client_certificate_file: Option<PathBuf>,
     /// `--client-key-file`: its private key.
     pub client_key_file: Option<PathBuf>,
+    /// `--service-account-token-file`: a ServiceAccount token (`kubectl create token`),
+    /// for ServiceAccountToken client authentication and the TokenExchange grant.
+    pub service_account_token_file: Option<PathBuf>,
+    /// The value of [`SERVICE_ACCOUNT_TOKEN_ENV`].
+    pub service_account_token_env: Option<SecretString>,
 }
 
 impl CredentialSources {
@@ -324,6 +333,16 @@ impl CredentialSources {
             private_key_env: env(PRIVATE_KEY_ENV),
             client_certificate_file: None,
             client_key_file: None,
+            service_account_token_file: None,
+            service_account_token_env: env(SERVICE_ACCOUNT_TOKEN_ENV),
+        }
+    }
+
+    /// With a ServiceAccount token file, for issuers that mint ServiceAccount tokens.
+    pub fn with_service_account_token(self, file: Option<PathBuf>) -> Self {
+        Self {
+            service_account_token_file: file,
+            ..self
         }
     }
 
@@ -430,6 +449,47 @@ impl crate::issuer::CredentialSource for CredentialSources {
         })
     }
 
+    /// Without a cluster nothing is minted: the token comes from a file or the environment
+    /// (`kubectl create token` makes one).
+    async fn service_account_token(
+        &self,
+        reference: ServiceAccountTokenRef<'_>,
+    ) -> Result<ServiceAccountToken, Failure> {
+        let found = resolve_credential(
+            self.service_account_token_file.as_deref(),
+            self.service_account_token_env.as_ref(),
+            SERVICE_ACCOUNT_TOKEN_ENV,
+        )
+        .map_err(|e| Failure::issuer_not_ready(e.to_string()))?;
+        let Some((token, source)) = found else {
+            return Err(Failure::issuer_not_ready(format!(
+                "the issuer uses a ServiceAccount token ({}: {}, audience {}): make one with \
+                 `kubectl create token {} -n {} --audience {} --duration 10m > sa.jwt` and give \
+                 --service-account-token-file sa.jwt (or {SERVICE_ACCOUNT_TOKEN_ENV})",
+                reference.field,
+                reference.name,
+                reference.audience,
+                reference.name,
+                if reference.namespace.is_empty() {
+                    "<namespace>"
+                } else {
+                    reference.namespace
+                },
+                reference.audience,
+            )));
+        };
+        // Its own `exp` when it is a JWT; only the issuer layer's reuse depends on it.
+        let expires_at = decode_claims(token.expose())
+            .and_then(|claims| claims.exp)
+            .and_then(|exp| Timestamp::from_second(exp).ok())
+            .unwrap_or_else(Timestamp::now);
+        Ok(ServiceAccountToken {
+            token,
+            expires_at,
+            from: source.to_string(),
+        })
+    }
+
     async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
         let (file, env, env_name, what, field, flag) = match reference.kind {
             CredentialKind::ClientSecret => (
@@ -486,6 +546,9 @@ fn client_auth_text(spec: &IssuerSpec, credentials: &ClientCredentials) -> Strin
                 .map(|k| format!(", kid {k}"))
                 .unwrap_or_default()
         ),
+        ClientCredentials::FederatedAssertion(_) => {
+            "ServiceAccountToken (a ServiceAccount token as client_assertion)".to_string()
+        }
         _ => method_name(spec.client_auth.method).to_string(),
     }
 }
@@ -586,7 +649,7 @@ pub fn plan(issuer: &ManifestIssuer, options: &Options) -> Result<Plan, DebugTok
     let spec = &issuer.spec;
     if spec.grant.type_ == GrantType::RefreshToken {
         return Err(DebugTokenError::Unsupported(format!(
-            "{} uses the RefreshToken grant; the token command only makes client_credentials \
+            "{} uses the RefreshToken grant; the token command only makes client_credentials and token-exchange \
              requests (using the operator's refresh token would rotate it away from the operator)",
             issuer.label()
         )));
@@ -670,10 +733,12 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
     // The same issuer layer as the operator's, with credentials from files or env.
     let layer = IssuerEndpoints::new(client, options.credentials.clone());
     let label = issuer.label();
+    // Only messages use it (`kubectl create token … -n <namespace>`).
+    let namespace = issuer.namespace.clone().unwrap_or_default();
     let target = IssuerTarget {
         key: &label,
         spec: &plan.spec,
-        secret_namespace: "",
+        secret_namespace: &namespace,
     };
     let ready = layer
         .endpoint(target)
@@ -681,6 +746,18 @@ pub async fn run(options: &Options) -> Result<Report, DebugTokenError> {
         .map_err(|failure| DebugTokenError::Issuer(failure.message))?;
     plan.summary.client_auth = client_auth_text(&plan.spec, &ready.endpoint.credentials);
     plan.summary.credential_source = ready.credential_from.clone();
+    plan.request.grant = ready.grant();
+    if let Some(exchange) = &ready.exchange {
+        plan.summary.notes.push(format!(
+            "grant: token exchange (RFC 8693) of the ServiceAccount token from {}{}",
+            exchange.from,
+            exchange
+                .requested_token_type
+                .as_deref()
+                .map(|t| format!(", requested_token_type {t}"))
+                .unwrap_or_default()
+        ));
+    }
     plan.summary.token_endpoint = ready.endpoint.token_endpoint.to_string();
     plan.summary.token_endpoint_source = ready.token_endpoint_source.clone();
     plan.summary.client_certificate = ready
@@ -1132,6 +1209,7 @@ spec:
             scope: scope.map(str::to_string),
             refresh_token: None,
             authorization_details: Vec::new(),
+            issued_token_type: None,
         }
     }
 

@@ -150,6 +150,8 @@ const TOKEN_AFTER_HELP: &str = "\
 Credentials (the issuer's clientSecretRef/privateKeyRef name Secrets this command cannot read):
   client secret: --client-secret-file, else the ATO_CLIENT_SECRET environment variable
   private key:   --private-key-file, else the ATO_PRIVATE_KEY environment variable
+  ServiceAccount token (ServiceAccountToken, TokenExchange): --service-account-token-file,
+                 else ATO_SERVICE_ACCOUNT_TOKEN; make one with `kubectl create token`
   One trailing newline is removed from files. Credentials are never printed.
 
 Exit status: 0 the operator would accept the token; 1 error (bad manifest, missing
@@ -182,6 +184,11 @@ struct TokenArgs {
     /// File holding the private key (PrivateKeyJWT) [default: env ATO_PRIVATE_KEY].
     #[arg(long, value_name = "PATH")]
     private_key_file: Option<PathBuf>,
+    /// File holding a ServiceAccount token (`kubectl create token NAME --audience A`), for
+    /// clientAuth.method ServiceAccountToken and the TokenExchange grant [default: env
+    /// ATO_SERVICE_ACCOUNT_TOKEN].
+    #[arg(long, value_name = "PATH")]
+    service_account_token_file: Option<PathBuf>,
     /// File holding the client certificate (PEM, with its chain), for an issuer with
     /// tlsClientCertificate: the Secret's tls.crt.
     #[arg(long, value_name = "PATH", requires = "client_key_file")]
@@ -337,7 +344,8 @@ async fn token(args: TokenArgs) -> anyhow::Result<()> {
             args.client_secret_file,
             args.private_key_file,
         )
-        .with_client_certificate(args.client_certificate_file, args.client_key_file),
+        .with_client_certificate(args.client_certificate_file, args.client_key_file)
+        .with_service_account_token(args.service_account_token_file),
     };
     let json = args.output == OutputFormat::Json;
     match debug_token::run(&options).await {

@@ -49,6 +49,8 @@ pub enum GrantLabel {
     RefreshToken,
     /// `authorization_code` (only the `login` command redeems codes; listed for completeness).
     AuthorizationCode,
+    /// `token_exchange` (RFC 8693).
+    TokenExchange,
 }
 
 impl GrantLabel {
@@ -57,6 +59,7 @@ impl GrantLabel {
             GrantLabel::ClientCredentials => "client_credentials",
             GrantLabel::RefreshToken => "refresh_token",
             GrantLabel::AuthorizationCode => "authorization_code",
+            GrantLabel::TokenExchange => "token_exchange",
         }
     }
 }

@@ -204,7 +204,15 @@ const SECRET_NAME: &str = "secretName must be a DNS subdomain name";
 const ISSUER_REF_NAME: &str = "issuerRef.name must not be empty";
 const ISSUER_OR_ENDPOINT: &str = "set issuerURL (discovery) or tokenEndpoint";
 const CLIENT_ID: &str = "clientID must not be empty";
-const CLIENT_AUTH_REQUIRED: &str = "clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, or tlsClientCertificate for the TLS methods), or method None";
+const CLIENT_AUTH_REQUIRED: &str = "clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, serviceAccountRef, or tlsClientCertificate for the TLS methods), or method None";
+const SA_REF_NEEDED: &str = "ServiceAccountToken needs serviceAccountRef: the ServiceAccount whose tokens authenticate the client";
+const SA_NAME: &str = "serviceAccountRef.name is the name of a ServiceAccount in the issuer's own namespace (a ClusterTokenIssuer: the cluster resource namespace); no other namespace can be named";
+const SA_AUDIENCE: &str = "the ServiceAccount token's audience defaults to the issuer identifier: set issuerURL, or clientAuth.serviceAccountRef.audience";
+const EXCHANGE_AUDIENCE: &str = "the subject token's audience defaults to the issuer identifier: set issuerURL, or grant.tokenExchange.serviceAccountRef.audience";
+const GRANT_EXCHANGE: &str =
+    "tokenExchange is required with, and only allowed with, type TokenExchange";
+const REQUESTED_TYPE: &str =
+    "requestedTokenType is a token type URI such as urn:ietf:params:oauth:token-type:access_token";
 const TLS_METHOD_NEEDS_CERTIFICATE: &str = "TLSClientAuth and SelfSignedTLSClientAuth authenticate with the client certificate: set tlsClientCertificate.secretRef (a kubernetes.io/tls Secret)";
 const CLIENT_SECRET_NEEDED: &str = "ClientSecretBasic and ClientSecretPost need clientSecretRef";
 const PRIVATE_KEY_NEEDED: &str = "PrivateKeyJWT needs privateKeyRef";
@@ -232,6 +240,19 @@ fn helseid_detail(value: &str) -> Value {
             "system": "urn:oid:1.0.6523", "type": "ENH", "value": value
         }}}
     })
+}
+
+/// `clientAuth` of an issuer that authenticates with a ServiceAccount token.
+fn service_account_auth(name: &str) -> Value {
+    json!({"method": "ServiceAccountToken", "serviceAccountRef": {"name": name}})
+}
+
+/// `grant` of a token exchange of a ServiceAccount's token.
+fn token_exchange_grant(name: &str) -> Value {
+    json!({"type": "TokenExchange", "tokenExchange": {
+        "subjectTokenSource": "ServiceAccount",
+        "serviceAccountRef": {"name": name}
+    }})
 }
 
 /// `clientAuth` of a PrivateKeyJWT issuer.
@@ -393,6 +414,33 @@ fn valid_cases() -> Vec<Case> {
     let ok = |name: &str, edits: &[Edit]| issuer_cases(name, edits, &[]);
     for batch in [
         ok("tokenEndpoint only", &[unset("spec/issuerURL")]),
+        ok(
+            "a ServiceAccount token as client assertion",
+            &[set("spec/clientAuth", service_account_auth("idp-client"))],
+        ),
+        ok(
+            "a ServiceAccount token for Entra ID, tokenEndpoint only",
+            &[
+                unset("spec/issuerURL"),
+                set(
+                    "spec/clientAuth",
+                    json!({"method": "ServiceAccountToken", "serviceAccountRef": {
+                        "name": "idp-client.v2", "audience": "api://AzureADTokenExchange"
+                    }}),
+                ),
+            ],
+        ),
+        ok(
+            "a token exchange by a public client",
+            &[
+                set("spec/clientAuth", json!({"method": "None"})),
+                set("spec/grant", token_exchange_grant("workload")),
+                set(
+                    "spec/grant/tokenExchange/requestedTokenType",
+                    json!("urn:ietf:params:oauth:token-type:access_token"),
+                ),
+            ],
+        ),
         ok("issuerURL only", &[unset("spec/tokenEndpoint")]),
         ok(
             "an issuerURL with a path",
@@ -768,6 +816,78 @@ fn invalid_cases() -> Vec<Case> {
             "no clientAuth",
             &[unset("spec/clientAuth")],
             &[CLIENT_AUTH_REQUIRED],
+        ),
+        bad(
+            "ServiceAccountToken without serviceAccountRef",
+            &[set(
+                "spec/clientAuth",
+                json!({"method": "ServiceAccountToken"}),
+            )],
+            &[SA_REF_NEEDED],
+        ),
+        bad(
+            "a ServiceAccount in another namespace",
+            &[set(
+                "spec/clientAuth",
+                service_account_auth("other-team/idp-client"),
+            )],
+            &[SA_NAME],
+        ),
+        bad(
+            "a ServiceAccount named by its user name",
+            &[set(
+                "spec/clientAuth",
+                service_account_auth("system:serviceaccount:other-team:idp-client"),
+            )],
+            &[SA_NAME],
+        ),
+        bad(
+            "a ServiceAccount token without issuerURL or audience",
+            &[
+                unset("spec/issuerURL"),
+                set("spec/clientAuth", service_account_auth("idp-client")),
+            ],
+            &[SA_AUDIENCE],
+        ),
+        bad(
+            "TokenExchange without tokenExchange",
+            &[set("spec/grant", json!({"type": "TokenExchange"}))],
+            &[GRANT_EXCHANGE],
+        ),
+        bad(
+            "tokenExchange with type ClientCredentials",
+            &[
+                set("spec/grant", token_exchange_grant("workload")),
+                set("spec/grant/type", json!("ClientCredentials")),
+            ],
+            &[GRANT_EXCHANGE],
+        ),
+        bad(
+            "a token exchange of a ServiceAccount in another namespace",
+            &[set(
+                "spec/grant",
+                token_exchange_grant("other-team/workload"),
+            )],
+            &[SA_NAME],
+        ),
+        bad(
+            "a requestedTokenType that is not a URI",
+            &[
+                set("spec/grant", token_exchange_grant("workload")),
+                set(
+                    "spec/grant/tokenExchange/requestedTokenType",
+                    json!("access_token"),
+                ),
+            ],
+            &[REQUESTED_TYPE],
+        ),
+        bad(
+            "a token exchange without issuerURL or audience",
+            &[
+                unset("spec/issuerURL"),
+                set("spec/grant", token_exchange_grant("workload")),
+            ],
+            &[EXCHANGE_AUDIENCE],
         ),
         bad(
             "ClientSecretBasic without clientSecretRef",

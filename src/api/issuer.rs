@@ -16,7 +16,9 @@ use super::common::{Condition, SecretKeySelector, SecretReference};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.issuerURL) || has(self.tokenEndpoint)").message("set issuerURL (discovery) or tokenEndpoint"))]
 #[x_kube(validation = Rule::new("size(self.clientID) > 0").message("clientID must not be empty"))]
-#[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, or tlsClientCertificate for the TLS methods), or method None"))]
+#[x_kube(validation = Rule::new("has(self.clientAuth)").message("clientAuth is required: a method and its credentials (clientSecretRef, privateKeyRef, serviceAccountRef, or tlsClientCertificate for the TLS methods), or method None"))]
+#[x_kube(validation = Rule::new("!has(self.clientAuth) || self.clientAuth.method != 'ServiceAccountToken' || has(self.issuerURL) || (has(self.clientAuth.serviceAccountRef) && has(self.clientAuth.serviceAccountRef.audience) && size(self.clientAuth.serviceAccountRef.audience) > 0)").message("the ServiceAccount token's audience defaults to the issuer identifier: set issuerURL, or clientAuth.serviceAccountRef.audience"))]
+#[x_kube(validation = Rule::new("!has(self.grant) || !has(self.grant.tokenExchange) || has(self.issuerURL) || (has(self.grant.tokenExchange.serviceAccountRef.audience) && size(self.grant.tokenExchange.serviceAccountRef.audience) > 0)").message("the subject token's audience defaults to the issuer identifier: set issuerURL, or grant.tokenExchange.serviceAccountRef.audience"))]
 #[x_kube(validation = Rule::new("!has(self.clientAuth) || !(self.clientAuth.method == 'TLSClientAuth' || self.clientAuth.method == 'SelfSignedTLSClientAuth') || has(self.tlsClientCertificate)").message("TLSClientAuth and SelfSignedTLSClientAuth authenticate with the client certificate: set tlsClientCertificate.secretRef (a kubernetes.io/tls Secret)"))]
 #[x_kube(validation = Rule::new("!self.verifyAccessTokenSignature || has(self.issuerURL) || has(self.jwksURI)").message("verifyAccessTokenSignature needs issuerURL (its discovery document names the jwks_uri) or jwksURI"))]
 #[x_kube(validation = Rule::new("!has(self.authorizationDetailsIn) || self.authorizationDetailsIn != 'ClientAssertion' || (has(self.clientAuth) && has(self.clientAuth.method) && self.clientAuth.method == 'PrivateKeyJWT')").message("authorizationDetailsIn ClientAssertion puts the authorization details into the client assertion: it needs clientAuth.method PrivateKeyJWT"))]
@@ -138,6 +140,7 @@ pub struct TlsClientCertificate {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(self.method == 'ClientSecretBasic' || self.method == 'ClientSecretPost') || has(self.clientSecretRef)").message("ClientSecretBasic and ClientSecretPost need clientSecretRef"))]
 #[x_kube(validation = Rule::new("self.method != 'PrivateKeyJWT' || has(self.privateKeyRef)").message("PrivateKeyJWT needs privateKeyRef"))]
+#[x_kube(validation = Rule::new("self.method != 'ServiceAccountToken' || has(self.serviceAccountRef)").message("ServiceAccountToken needs serviceAccountRef: the ServiceAccount whose tokens authenticate the client"))]
 pub struct ClientAuth {
     /// The authentication method. Default `ClientSecretBasic`.
     #[serde(default)]
@@ -148,6 +151,12 @@ pub struct ClientAuth {
     /// The private key (PEM: PKCS#1, PKCS#8, SEC1; or a JWK), for PrivateKeyJWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key_ref: Option<SecretKeySelector>,
+    /// The ServiceAccount whose tokens authenticate the client, for ServiceAccountToken:
+    /// in the issuer's namespace (a ClusterTokenIssuer: the cluster resource namespace).
+    /// The operator may mint its tokens only where that namespace's owner allows it (see
+    /// ServiceAccountRef).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountRef>,
     /// JWS algorithm of the client assertion. Default: derived from the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_algorithm: Option<SigningAlgorithm>,
@@ -183,6 +192,34 @@ pub enum ClientAuthMethod {
     /// with the server as it is, authenticates; `client_id` in the body.
     #[serde(rename = "SelfSignedTLSClientAuth")]
     SelfSignedTlsClientAuth,
+    /// A Kubernetes ServiceAccount token (serviceAccountRef), minted for each use through
+    /// the TokenRequest API, as the `client_assertion` (RFC 7523 §2.2, jwt-bearer): Entra
+    /// ID workload identity federation, Keycloak federated client authentication. No
+    /// Secret holds a credential.
+    ServiceAccountToken,
+}
+
+/// A ServiceAccount whose short-lived tokens the operator mints through the TokenRequest
+/// API (`serviceaccounts/<name>/token`, 10 minutes, reused while more than half of that
+/// is left). It lives in the issuer's namespace (a ClusterTokenIssuer: the cluster
+/// resource namespace); no other namespace can be named. The operator's own RBAC does not
+/// allow minting: that namespace's owner grants it with a Role allowing `create` on
+/// `serviceaccounts/token` with `resourceNames: [<name>]`, bound to the operator's
+/// ServiceAccount. Until then the issuer is not Ready and its message shows that Role and
+/// RoleBinding.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// The ServiceAccount's name.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("serviceAccountRef.name is the name of a ServiceAccount in the issuer's own namespace (a ClusterTokenIssuer: the cluster resource namespace); no other namespace can be named"))]
+    pub name: String,
+    /// The token's audience (`aud`): what the authorization server expects, such as
+    /// `api://AzureADTokenExchange` for Entra ID. Default: the issuer identifier (as
+    /// discovery declares it, else issuerURL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub audience: Option<String>,
 }
 
 /// JWS algorithm of the client assertion. Default: derived from the key.
@@ -238,13 +275,17 @@ pub enum AuthorizationDetailsIn {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(self.type == 'RefreshToken') == has(self.refreshToken)").message("refreshToken is required with, and only allowed with, type RefreshToken"))]
+#[x_kube(validation = Rule::new("(self.type == 'TokenExchange') == has(self.tokenExchange)").message("tokenExchange is required with, and only allowed with, type TokenExchange"))]
 pub struct Grant {
-    /// `ClientCredentials` (default) or `RefreshToken`.
+    /// `ClientCredentials` (default), `RefreshToken` or `TokenExchange`.
     #[serde(rename = "type", default)]
     pub type_: GrantType,
     /// The refresh-token chain, with type RefreshToken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<RefreshTokenGrant>,
+    /// What is exchanged, with type TokenExchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_exchange: Option<TokenExchangeGrant>,
 }
 
 /// Grant types.
@@ -255,6 +296,41 @@ pub enum GrantType {
     ClientCredentials,
     /// `grant_type=refresh_token` with a rotating refresh token (RFC 6749 §6).
     RefreshToken,
+    /// `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a
+    /// ServiceAccount token exchanged for the access token. Client authentication is
+    /// optional (clientAuth.method None).
+    TokenExchange,
+}
+
+/// An RFC 8693 token exchange: each token request sends a newly minted (or reused, while
+/// more than half of its life is left) ServiceAccount token as `subject_token`
+/// (`subject_token_type` `urn:ietf:params:oauth:token-type:jwt`), with the AudienceToken's
+/// resource (per audienceParameter) and scopes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenExchangeGrant {
+    /// Where the subject token comes from. `ServiceAccount` (the only source, default).
+    #[serde(default)]
+    pub subject_token_source: SubjectTokenSource,
+    /// The ServiceAccount whose token is exchanged; the same namespace rules and grant as
+    /// clientAuth.serviceAccountRef.
+    pub service_account_ref: ServiceAccountRef,
+    /// The `requested_token_type` (an RFC 8693 token type URI such as
+    /// `urn:ietf:params:oauth:token-type:access_token`). The answer's `issued_token_type`
+    /// must be exactly this. Default: none is sent, and the answer must be an access token
+    /// (`...:access_token` or `...:jwt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*:[^\\\\s]+$')").message("requestedTokenType is a token type URI such as urn:ietf:params:oauth:token-type:access_token"))]
+    pub requested_token_type: Option<String>,
+}
+
+/// Where a token exchange's subject token comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum SubjectTokenSource {
+    /// A token of serviceAccountRef, minted through the TokenRequest API.
+    #[default]
+    ServiceAccount,
 }
 
 /// A refresh-token chain shared by every AudienceToken of the issuer.

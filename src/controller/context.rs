@@ -96,6 +96,8 @@ pub struct Context {
     /// new revision (the issuer was fixed, its chain got a new bootstrap value) waives the
     /// backoff.
     pub(super) failures: Mutex<HashMap<ObjectRef<AudienceToken>, IssuerRevision>>,
+    /// How often this process saw each issuer (by key) become Ready after it was not.
+    pub(super) ready_epochs: Mutex<HashMap<String, u64>>,
 }
 
 /// What may fix a failed token request when it changes: the issuer's spec, and for a
@@ -108,6 +110,9 @@ pub struct IssuerRevision {
     pub bootstrap_epoch: u64,
     /// Changes of the issuer's client certificate Secret this process saw (0 after a start).
     pub certificate_epoch: u64,
+    /// Times this process saw the issuer become Ready after it was not (a Secret created,
+    /// a ServiceAccount grant given; 0 after a start).
+    pub ready_epoch: u64,
 }
 
 impl Context {
@@ -131,7 +136,26 @@ impl Context {
             generation,
             bootstrap_epoch: self.refresh_chains.bootstrap_epoch(issuer_key),
             certificate_epoch,
+            ready_epoch: self.ready_epoch(issuer_key),
         }
+    }
+
+    fn ready_epochs(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.ready_epochs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn ready_epoch(&self, issuer_key: &str) -> u64 {
+        self.ready_epochs().get(issuer_key).copied().unwrap_or(0)
+    }
+
+    /// Notes that an issuer became Ready: tokens that failed before may try again now.
+    pub fn issuer_became_ready(&self, issuer_key: &str) {
+        *self
+            .ready_epochs()
+            .entry(issuer_key.to_string())
+            .or_insert(0) += 1;
     }
 
     /// Whether the issuer changed since this token's last failure. A failure from before
@@ -146,6 +170,7 @@ impl Context {
                 generation: now.generation,
                 bootstrap_epoch: 0,
                 certificate_epoch: 0,
+                ready_epoch: 0,
             });
         then != now
     }
@@ -172,6 +197,7 @@ impl Context {
             crate::oauth::Grant::ClientCredentials => GrantLabel::ClientCredentials,
             crate::oauth::Grant::RefreshToken(_) => GrantLabel::RefreshToken,
             crate::oauth::Grant::AuthorizationCode { .. } => GrantLabel::AuthorizationCode,
+            crate::oauth::Grant::TokenExchange { .. } => GrantLabel::TokenExchange,
         };
         let started = std::time::Instant::now();
         let response = self.endpoints.tokens().request(endpoint, request).await;

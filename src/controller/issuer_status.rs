@@ -18,6 +18,7 @@ use super::plan::{Failure, set_ready};
 use super::refresh_chain::{ChainHealth, NO_CHAIN_YET};
 use crate::api::{ClusterTokenIssuer, GrantType, IssuerSpec, IssuerStatus, TokenIssuer};
 use crate::issuer::ReadyEndpoint;
+use crate::issuer::credentials::MINT_NOT_ALLOWED;
 
 /// Condition reasons on issuers.
 pub mod reason {
@@ -33,6 +34,9 @@ pub mod reason {
 const RECHECK_READY: Duration = Duration::from_secs(600);
 /// How often a failing issuer is checked again.
 const RECHECK_FAILING: Duration = Duration::from_secs(30);
+/// How often an issuer that may not mint its ServiceAccount's tokens is checked again: the
+/// grant is given by someone else (a Role and RoleBinding), which the operator cannot watch.
+const RECHECK_GRANT: Duration = Duration::from_secs(5);
 /// How often an issuer whose refresh-token chain waits for a (new) bootstrap value looks
 /// for one: after a lost chain, a new login must take effect within seconds.
 const RECHECK_BOOTSTRAP: Duration = Duration::from_secs(3);
@@ -97,7 +101,7 @@ async fn update_token_issuer(ctx: &Context, issuer: &TokenIssuer) -> Result<Acti
     )
     .await;
     let api: Api<TokenIssuer> = Api::namespaced(ctx.client.clone(), &namespace);
-    write(&api, &name, issuer.status.as_ref(), &next).await
+    write(ctx, &target, &api, issuer.status.as_ref(), &next).await
 }
 
 async fn update_cluster_issuer(
@@ -121,7 +125,7 @@ async fn update_cluster_issuer(
     )
     .await;
     let api: Api<ClusterTokenIssuer> = Api::all(ctx.client.clone());
-    write(&api, &name, issuer.status.as_ref(), &next).await
+    write(ctx, &target, &api, issuer.status.as_ref(), &next).await
 }
 
 async fn desired_status(
@@ -177,27 +181,40 @@ async fn chain_health(
     ctx.refresh_chains.health(ctx, issuer, endpoint).await
 }
 
+fn ready_condition(status: Option<&IssuerStatus>) -> Option<&crate::api::Condition> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::api::READY)
+}
+
+/// Writes a changed status; when the issuer just became Ready, its tokens that failed
+/// meanwhile try again at once (their backoff waived).
 async fn write<K>(
+    ctx: &Context,
+    issuer: &ResolvedIssuer,
     api: &Api<K>,
-    name: &str,
     previous: Option<&IssuerStatus>,
     next: &IssuerStatus,
 ) -> Result<Action, Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let ready = next
-        .conditions
-        .iter()
-        .find(|c| c.type_ == crate::api::READY);
+    let is_ready = |c: Option<&crate::api::Condition>| c.is_some_and(|c| c.status == "True");
+    let ready = ready_condition(Some(next));
     if previous != Some(next) {
         let patch = serde_json::json!({ "status": next });
-        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        api.patch_status(&issuer.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        if is_ready(ready) && !is_ready(ready_condition(previous)) {
+            ctx.issuer_became_ready(&issuer.key);
+            ctx.signals.retry_tokens_of(&issuer.object);
+        }
     }
     Ok(Action::requeue(match ready {
         Some(c) if c.status == "True" => RECHECK_READY,
         Some(c) if waits_for_bootstrap(c) => RECHECK_BOOTSTRAP,
+        Some(c) if c.message.contains(MINT_NOT_ALLOWED) => RECHECK_GRANT,
         _ => RECHECK_FAILING,
     }))
 }

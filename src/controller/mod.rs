@@ -166,6 +166,7 @@ pub async fn run(
         recorder,
         reporter,
         failures: Mutex::new(HashMap::new()),
+        ready_epochs: Mutex::new(HashMap::new()),
     });
 
     let stores = || secret_watch::IssuerStores {

@@ -20,9 +20,7 @@ use crate::api::{
     AudienceToken, AudienceTokenStatus, GrantType, RENEW_REQUESTED_AT_ANNOTATION, parse_duration,
 };
 use crate::oauth::dpop::DpopKey;
-use crate::oauth::{
-    Binding, ClientCertificate, Grant, IssuedToken, TokenError, TokenRequest, issue,
-};
+use crate::oauth::{Binding, ClientCertificate, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::RenewBefore;
 use crate::secret::{
     MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
@@ -190,9 +188,9 @@ async fn request_token(
                 )
                 .await?
         }
-        GrantType::ClientCredentials => {
+        GrantType::ClientCredentials | GrantType::TokenExchange => {
             let request = TokenRequest {
-                grant: Grant::ClientCredentials,
+                grant: settings.grant(),
                 scopes: token.spec.scopes.clone(),
                 audience: settings.audience_for(&token.spec.resource, token.expected_audience()),
                 dpop: dpop.clone(),

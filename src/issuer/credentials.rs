@@ -3,9 +3,12 @@
 //! (`crate::debug_token::CommandLineCredentials`).
 
 use std::future::Future;
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::api::{Api, PostParams};
 
 use crate::api::SecretKeySelector;
 use crate::failure::Failure;
@@ -67,6 +70,33 @@ pub struct CertificateRef<'a> {
     pub secret_name: &'a str,
 }
 
+/// A ServiceAccount token to mint: whose, for which audience, for how long, and which
+/// field of the issuer asks (for messages).
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceAccountTokenRef<'a> {
+    /// Where the issuer's Secrets (and ServiceAccounts) live.
+    pub namespace: &'a str,
+    /// The ServiceAccount's name.
+    pub name: &'a str,
+    /// The token's `aud`.
+    pub audience: &'a str,
+    /// The lifetime asked for.
+    pub expiration: Duration,
+    /// `clientAuth.serviceAccountRef` or `grant.tokenExchange.serviceAccountRef`.
+    pub field: &'static str,
+}
+
+/// A minted ServiceAccount token. `Debug` redacts it.
+#[derive(Clone, Debug)]
+pub struct ServiceAccountToken {
+    /// The token (a JWT).
+    pub token: SecretString,
+    /// When it expires, as the API server said.
+    pub expires_at: Timestamp,
+    /// Where it came from (`ServiceAccount ns/name`, `file …`).
+    pub from: String,
+}
+
 /// Reads credentials. Errors name the place, never the value.
 pub trait CredentialSource: Send + Sync {
     /// Reads one credential, fresh (the issuer layer caches).
@@ -81,7 +111,17 @@ pub trait CredentialSource: Send + Sync {
         &self,
         reference: CertificateRef<'_>,
     ) -> impl Future<Output = Result<CertificateCredential, Failure>> + Send;
+
+    /// Mints (or, for the `token` command, reads) a ServiceAccount token, fresh (the issuer
+    /// layer reuses it while more than half of its life is left).
+    fn service_account_token(
+        &self,
+        reference: ServiceAccountTokenRef<'_>,
+    ) -> impl Future<Output = Result<ServiceAccountToken, Failure>> + Send;
 }
+
+/// The lifetime of minted ServiceAccount tokens: the TokenRequest API's minimum.
+pub const SERVICE_ACCOUNT_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
 /// The keys of a `kubernetes.io/tls` Secret.
 pub const TLS_CERT_KEY: &str = "tls.crt";
@@ -154,6 +194,56 @@ impl CredentialSource for SecretSource {
         })
     }
 
+    async fn service_account_token(
+        &self,
+        reference: ServiceAccountTokenRef<'_>,
+    ) -> Result<ServiceAccountToken, Failure> {
+        let (namespace, name) = (reference.namespace, reference.name);
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![reference.audience.to_string()],
+                expiration_seconds: i64::try_from(reference.expiration.as_secs()).ok(),
+                bound_object_ref: None,
+            },
+            ..TokenRequest::default()
+        };
+        let answer = api
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .map_err(|error| match &error {
+                kube::Error::Api(status) if status.code == 403 => {
+                    Failure::issuer_not_ready(grant_missing(reference, &status.message))
+                }
+                kube::Error::Api(status) if status.code == 404 => {
+                    Failure::issuer_not_ready(format!(
+                        "{}: ServiceAccount {namespace}/{name} not found",
+                        reference.field
+                    ))
+                }
+                _ => Failure::issuer_not_ready(format!(
+                    "cannot mint a token for ServiceAccount {namespace}/{name}: {}",
+                    crate::oauth::error_chain(&error)
+                )),
+            })?;
+        let status = answer.status.ok_or_else(|| {
+            Failure::issuer_not_ready(format!(
+                "the TokenRequest for ServiceAccount {namespace}/{name} came back without a token"
+            ))
+        })?;
+        let expires_at = Timestamp::from_second(status.expiration_timestamp.0.as_second())
+            .map_err(|e| {
+                Failure::issuer_not_ready(format!(
+                    "the TokenRequest for ServiceAccount {namespace}/{name} has an unusable expirationTimestamp: {e}"
+                ))
+            })?;
+        Ok(ServiceAccountToken {
+            token: SecretString::new(status.token),
+            expires_at,
+            from: format!("ServiceAccount {namespace}/{name}"),
+        })
+    }
+
     async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
         let namespace = reference.namespace;
         let Some(selector) = reference.secret else {
@@ -176,8 +266,94 @@ impl CredentialSource for SecretSource {
     }
 }
 
+/// What the issuer message says when the operator may not mint a ServiceAccount's tokens.
+pub const MINT_NOT_ALLOWED: &str = "may not mint tokens of ServiceAccount";
+
+/// The issuer message when the operator may not mint tokens of a ServiceAccount: who the
+/// operator is (from the API server's answer) and the Role and RoleBinding that grant it.
+pub fn grant_missing(reference: ServiceAccountTokenRef<'_>, forbidden: &str) -> String {
+    let (namespace, name) = (reference.namespace, reference.name);
+    let role = format!("audiencetoken-mint-{name}");
+    let role = &role[..role.len().min(253)];
+    let subject = forbidden_user(forbidden);
+    let binding = match subject
+        .as_deref()
+        .and_then(|user| user.strip_prefix("system:serviceaccount:"))
+    {
+        Some(account) => format!("--serviceaccount={account}"),
+        None => format!(
+            "--user={}",
+            subject.as_deref().unwrap_or("<the operator's user>")
+        ),
+    };
+    let who = subject.map_or_else(
+        || "the operator".to_string(),
+        |u| format!("the operator ({u})"),
+    );
+    format!(
+        "{field}: {who} {MINT_NOT_ALLOWED} {namespace}/{name}; its own RBAC \
+         does not allow that anywhere. The owner of namespace {namespace} grants it: \
+         kubectl -n {namespace} create role {role} --verb=create --resource=serviceaccounts/token --resource-name={name} && \
+         kubectl -n {namespace} create rolebinding {role} --role={role} {binding} \
+         (the issuer is checked again every few seconds)",
+        field = reference.field,
+    )
+}
+
+/// The user in an API server's 403 message: `... User "system:serviceaccount:ns:name" cannot ...`.
+fn forbidden_user(message: &str) -> Option<String> {
+    let rest = &message[message.find("User \"")? + 6..];
+    let user = &rest[..rest.find('"')?];
+    (!user.is_empty()).then(|| user.to_string())
+}
+
 /// Secrets and files created with `echo` often end in a newline that is not part of the
 /// credential.
 pub fn trim_line_end(text: &str) -> String {
     text.trim_end_matches(['\n', '\r']).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference() -> ServiceAccountTokenRef<'static> {
+        ServiceAccountTokenRef {
+            namespace: "shop",
+            name: "idp-client",
+            audience: "https://idp.example.com",
+            expiration: SERVICE_ACCOUNT_TOKEN_LIFETIME,
+            field: "clientAuth.serviceAccountRef",
+        }
+    }
+
+    #[test]
+    fn a_missing_grant_names_the_account_and_the_commands_that_grant_it() {
+        let message = grant_missing(
+            reference(),
+            r#"serviceaccounts "idp-client" is forbidden: User "system:serviceaccount:ato-system:audience-token-operator" cannot create resource "serviceaccounts/token" in API group "" in the namespace "shop""#,
+        );
+        for part in [
+            "clientAuth.serviceAccountRef: the operator (system:serviceaccount:ato-system:audience-token-operator) may not mint tokens of ServiceAccount shop/idp-client",
+            "kubectl -n shop create role audiencetoken-mint-idp-client --verb=create --resource=serviceaccounts/token --resource-name=idp-client",
+            "kubectl -n shop create rolebinding audiencetoken-mint-idp-client --role=audiencetoken-mint-idp-client --serviceaccount=ato-system:audience-token-operator",
+        ] {
+            assert!(message.contains(part), "{part}\n{message}");
+        }
+    }
+
+    #[test]
+    fn a_user_outside_the_cluster_is_bound_as_a_user() {
+        let message = grant_missing(
+            reference(),
+            r#"serviceaccounts "idp-client" is forbidden: User "alice@example.com" cannot create resource"#,
+        );
+        assert!(message.contains("--user=alice@example.com"), "{message}");
+        let message = grant_missing(reference(), "forbidden");
+        assert!(
+            message.contains("the operator may not mint")
+                && message.contains("--user=<the operator's user>"),
+            "{message}"
+        );
+    }
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use url::Url;
 
 use crate::api::{
-    AudienceParameter, AuthorizationDetailsIn, ClientAuthMethod, IssuerSpec, SecretKeySelector,
-    SigningAlgorithm,
+    AudienceParameter, AuthorizationDetailsIn, ClientAuthMethod, GrantType, IssuerSpec,
+    SecretKeySelector, ServiceAccountRef, SigningAlgorithm,
 };
 use crate::failure::Failure;
 use crate::oauth::assertion::{ClientKey, SigningAlg};
@@ -29,14 +29,15 @@ use crate::oauth::client::check_transport_security;
 use crate::oauth::discovery::ServerMetadata;
 use crate::oauth::jwks;
 use crate::oauth::jwt::decode_claims;
+use crate::oauth::token_exchange::TOKEN_TYPE_JWT;
 use crate::oauth::{
-    AudienceParam, AuthorizationDetails, ClientCertificate, ClientCredentials, Endpoint, Tls,
-    TokenClient, TokenError,
+    AudienceParam, AuthorizationDetails, ClientCertificate, ClientCredentials, Endpoint, Grant,
+    Tls, TokenClient, TokenError,
 };
 use crate::redact::SecretString;
 pub use credentials::{
     CertificateCredential, CertificateRef, Credential, CredentialKind, CredentialRef,
-    CredentialSource,
+    CredentialSource, SERVICE_ACCOUNT_TOKEN_LIFETIME, ServiceAccountToken, ServiceAccountTokenRef,
 };
 pub use jwks_cache::{JWKS_MIN_REFRESH, JWKS_TTL};
 
@@ -75,9 +76,35 @@ pub struct ReadyEndpoint {
     pub credential_from: Option<String>,
     /// Where the client certificate came from (`Secret ns/name`, `files …`), if any.
     pub certificate_from: Option<String>,
+    /// With `grant.type: TokenExchange`: the subject token and the type asked for.
+    pub exchange: Option<Exchange>,
+}
+
+/// What a token exchange (RFC 8693) sends besides the AudienceToken's resource and scopes.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    /// The `subject_token`: a ServiceAccount token.
+    pub subject_token: SecretString,
+    /// The `requested_token_type`, if set.
+    pub requested_token_type: Option<String>,
+    /// Where the subject token came from (`ServiceAccount ns/name`, `file …`).
+    pub from: String,
 }
 
 impl ReadyEndpoint {
+    /// The grant of this issuer's own token requests: client credentials, or a token
+    /// exchange of its subject token (a refresh-token chain builds its own).
+    pub fn grant(&self) -> Grant {
+        match &self.exchange {
+            Some(exchange) => Grant::TokenExchange {
+                subject_token: exchange.subject_token.clone(),
+                subject_token_type: TOKEN_TYPE_JWT.to_string(),
+                requested_token_type: exchange.requested_token_type.clone(),
+            },
+            None => Grant::ClientCredentials,
+        }
+    }
+
     /// The audience parameter of a request for `resource` whose token must carry
     /// `expected_audience`, in the issuer's dialect.
     pub fn audience_for(&self, resource: &str, expected_audience: &str) -> AudienceParam {
@@ -117,6 +144,9 @@ impl ReadyEndpoint {
     }
 }
 
+/// Namespace, ServiceAccount name and audience of a minted token.
+type MintedKey = (String, String, String);
+
 /// Namespace, kind, Secret name and key of a cached credential.
 type CredentialKey = (String, &'static str, String, String);
 
@@ -136,6 +166,9 @@ pub struct IssuerEndpoints<S> {
     credentials: Mutex<HashMap<CredentialKey, (Credential, Instant)>>,
     /// Client certificates by namespace and Secret name, parsed once per read.
     certificates: Mutex<HashMap<(String, String), (IssuerCertificate, Instant)>>,
+    /// Minted ServiceAccount tokens by namespace, name and audience, with the moment half
+    /// of their life is gone (then a new one is minted).
+    minted: Mutex<HashMap<MintedKey, (ServiceAccountToken, Instant)>>,
     discovery: Mutex<HashMap<String, (ServerMetadata, Instant)>>,
     jwks: jwks_cache::JwksCache,
 }
@@ -176,6 +209,7 @@ pub fn method_name(method: ClientAuthMethod) -> &'static str {
         ClientAuthMethod::NoAuth => "None",
         ClientAuthMethod::TlsClientAuth => "TLSClientAuth",
         ClientAuthMethod::SelfSignedTlsClientAuth => "SelfSignedTLSClientAuth",
+        ClientAuthMethod::ServiceAccountToken => "ServiceAccountToken",
     }
 }
 
@@ -224,6 +258,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             source,
             credentials: Mutex::default(),
             certificates: Mutex::default(),
+            minted: Mutex::default(),
             discovery: Mutex::default(),
             jwks: jwks_cache::JwksCache::default(),
         }
@@ -291,6 +326,27 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                     Some(certificate.from.clone()),
                 )
             }
+            ClientAuthMethod::ServiceAccountToken => {
+                // Admission requires the reference; an issuer stored before still gets an
+                // answer.
+                let account = auth.service_account_ref.as_ref().ok_or_else(|| {
+                    Failure::issuer_not_ready(
+                        "ServiceAccountToken needs clientAuth.serviceAccountRef",
+                    )
+                })?;
+                let minted = self
+                    .service_account_token(
+                        issuer,
+                        account,
+                        "clientAuth.serviceAccountRef",
+                        discovered_issuer.as_deref(),
+                    )
+                    .await?;
+                (
+                    ClientCredentials::FederatedAssertion(minted.token),
+                    Some(minted.from),
+                )
+            }
             ClientAuthMethod::PrivateKeyJwt => {
                 let reference =
                     secret_ref(CredentialKind::PrivateKey, auth.private_key_ref.as_ref());
@@ -323,6 +379,32 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 )
             }
         };
+        let exchange = match (&spec.grant.type_, &spec.grant.token_exchange) {
+            (GrantType::TokenExchange, Some(grant)) => {
+                let minted = self
+                    .service_account_token(
+                        issuer,
+                        &grant.service_account_ref,
+                        "grant.tokenExchange.serviceAccountRef",
+                        discovered_issuer.as_deref(),
+                    )
+                    .await?;
+                Some(Exchange {
+                    subject_token: minted.token,
+                    requested_token_type: grant
+                        .requested_token_type
+                        .clone()
+                        .filter(|t| !t.is_empty()),
+                    from: minted.from,
+                })
+            }
+            (GrantType::TokenExchange, None) => {
+                return Err(Failure::issuer_not_ready(
+                    "grant.type TokenExchange needs grant.tokenExchange",
+                ));
+            }
+            _ => None,
+        };
         Ok(ReadyEndpoint {
             endpoint: Endpoint {
                 token_endpoint,
@@ -338,7 +420,64 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             token_endpoint_source,
             credential_from,
             certificate_from: certificate.map(|c| c.from),
+            exchange,
         })
+    }
+
+    /// A ServiceAccount token for `account` (in the issuer's Secret namespace), minted
+    /// through the source and reused while more than half of its life is left. Its
+    /// audience: `account.audience`, else the issuer identifier (discovery's, else
+    /// issuerURL).
+    async fn service_account_token(
+        &self,
+        issuer: IssuerTarget<'_>,
+        account: &ServiceAccountRef,
+        field: &'static str,
+        discovered_issuer: Option<&str>,
+    ) -> Result<ServiceAccountToken, Failure> {
+        let audience = account
+            .audience
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .or(discovered_issuer)
+            .or(issuer.spec.issuer_url.as_deref())
+            .ok_or_else(|| {
+                Failure::issuer_not_ready(format!(
+                    "{field}.audience is needed without issuerURL: the ServiceAccount token's audience defaults to the issuer identifier"
+                ))
+            })?;
+        let cache_key = (
+            issuer.secret_namespace.to_string(),
+            account.name.clone(),
+            audience.to_string(),
+        );
+        if let Some((minted, reuse_until)) = lock(&self.minted).get(&cache_key)
+            && Instant::now() < *reuse_until
+        {
+            return Ok(minted.clone());
+        }
+        let minted = self
+            .source
+            .service_account_token(ServiceAccountTokenRef {
+                namespace: issuer.secret_namespace,
+                name: &account.name,
+                audience,
+                expiration: SERVICE_ACCOUNT_TOKEN_LIFETIME,
+                field,
+            })
+            .await?;
+        let life_left = minted
+            .expires_at
+            .duration_since(jiff::Timestamp::now())
+            .unsigned_abs();
+        let reuse_until = Instant::now() + life_left / 2;
+        lock(&self.minted).insert(cache_key, (minted.clone(), reuse_until));
+        Ok(minted)
+    }
+
+    /// Forgets the minted tokens of a ServiceAccount (any audience): the next use mints.
+    fn forget_minted(&self, namespace: &str, name: &str) {
+        lock(&self.minted).retain(|(ns, account, _), _| !(ns == namespace && account == name));
     }
 
     /// The issuer's client certificate (`tlsClientCertificate`), if it names one: read
@@ -491,6 +630,18 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
         {
             self.forget_certificate(issuer.secret_namespace, &configured.secret_ref.name);
         }
+        // A refused ServiceAccount token (its account deleted and made again, keys rotated)
+        // is not offered again.
+        if error.is_client_auth_failure()
+            && let Some(account) = &issuer.spec.client_auth.service_account_ref
+        {
+            self.forget_minted(issuer.secret_namespace, &account.name);
+        }
+        if matches!(error, TokenError::Server { status: 400, .. })
+            && let Some(grant) = &issuer.spec.grant.token_exchange
+        {
+            self.forget_minted(issuer.secret_namespace, &grant.service_account_ref.name);
+        }
         if error.is_client_auth_failure() {
             let auth = &issuer.spec.client_auth;
             lock(&self.credentials).retain(|(namespace, kind, name, key), _| {
@@ -629,8 +780,10 @@ mod tests {
     }
 
     /// A source that counts reads and answers from a map.
+    #[derive(Default)]
     struct Counting {
         reads: std::sync::atomic::AtomicUsize,
+        mints: std::sync::atomic::AtomicUsize,
     }
 
     impl CredentialSource for Counting {
@@ -639,6 +792,25 @@ mod tests {
             _: CertificateRef<'_>,
         ) -> Result<CertificateCredential, Failure> {
             Err(Failure::issuer_not_ready("no certificates here"))
+        }
+
+        async fn service_account_token(
+            &self,
+            reference: ServiceAccountTokenRef<'_>,
+        ) -> Result<ServiceAccountToken, Failure> {
+            self.mints
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let lifetime = match reference.name {
+                // Already half gone when it arrives: never reused.
+                "short-lived" => Duration::ZERO,
+                _ => reference.expiration,
+            };
+            Ok(ServiceAccountToken {
+                token: SecretString::new(format!("sa-token-for-{}", reference.audience)),
+                expires_at: jiff::Timestamp::now()
+                    + jiff::SignedDuration::try_from(lifetime).unwrap(),
+                from: format!("ServiceAccount {}/{}", reference.namespace, reference.name),
+            })
         }
 
         async fn read(&self, reference: CredentialRef<'_>) -> Result<Credential, Failure> {
@@ -670,12 +842,7 @@ mod tests {
 
     #[tokio::test]
     async fn authorization_details_in_the_assertion_need_private_key_jwt() {
-        let layer = IssuerEndpoints::new(
-            TokenClient::new().unwrap(),
-            Counting {
-                reads: Default::default(),
-            },
-        );
+        let layer = IssuerEndpoints::new(TokenClient::new().unwrap(), Counting::default());
         let mut spec = basic_spec();
         spec.authorization_details_in = AuthorizationDetailsIn::ClientAssertion;
         let target = IssuerTarget {
@@ -708,13 +875,86 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credentials_are_cached_until_the_server_refuses_them() {
-        let layer = IssuerEndpoints::new(
-            TokenClient::new().unwrap(),
-            Counting {
-                reads: Default::default(),
-            },
+    async fn service_account_tokens_are_reused_while_half_their_life_is_left() {
+        let layer = IssuerEndpoints::new(TokenClient::new().unwrap(), Counting::default());
+        let mints = || {
+            layer
+                .source
+                .mints
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut spec = basic_spec();
+        spec.issuer_url = Some("https://idp.example.com".into());
+        spec.client_auth.method = ClientAuthMethod::ServiceAccountToken;
+        spec.client_auth.service_account_ref = Some(ServiceAccountRef {
+            name: "idp-client".into(),
+            audience: None,
+        });
+        let target = IssuerTarget {
+            key: "TokenIssuer/shop/idp",
+            spec: &spec,
+            secret_namespace: "shop",
+        };
+        let ready = layer.endpoint(target).await.unwrap();
+        // The audience defaults to the issuer identifier.
+        assert!(matches!(
+            ready.endpoint.credentials,
+            ClientCredentials::FederatedAssertion(ref t) if t.expose() == "sa-token-for-https://idp.example.com"
+        ));
+        assert_eq!(
+            ready.credential_from.as_deref(),
+            Some("ServiceAccount shop/idp-client")
         );
+        assert!(matches!(ready.grant(), Grant::ClientCredentials));
+        layer.endpoint(target).await.unwrap();
+        assert_eq!(mints(), 1, "a 10-minute token is reused");
+        // A refused client forgets it.
+        let refused = TokenError::Server {
+            status: 401,
+            error: "invalid_client".into(),
+            description: None,
+            retry_after: None,
+        };
+        layer.invalidate(target, &refused);
+        layer.endpoint(target).await.unwrap();
+        assert_eq!(mints(), 2);
+
+        // A token exchange mints the subject token, for its own audience.
+        spec.client_auth.method = ClientAuthMethod::NoAuth;
+        spec.grant.type_ = GrantType::TokenExchange;
+        spec.grant.token_exchange = Some(crate::api::TokenExchangeGrant {
+            service_account_ref: ServiceAccountRef {
+                name: "short-lived".into(),
+                audience: Some("urn:exchange".into()),
+            },
+            ..Default::default()
+        });
+        let target = IssuerTarget {
+            key: "TokenIssuer/shop/exchange",
+            spec: &spec,
+            secret_namespace: "shop",
+        };
+        let ready = layer.endpoint(target).await.unwrap();
+        let Grant::TokenExchange {
+            subject_token,
+            subject_token_type,
+            requested_token_type,
+        } = ready.grant()
+        else {
+            panic!("a token exchange");
+        };
+        assert_eq!(subject_token.expose(), "sa-token-for-urn:exchange");
+        assert_eq!(subject_token_type, TOKEN_TYPE_JWT);
+        assert_eq!(requested_token_type, None);
+        assert_eq!(mints(), 3);
+        // Less than half its life left: minted again.
+        layer.endpoint(target).await.unwrap();
+        assert_eq!(mints(), 4);
+    }
+
+    #[tokio::test]
+    async fn credentials_are_cached_until_the_server_refuses_them() {
+        let layer = IssuerEndpoints::new(TokenClient::new().unwrap(), Counting::default());
         let spec = basic_spec();
         let target = IssuerTarget {
             key: "TokenIssuer/shop/idp",

@@ -14,9 +14,10 @@ use super::authorize::{PushedRequest, parse_pushed_request};
 use super::discovery::{ServerMetadata, metadata_urls, parse_metadata};
 use super::dpop::htu;
 use super::jwks::{JwkSet, parse_jwks};
-use super::request::{Endpoint, TokenRequest, authenticate, prepare};
+use super::request::{Endpoint, Grant, TokenRequest, authenticate, prepare};
 use super::response::parse_token_response;
 use super::tls::ClientCertificate;
+use super::token_exchange;
 use super::{TokenError, TokenResponse};
 use crate::redact::SecretString;
 
@@ -195,7 +196,20 @@ impl TokenClient {
             match answer.result {
                 // RFC 9449 §8: the server wants (another) nonce, which it just sent.
                 Err(_) if nonce_challenge && !retried => retried = true,
-                result => return result.map(|response| (response, answer.id_token)),
+                result => {
+                    let response = result?;
+                    if let Grant::TokenExchange {
+                        requested_token_type,
+                        ..
+                    } = &request.grant
+                    {
+                        token_exchange::check_issued_token_type(
+                            response.issued_token_type.as_deref(),
+                            requested_token_type.as_deref(),
+                        )?;
+                    }
+                    return Ok((response, answer.id_token));
+                }
             }
         }
     }

@@ -60,6 +60,15 @@ pub enum TokenError {
         /// The token's `cnf.x5t#S256`.
         actual: String,
     },
+    /// A token exchange (RFC 8693) answered another `issued_token_type` than the one asked
+    /// for, or none.
+    #[error("{}", issued_type_message(.requested.as_deref(), .issued.as_deref()))]
+    IssuedTokenTypeMismatch {
+        /// The `requested_token_type` sent, if any.
+        requested: Option<String>,
+        /// The `issued_token_type` received, if any.
+        issued: Option<String>,
+    },
     /// The JWT access token's signature could not be verified against the issuer's JWKS
     /// (only with `verifyAccessTokenSignature`). The message never contains the token.
     #[error("access token signature check failed: {0}")]
@@ -105,6 +114,21 @@ fn server_message(status: u16, error: &str, description: Option<&str>) -> String
     match description {
         Some(d) if !d.is_empty() => format!("token endpoint answered {status} {error}: {d}"),
         _ => format!("token endpoint answered {status} {error}"),
+    }
+}
+
+fn issued_type_message(requested: Option<&str>, issued: Option<&str>) -> String {
+    let asked = match requested {
+        Some(requested) => format!("asked for {requested}"),
+        None => "asked for an access token (no requested_token_type)".to_string(),
+    };
+    match issued {
+        Some(issued) => format!(
+            "the token exchange {asked} but the server issued {issued}; refusing a token of another type"
+        ),
+        None => format!(
+            "the token exchange {asked} but the response has no issued_token_type (RFC 8693 §2.2.1 requires it)"
+        ),
     }
 }
 

@@ -25,6 +25,7 @@ pub mod request;
 pub mod response;
 pub mod tls;
 mod token;
+pub mod token_exchange;
 
 pub use authorization_details::{AuthorizationDetails, DetailsLocation};
 pub use client::{Tls, TokenClient};

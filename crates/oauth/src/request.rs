@@ -16,6 +16,7 @@ use super::authorization_details::{
 use super::client::Tls;
 use super::dpop::DpopKey;
 use super::tls::ClientCertificate;
+use super::token_exchange;
 use crate::redact::SecretString;
 
 /// Where and how to ask for tokens: the resolved token endpoint and the client's identity.
@@ -57,6 +58,11 @@ pub enum ClientCredentials {
     /// `tls_client_auth` or `self_signed_tls_client_auth` (RFC 8705 §2): the client
     /// certificate on the connection authenticates; `client_id` in the body.
     TlsClientCertificate,
+    /// A client assertion made elsewhere (RFC 7523 §2.2), such as a Kubernetes
+    /// ServiceAccount token that the server trusts through workload identity federation
+    /// (Entra ID, Keycloak): `client_id`, `client_assertion_type` jwt-bearer and this
+    /// `client_assertion`, the same on every attempt.
+    FederatedAssertion(SecretString),
     /// `private_key_jwt` (RFC 7523 §2.2): `client_id`, `client_assertion_type` and a new
     /// signed `client_assertion` in the body of every request.
     PrivateKeyJwt {
@@ -94,6 +100,17 @@ pub enum Grant {
         redirect_uri: String,
         /// The PKCE `code_verifier`.
         code_verifier: SecretString,
+    },
+    /// `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693 §2.1): a
+    /// subject token (a Kubernetes ServiceAccount token) exchanged for an access token.
+    /// The answer's `issued_token_type` is checked against `requested_token_type`.
+    TokenExchange {
+        /// The `subject_token`.
+        subject_token: SecretString,
+        /// Its `subject_token_type`, e.g. [`token_exchange::TOKEN_TYPE_JWT`].
+        subject_token_type: String,
+        /// The `requested_token_type`, if one is asked for.
+        requested_token_type: Option<String>,
     },
 }
 
@@ -167,6 +184,18 @@ pub fn prepare_at(
             form.push(("redirect_uri", redirect_uri.clone()));
             form.push(("code_verifier", code_verifier.expose().to_string()));
         }
+        Grant::TokenExchange {
+            subject_token,
+            subject_token_type,
+            requested_token_type,
+        } => {
+            form.push(("grant_type", token_exchange::GRANT_TYPE.into()));
+            form.push(("subject_token", subject_token.expose().to_string()));
+            form.push(("subject_token_type", subject_token_type.clone()));
+            if let Some(requested) = requested_token_type {
+                form.push(("requested_token_type", requested.clone()));
+            }
+        }
     }
     if !request.scopes.is_empty() {
         form.push(("scope", request.scopes.join(" ")));
@@ -231,6 +260,12 @@ fn authenticate_with(
         }
         ClientCredentials::None | ClientCredentials::TlsClientCertificate => {
             form.push(("client_id", endpoint.client_id.clone()));
+            None
+        }
+        ClientCredentials::FederatedAssertion(assertion) => {
+            form.push(("client_id", endpoint.client_id.clone()));
+            form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
+            form.push(("client_assertion", assertion.expose().to_string()));
             None
         }
         ClientCredentials::PrivateKeyJwt { key, audience } => {
@@ -312,6 +347,50 @@ mod tests {
         assert_eq!(
             prepared.authorization.as_deref(),
             Some("Basic c2hvcC1tMm06cHc=")
+        );
+    }
+
+    #[test]
+    fn token_exchange_with_a_federated_assertion() {
+        let mut request = request(AudienceParam::Resource("https://orders.example.com".into()));
+        request.grant = Grant::TokenExchange {
+            subject_token: SecretString::new("subject.jwt"),
+            subject_token_type: token_exchange::TOKEN_TYPE_JWT.into(),
+            requested_token_type: Some(token_exchange::TOKEN_TYPE_ACCESS_TOKEN.into()),
+        };
+        let prepared = prepare(
+            &endpoint(ClientCredentials::FederatedAssertion(SecretString::new(
+                "sa.jwt",
+            ))),
+            &request,
+        )
+        .unwrap();
+        assert_eq!(prepared.authorization, None);
+        assert_eq!(
+            prepared.form,
+            vec![
+                ("grant_type", token_exchange::GRANT_TYPE.to_string()),
+                ("subject_token", "subject.jwt".to_string()),
+                (
+                    "subject_token_type",
+                    token_exchange::TOKEN_TYPE_JWT.to_string()
+                ),
+                (
+                    "requested_token_type",
+                    token_exchange::TOKEN_TYPE_ACCESS_TOKEN.to_string()
+                ),
+                ("scope", "orders/read orders/write".to_string()),
+                ("resource", "https://orders.example.com".to_string()),
+                ("client_id", "shop-m2m".to_string()),
+                ("client_assertion_type", CLIENT_ASSERTION_TYPE.to_string()),
+                ("client_assertion", "sa.jwt".to_string()),
+            ]
+        );
+        // The wire form's Debug names fields, never values.
+        let debug = format!("{prepared:?}");
+        assert!(
+            !debug.contains("sa.jwt") && !debug.contains("subject.jwt"),
+            "{debug}"
         );
     }
 

@@ -24,6 +24,8 @@ pub struct TokenResponse {
     /// The authorization details granted (RFC 9396 §7): the response's
     /// `authorization_details` when it is an array of objects, else empty.
     pub authorization_details: Vec<serde_json::Value>,
+    /// `issued_token_type`, in the answer to a token exchange (RFC 8693 §2.2.1).
+    pub issued_token_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +38,8 @@ struct RawSuccess {
     refresh_token: Option<String>,
     #[serde(default)]
     authorization_details: Option<serde_json::Value>,
+    #[serde(default)]
+    issued_token_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +86,7 @@ pub fn parse_token_response(
             .filter(|t| !t.is_empty())
             .map(SecretString::new),
         authorization_details: crate::authorization_details::granted(raw.authorization_details),
+        issued_token_type: raw.issued_token_type.filter(|t| !t.is_empty()),
     })
 }
 

@@ -154,6 +154,7 @@ mod tests {
             scope: scope.map(str::to_string),
             refresh_token: None,
             authorization_details: Vec::new(),
+            issued_token_type: None,
         }
     }
 
