@@ -1,6 +1,11 @@
 //! The Kubernetes permissions the operator uses, and nothing more: the source of truth for
 //! the Helm chart's RBAC (`audience-token-operator rbac`, checked against the rendered chart
 //! in `tests/helm`) and for the controller test that logs every API call the operator makes.
+//!
+//! Not here, on purpose: `create` on `serviceaccounts/token`. An issuer with
+//! `clientAuth.method: ServiceAccountToken` or `grant.type: TokenExchange` mints tokens of
+//! one ServiceAccount, and the owner of that ServiceAccount's namespace grants exactly that
+//! (a Role with `resourceNames`, bound to the operator), as for cert-manager's Vault issuer.
 
 use serde::Serialize;
 
@@ -181,6 +186,25 @@ mod tests {
             ..scope(None)
         });
         assert!(rules.iter().all(|r| r.resource != "leases"));
+    }
+
+    /// Minting a ServiceAccount's tokens is granted per ServiceAccount by the owner of its
+    /// namespace (a Role with resourceNames), never by the operator's own RBAC: a cluster
+    /// role that could mint any ServiceAccount's token could act as any workload.
+    #[test]
+    fn no_rule_mints_service_account_tokens() {
+        for watched in [None, Some("team-a")] {
+            for leader_elect in [false, true] {
+                let rules = required_rules(&Scope {
+                    leader_elect,
+                    ..scope(watched)
+                });
+                assert!(
+                    rules.iter().all(|r| !r.resource.starts_with("serviceaccounts")),
+                    "{rules:?}"
+                );
+            }
+        }
     }
 
     #[test]
