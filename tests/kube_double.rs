@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -651,6 +652,211 @@ async fn kubeconfig_points_at_the_double() {
         ["team-a"]
     );
     assert_eq!(double.list(&ResourceKey::namespaces(), None).len(), 1);
+}
+
+// ---- TokenRequest and the service-account issuer -----------------------------------------
+
+const ISSUER: &str = KubeApiDouble::SERVICE_ACCOUNT_ISSUER;
+
+fn token_request(audiences: &[&str], expiration_seconds: Option<i64>) -> TokenRequest {
+    TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            expiration_seconds,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+async fn create_service_account(api: &Api<ServiceAccount>, name: &str) -> ServiceAccount {
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &sa).await.unwrap()
+}
+
+async fn get_json(url: &str) -> (Option<String>, Value) {
+    let response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "GET {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    (content_type, response.json().await.unwrap())
+}
+
+/// Verifies `token` with the key the double serves at its JWKS URI (by `kid`): ES256, issuer,
+/// `audience`, `exp`. Returns the claims.
+async fn verify(double: &KubeApiDouble, token: &str, audience: &str) -> Value {
+    let (_, jwks) = get_json(&double.service_account_jwks_uri()).await;
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("the kid is in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&[ISSUER]);
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .unwrap()
+        .claims
+}
+
+#[tokio::test]
+async fn token_request_mints_a_token_that_the_served_jwks_verifies() {
+    let double = KubeApiDouble::start().await;
+    let sas: Api<ServiceAccount> = Api::namespaced(double.client(), "team-a");
+    let sa = create_service_account(&sas, "app").await;
+    let pp = PostParams::default();
+
+    let asked = token_request(&["https://idp.example"], Some(1200));
+    let answered = sas.create_token_request("app", &pp, &asked).await.unwrap();
+    assert_eq!(answered.spec.audiences, ["https://idp.example"]);
+    assert_eq!(answered.metadata.name.as_deref(), Some("app"));
+    assert_eq!(answered.metadata.namespace.as_deref(), Some("team-a"));
+    let status = answered.status.unwrap();
+    let claims = verify(&double, &status.token, "https://idp.example").await;
+    assert_eq!(claims["iss"], ISSUER);
+    assert_eq!(claims["sub"], "system:serviceaccount:team-a:app");
+    assert_eq!(claims["aud"], json!(["https://idp.example"]));
+    assert_eq!(claims["kubernetes.io"]["namespace"], "team-a");
+    assert_eq!(
+        claims["kubernetes.io"]["serviceaccount"],
+        json!({"name": "app", "uid": sa.metadata.uid})
+    );
+    assert!(claims["jti"].as_str().is_some_and(|j| j.len() == 36));
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert_eq!(exp - iat, 1200);
+    assert_eq!(claims["nbf"].as_i64(), Some(iat));
+    assert_eq!(status.expiration_timestamp.0.as_second(), exp);
+
+    // No audiences: the issuer; no expiration: an hour.
+    let default = token_request(&[], None);
+    let answered = sas
+        .create_token_request("app", &pp, &default)
+        .await
+        .unwrap();
+    assert_eq!(answered.spec.expiration_seconds, Some(3600));
+    let second = answered.status.unwrap().token;
+    let claims = verify(&double, &second, ISSUER).await;
+    assert_eq!(claims["aud"], json!([ISSUER]));
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600
+    );
+    assert_ne!(second, status.token);
+    assert_eq!(double.minted_tokens(), [status.token, second]);
+    assert_eq!(double.minted_count(), 2);
+
+    let logged: Vec<_> = (double.requests().into_iter())
+        .filter(|r| r.subresource.as_deref() == Some("token"))
+        .map(|r| (r.verb, r.plural, r.namespace, r.name))
+        .collect();
+    let one = (
+        "create".to_string(),
+        "serviceaccounts".to_string(),
+        Some("team-a".to_string()),
+        Some("app".to_string()),
+    );
+    assert_eq!(logged, [one.clone(), one]);
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_issuer_discovery_documents_are_served_as_the_api_server_serves_them() {
+    let double = KubeApiDouble::start().await;
+    let (_, discovery) = get_json(&format!(
+        "{}/.well-known/openid-configuration",
+        double.url()
+    ))
+    .await;
+    assert_eq!(
+        discovery,
+        json!({
+            "issuer": ISSUER,
+            "jwks_uri": format!("{}/openid/v1/jwks", double.url()),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    );
+    assert_eq!(double.service_account_jwks_uri(), discovery["jwks_uri"]);
+    let (content_type, jwks) = get_json(&double.service_account_jwks_uri()).await;
+    assert_eq!(content_type.as_deref(), Some("application/jwk-set+json"));
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let key = &keys[0];
+    for (field, want) in [
+        ("kty", "EC"),
+        ("crv", "P-256"),
+        ("alg", "ES256"),
+        ("use", "sig"),
+    ] {
+        assert_eq!(key[field], want, "{field}");
+    }
+    for field in ["x", "y", "kid"] {
+        let value = key[field].as_str().unwrap();
+        assert!(
+            !value.contains(['=', '+', '/']),
+            "{field} is base64url without padding"
+        );
+    }
+    assert_eq!(key["x"].as_str().unwrap().len(), 43, "32 bytes");
+    // Another double, another key.
+    let other = KubeApiDouble::start().await;
+    let (_, other_jwks) = get_json(&other.service_account_jwks_uri()).await;
+    assert_ne!(other_jwks["keys"][0]["kid"], key["kid"]);
+    other.shutdown().await;
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_request_refuses_a_missing_service_account_and_short_expirations() {
+    let double = KubeApiDouble::start().await;
+    let sas: Api<ServiceAccount> = Api::namespaced(double.client(), "team-a");
+    let pp = PostParams::default();
+    let hour = token_request(&["aud"], Some(3600));
+
+    let missing = api_status(sas.create_token_request("app", &pp, &hour).await);
+    assert_eq!((missing.code, missing.reason.as_str()), (404, "NotFound"));
+    assert_eq!(missing.message, r#"serviceaccounts "app" not found"#);
+
+    create_service_account(&sas, "app").await;
+    let short = token_request(&["aud"], Some(599));
+    let invalid = api_status(sas.create_token_request("app", &pp, &short).await);
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    assert!(
+        invalid.message.ends_with("spec.expirationSeconds: Invalid value: 599: may not specify a duration less than 10 minutes"),
+        "{}",
+        invalid.message
+    );
+    let mut elsewhere = token_request(&["aud"], Some(3600));
+    elsewhere.metadata.namespace = Some("team-b".into());
+    let mismatch = api_status(sas.create_token_request("app", &pp, &elsewhere).await);
+    assert_eq!((mismatch.code, mismatch.reason.as_str()), (422, "Invalid"));
+    let ten_minutes = token_request(&["aud"], Some(600));
+    sas.create_token_request("app", &pp, &ten_minutes)
+        .await
+        .unwrap();
+    assert_eq!(double.minted_count(), 1, "refused requests mint nothing");
+
+    // The ServiceAccount of another namespace is another one.
+    let other: Api<ServiceAccount> = Api::namespaced(double.client(), "team-b");
+    assert_eq!(
+        api_status(other.create_token_request("app", &pp, &hour).await).code,
+        404
+    );
+    double.shutdown().await;
 }
 
 mod controller {

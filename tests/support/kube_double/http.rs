@@ -15,6 +15,7 @@ use super::RequestRecord;
 use super::patch::{json_patch, merge_patch};
 use super::selector::Selector;
 use super::store::{ApiError, EventType, Gr, Key, Shared, Store, qualified, set_or_remove};
+use super::token_request;
 
 /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
@@ -150,6 +151,11 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         (&Method::DELETE, None) => "deletecollection",
         _ => "unknown",
     };
+    let bearer_token = header_value(header::AUTHORIZATION).and_then(|a| {
+        a.strip_prefix("Bearer ")
+            .or_else(|| a.strip_prefix("bearer "))
+            .map(str::to_string)
+    });
     shared.with(|s| {
         s.requests.push(RequestRecord {
             method: method.to_string(),
@@ -164,11 +170,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             content_type: content_type.clone(),
             accept: accept.clone(),
             field_manager: query.get("fieldManager").cloned(),
-            bearer_token: header_value(header::AUTHORIZATION).and_then(|a| {
-                a.strip_prefix("Bearer ")
-                    .or_else(|| a.strip_prefix("bearer "))
-                    .map(str::to_string)
-            }),
+            bearer_token: bearer_token.clone(),
         })
     });
     let Some(route) = route else {
@@ -188,13 +190,24 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
             ),
             (Method::GET, "/healthz" | "/livez" | "/readyz") => "ok".into_response(),
+            (Method::GET, "/.well-known/openid-configuration") => {
+                json_response(200, &shared.issuer.discovery())
+            }
+            (Method::GET, "/openid/v1/jwks") => {
+                let mut response = json_response(200, &shared.issuer.jwks());
+                let jwk_set = "application/jwk-set+json".parse().expect("valid header");
+                response.headers_mut().insert(header::CONTENT_TYPE, jwk_set);
+                response
+            }
             _ => unsupported(&method, &uri, 404, "NotFound"),
         };
     };
     let metadata_only = accept
         .as_deref()
         .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
-    if route.sub.as_deref().is_some_and(|s| s != "status") {
+    let token_request =
+        route.gr == token_request::service_accounts() && route.sub.as_deref() == Some("token");
+    if route.sub.as_deref().is_some_and(|s| s != "status") && !token_request {
         return unsupported(&method, &uri, 404, "NotFound");
     }
     if verb == "watch" {
@@ -205,6 +218,12 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Err(e) => return error(ApiError::bad_request(format!("reading the body: {e}"))),
     };
     let result = match verb {
+        "create" if token_request => parse_json(&body).and_then(|req| {
+            let namespace = route.namespace.as_deref().unwrap_or_default();
+            let name = route.name.as_deref().unwrap_or_default();
+            shared.with(|s| token_request::create(s, &shared.issuer, namespace, name, req))
+        }),
+        _ if token_request => return unsupported(&method, &uri, 405, "MethodNotAllowed"),
         "list" => shared.with(|s| list(s, &route, &query, metadata_only)),
         "get" => shared.with(|s| {
             let key = route.key(route.name.as_deref().unwrap_or_default());

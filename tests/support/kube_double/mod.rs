@@ -39,7 +39,22 @@
 //!   write. `propagationPolicy` is ignored;
 //! - any plural is served; the kind of one outside `store::KINDS` is learnt from the first
 //!   object written (lists need it);
-//! - `/version`, `/api`, `/apis` (no groups, no resource lists), `/healthz`; a log of every request.
+//! - `/version`, `/api`, `/apis` (no groups, no resource lists), `/healthz`; a log of every request;
+//! - the TokenRequest subresource (`token_request.rs`): `POST
+//!   /api/v1/namespaces/{ns}/serviceaccounts/{name}/token` with an `authentication.k8s.io/v1`
+//!   TokenRequest answers 201 with it echoed (name, namespace, creationTimestamp set) plus
+//!   `status: {token, expirationTimestamp}`. 404 when the ServiceAccount is not in the store;
+//!   422 when `spec.expirationSeconds` is under 600 (or over 2^32) or the body's name or
+//!   namespace differs from the URL's; `expirationSeconds` defaults to 3600 and empty
+//!   `audiences` to the issuer. The token is a JWT signed ES256 with a P-256 key made when the
+//!   double starts (header `alg`, `kid`), claims as the API server's: `iss`
+//!   ([`KubeApiDouble::SERVICE_ACCOUNT_ISSUER`]), `sub` `system:serviceaccount:{ns}:{name}`,
+//!   `aud` (an array), `exp`, `iat`, `nbf`, `jti` (a random UUID),
+//!   `kubernetes.io: {namespace, serviceaccount: {name, uid}}`. Every token is kept
+//!   ([`KubeApiDouble::minted_tokens`]);
+//! - the issuer's discovery, as the API server serves it: `/.well-known/openid-configuration`
+//!   (`jwks_uri` is the double's `/openid/v1/jwks`, [`KubeApiDouble::service_account_jwks_uri`])
+//!   and `/openid/v1/jwks` (the one EC key, `application/jwk-set+json`).
 //!
 //! What it does NOT implement: authentication, authorization, admission (webhooks,
 //! validating admission policies), OpenAPI/CEL validation, defaulting and per-kind logic
@@ -52,12 +67,16 @@
 //! resourceVersion semantics on get/list (always the latest); the rule that updates without a
 //! resourceVersion are refused for custom resources; namespace existence and Terminating
 //! namespaces; dryRun; deletecollection; grace periods; other subresources; discovery
-//! resource lists; protobuf; HTTP/2; TLS. Unsupported requests get 404/405 and a line on stderr.
+//! resource lists; protobuf; HTTP/2; TLS. For TokenRequest: `boundObjectRef` (ignored: no
+//! pod/secret/node claims, no binding), `--service-account-max-token-expiration`, key
+//! rotation, the TokenReview API, and accepting the tokens it issues as credentials.
+//! Unsupported requests get 404/405 and a line on stderr.
 
 mod http;
 mod patch;
 mod selector;
 mod store;
+mod token_request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +120,9 @@ impl ResourceKey {
     }
     pub fn secrets() -> Self {
         Self::custom("", "v1", "secrets", "Secret", true)
+    }
+    pub fn serviceaccounts() -> Self {
+        Self::custom("", "v1", "serviceaccounts", "ServiceAccount", true)
     }
     pub fn configmaps() -> Self {
         Self::custom("", "v1", "configmaps", "ConfigMap", true)
@@ -166,13 +188,17 @@ pub struct KubeApiDouble {
 }
 
 impl KubeApiDouble {
+    /// The `iss` of the ServiceAccount tokens the double issues (the API server's default,
+    /// `--service-account-issuer`), and their audience when a TokenRequest names none.
+    pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
     /// Starts serving on a free loopback port (needs a tokio runtime).
     pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(&format!("http://{addr}")));
         let app = http::router(shared.clone());
         let mut stop = shared.shutdown.subscribe();
         let server = tokio::spawn(async move {
@@ -318,6 +344,24 @@ impl KubeApiDouble {
                 .map(<[_]>::to_vec)
                 .unwrap_or_default()
         })
+    }
+
+    /// Where the double serves the ServiceAccount issuer's JWKS (`{url}/openid/v1/jwks`, also
+    /// the `jwks_uri` of `/.well-known/openid-configuration`). The issuer URL itself
+    /// ([`KubeApiDouble::SERVICE_ACCOUNT_ISSUER`]) does not resolve: a verifier is given this.
+    pub fn service_account_jwks_uri(&self) -> String {
+        self.shared.issuer.jwks_uri().to_string()
+    }
+
+    /// Every ServiceAccount token the TokenRequest subresource issued so far, in order: leak
+    /// tests search logs, Secrets and requests for them.
+    pub fn minted_tokens(&self) -> Vec<String> {
+        self.shared.with(|s| s.minted.clone())
+    }
+
+    /// How many ServiceAccount tokens were issued so far.
+    pub fn minted_count(&self) -> usize {
+        self.shared.with(|s| s.minted.len())
     }
 
     pub fn clear_requests(&self) {

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::RequestRecord;
+use super::token_request::Issuer;
 
 /// Events kept for watch replay; older ones are dropped and a watch from before them gets 410.
 const HISTORY_LIMIT: usize = 10_000;
@@ -25,8 +26,9 @@ pub struct KindInfo {
 
 const AT: &str = "audiencetoken.io";
 /// Resource types known from the start: (group, plural, kind, has a status subresource).
-const KINDS: [(&str, &str, &str, bool); 8] = [
+const KINDS: [(&str, &str, &str, bool); 9] = [
     ("", "secrets", "Secret", false),
+    ("", "serviceaccounts", "ServiceAccount", false),
     ("", "configmaps", "ConfigMap", false),
     ("", "namespaces", "Namespace", false),
     ("events.k8s.io", "events", "Event", false),
@@ -122,6 +124,8 @@ pub struct Store {
     pub compacted_rv: u64,
     pub kinds: HashMap<Gr, KindInfo>,
     pub requests: Vec<RequestRecord>,
+    /// Every token the TokenRequest subresource issued, in order.
+    pub minted: Vec<String>,
 }
 
 /// State shared by the HTTP server, the watch tasks and [`super::KubeApiDouble`].
@@ -130,10 +134,12 @@ pub struct Shared {
     /// Latest resourceVersion; watch tasks wait on it.
     pub rv_tx: watch::Sender<u64>,
     pub shutdown: watch::Sender<bool>,
+    pub issuer: Issuer,
 }
 
 impl Shared {
-    pub fn new() -> Self {
+    /// `url` is the double's own URL (for the issuer's `jwks_uri`).
+    pub fn new(url: &str) -> Self {
         let kinds = KINDS.map(|(group, plural, kind, status_subresource)| {
             let info = KindInfo {
                 kind: kind.to_string(),
@@ -149,11 +155,13 @@ impl Shared {
             compacted_rv: 0,
             kinds: kinds.into_iter().collect(),
             requests: Vec::new(),
+            minted: Vec::new(),
         };
         Shared {
             store: Mutex::new(store),
             rv_tx: watch::channel(0).0,
             shutdown: watch::channel(false).0,
+            issuer: Issuer::generate(url),
         }
     }
 
