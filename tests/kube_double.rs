@@ -11,6 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -836,7 +837,10 @@ async fn token_request_refuses_a_missing_service_account_and_short_expirations()
     let invalid = api_status(sas.create_token_request("app", &pp, &short).await);
     assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
     assert!(
-        invalid.message.ends_with("spec.expirationSeconds: Invalid value: 599: may not specify a duration less than 10 minutes"),
+        invalid.message.ends_with(
+            "spec.expirationSeconds: Invalid value: 599: \
+             may not specify a duration less than 10 minutes"
+        ),
         "{}",
         invalid.message
     );
@@ -856,6 +860,173 @@ async fn token_request_refuses_a_missing_service_account_and_short_expirations()
         api_status(other.create_token_request("app", &pp, &hour).await).code,
         404
     );
+    double.shutdown().await;
+}
+
+/// A kube client of the double that sends `token` as its bearer token.
+async fn client_with_token(double: &KubeApiDouble, token: &str) -> Client {
+    let yaml = double.kubeconfig_yaml_with_token(token);
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// A Role or ClusterRole allowing `create serviceaccounts/token`, on `resource_names` only
+/// when given.
+fn token_minter<K: serde::de::DeserializeOwned>(name: &str, resource_names: Option<&[&str]>) -> K {
+    let mut rule =
+        json!({"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]});
+    if let Some(names) = resource_names {
+        rule["resourceNames"] = json!(names);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "rules": [rule]})).unwrap()
+}
+
+fn binding<K: serde::de::DeserializeOwned>(
+    name: &str,
+    subject: Value,
+    role_kind: &str,
+    role: &str,
+) -> K {
+    let role_ref =
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role});
+    serde_json::from_value(
+        json!({"metadata": {"name": name}, "subjects": [subject], "roleRef": role_ref}),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_request_from_an_authenticated_identity_needs_an_rbac_grant() {
+    const OPERATOR: &str = "system:serviceaccount:operators:audience-token-operator";
+    let double = KubeApiDouble::start().await;
+    let pp = PostParams::default();
+    let admin = double.client();
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "team-a");
+    for name in ["app", "other"] {
+        create_service_account(&sas, name).await;
+    }
+    double.authenticate("operator-token", OPERATOR);
+    let operator = client_with_token(&double, "operator-token").await;
+    let as_operator: Api<ServiceAccount> = Api::namespaced(operator.clone(), "team-a");
+    let hour = token_request(&["https://idp.example"], Some(3600));
+
+    let refused = api_status(as_operator.create_token_request("app", &pp, &hour).await);
+    assert_eq!((refused.code, refused.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        refused.message,
+        format!(
+            "serviceaccounts \"app\" is forbidden: User \"{OPERATOR}\" cannot create resource \
+             \"serviceaccounts/token\" in API group \"\" in the namespace \"team-a\""
+        )
+    );
+    // Authorization comes first, as on the real server: no hint whether it exists.
+    assert_eq!(
+        api_status(as_operator.create_token_request("ghost", &pp, &hour).await).code,
+        403
+    );
+
+    // A Role for `app` only, bound to the operator's ServiceAccount: takes effect at once.
+    let roles: Api<Role> = Api::namespaced(admin.clone(), "team-a");
+    roles
+        .create(&pp, &token_minter::<Role>("mint-app", Some(&["app"])))
+        .await
+        .unwrap();
+    let operator_sa = json!({"kind": "ServiceAccount", "name": "audience-token-operator",
+                             "namespace": "operators"});
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), "team-a");
+    let bound = binding(
+        "operator-mints-app",
+        operator_sa.clone(),
+        "Role",
+        "mint-app",
+    );
+    bindings.create(&pp, &bound).await.unwrap();
+    // Ordinary objects in the store.
+    let stored = double.get(
+        &ResourceKey::rolebindings(),
+        Some("team-a"),
+        "operator-mints-app",
+    );
+    assert_eq!(stored.unwrap()["roleRef"]["name"], "mint-app");
+    assert_eq!(double.list(&ResourceKey::roles(), Some("team-a")).len(), 1);
+    let answered = as_operator
+        .create_token_request("app", &pp, &hour)
+        .await
+        .unwrap();
+    let token = answered.status.unwrap().token;
+    let claims = verify(&double, &token, "https://idp.example").await;
+    assert_eq!(claims["sub"], "system:serviceaccount:team-a:app");
+
+    // resourceNames names `app`: no grant for `other`, nor for `app` in another namespace.
+    let other = api_status(as_operator.create_token_request("other", &pp, &hour).await);
+    assert_eq!((other.code, other.reason.as_str()), (403, "Forbidden"));
+    assert!(
+        other
+            .message
+            .starts_with(r#"serviceaccounts "other" is forbidden"#)
+    );
+    let team_b: Api<ServiceAccount> = Api::namespaced(admin.clone(), "team-b");
+    create_service_account(&team_b, "app").await;
+    let as_operator_b: Api<ServiceAccount> = Api::namespaced(operator, "team-b");
+    assert_eq!(
+        api_status(as_operator_b.create_token_request("app", &pp, &hour).await).code,
+        403
+    );
+
+    // A ClusterRole bound cluster-wide to a User, with no resourceNames: anywhere, any name.
+    double.authenticate("alice-token", "alice");
+    let as_alice: Api<ServiceAccount> =
+        Api::namespaced(client_with_token(&double, "alice-token").await, "team-b");
+    assert_eq!(
+        api_status(as_alice.create_token_request("app", &pp, &hour).await).code,
+        403
+    );
+    let minter: ClusterRole = token_minter("minter", None);
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&pp, &minter)
+        .await
+        .unwrap();
+    let alice = json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "alice"});
+    let cluster_binding: ClusterRoleBinding =
+        binding("alice-mints", alice, "ClusterRole", "minter");
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&pp, &cluster_binding)
+        .await
+        .unwrap();
+    as_alice
+        .create_token_request("app", &pp, &hour)
+        .await
+        .unwrap();
+    assert_eq!(
+        api_status(as_operator_b.create_token_request("app", &pp, &hour).await).code,
+        403,
+        "alice's grant is hers"
+    );
+
+    // Deleting the RoleBinding takes the grant away at once.
+    bindings
+        .delete("operator-mints-app", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        api_status(as_operator.create_token_request("app", &pp, &hour).await).code,
+        403
+    );
+
+    // No bearer token, or one never authenticated: not checked.
+    sas.create_token_request("other", &pp, &hour).await.unwrap();
+    let stranger = client_with_token(&double, "unknown-token").await;
+    Api::<ServiceAccount>::namespaced(stranger, "team-a")
+        .create_token_request("other", &pp, &hour)
+        .await
+        .unwrap();
+
+    assert_eq!(double.minted_count(), 4, "refused requests mint nothing");
+    assert_eq!(double.minted_tokens()[0], token);
     double.shutdown().await;
 }
 

@@ -221,7 +221,10 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         "create" if token_request => parse_json(&body).and_then(|req| {
             let namespace = route.namespace.as_deref().unwrap_or_default();
             let name = route.name.as_deref().unwrap_or_default();
-            shared.with(|s| token_request::create(s, &shared.issuer, namespace, name, req))
+            let bearer_token = bearer_token.as_deref();
+            shared.with(|s| {
+                token_request::create(s, &shared.issuer, namespace, name, bearer_token, req)
+            })
         }),
         _ if token_request => return unsupported(&method, &uri, 405, "MethodNotAllowed"),
         "list" => shared.with(|s| list(s, &route, &query, metadata_only)),

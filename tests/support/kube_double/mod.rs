@@ -54,10 +54,24 @@
 //!   ([`KubeApiDouble::minted_tokens`]);
 //! - the issuer's discovery, as the API server serves it: `/.well-known/openid-configuration`
 //!   (`jwks_uri` is the double's `/openid/v1/jwks`, [`KubeApiDouble::service_account_jwks_uri`])
-//!   and `/openid/v1/jwks` (the one EC key, `application/jwk-set+json`).
+//!   and `/openid/v1/jwks` (the one EC key, `application/jwk-set+json`);
+//! - authorization **for the TokenRequest subresource only**: a request whose bearer token was
+//!   given a user name with [`KubeApiDouble::authenticate`] is allowed only when the RBAC
+//!   objects in the store grant it, evaluated at request time (a binding created or deleted
+//!   takes effect at once), before anything else (403 even for a missing ServiceAccount):
+//!   a RoleBinding in the namespace (to a Role there or a ClusterRole) or a
+//!   ClusterRoleBinding (to a ClusterRole) with a `User` subject of that name or a
+//!   `ServiceAccount` subject matching `system:serviceaccount:{ns}:{name}` (its namespace
+//!   defaulting to the binding's), and a rule with apiGroups `""`/`*`, resources
+//!   `serviceaccounts/token`/`*/token`/`*`, verbs `create`/`*`, and no resourceNames or the
+//!   ServiceAccount's name. Otherwise 403 Forbidden with the real server's message. Requests
+//!   with no bearer token or an unknown one are not checked (the tests' clients act as
+//!   cluster admin). Roles and bindings are ordinary objects (`ResourceKey::roles()` etc.).
 //!
-//! What it does NOT implement: authentication, authorization, admission (webhooks,
-//! validating admission policies), OpenAPI/CEL validation, defaulting and per-kind logic
+//! What it does NOT implement: authentication and authorization (beyond the TokenRequest
+//! check above: no Group subjects, no aggregated ClusterRoles, no other resource or verb is
+//! ever refused), admission (webhooks, validating admission policies), OpenAPI/CEL
+//! validation, defaulting and per-kind logic
 //! (a Secret's `stringData` is not folded into `data`, no `type: Opaque` default), schema pruning,
 //! version conversion (objects are stored as written, `apiVersion` is taken from the URL);
 //! real server-side apply (no field ownership or managedFields, no conflicts, no removal of
@@ -85,7 +99,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use store::{Gr, KindInfo, Shared};
+use store::{Gr, KindInfo, RBAC, Shared};
 
 /// A resource type: group (empty for core), version, plural, scope and kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +149,24 @@ impl ResourceKey {
     }
     pub fn leases() -> Self {
         Self::custom("coordination.k8s.io", "v1", "leases", "Lease", true)
+    }
+    pub fn roles() -> Self {
+        Self::custom(RBAC, "v1", "roles", "Role", true)
+    }
+    pub fn rolebindings() -> Self {
+        Self::custom(RBAC, "v1", "rolebindings", "RoleBinding", true)
+    }
+    pub fn clusterroles() -> Self {
+        Self::custom(RBAC, "v1", "clusterroles", "ClusterRole", false)
+    }
+    pub fn clusterrolebindings() -> Self {
+        Self::custom(
+            RBAC,
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+        )
     }
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
@@ -241,9 +273,10 @@ impl KubeApiDouble {
         )
     }
 
-    /// Like [`KubeApiDouble::kubeconfig_yaml`], with a bearer `token` that the double does
-    /// not check but records ([`RequestRecord::bearer_token`]): a test gives its process
-    /// under test its own token to single out that process's requests.
+    /// Like [`KubeApiDouble::kubeconfig_yaml`], with a bearer `token` that the double records
+    /// ([`RequestRecord::bearer_token`]): a test gives its process under test its own token
+    /// to single out that process's requests. The double checks it only for TokenRequests,
+    /// and only once [`KubeApiDouble::authenticate`] named its user.
     pub fn kubeconfig_yaml_with_token(&self, token: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-double\n  cluster:\n    server: {}\n\
@@ -344,6 +377,15 @@ impl KubeApiDouble {
                 .map(<[_]>::to_vec)
                 .unwrap_or_default()
         })
+    }
+
+    /// Makes requests bearing `bearer_token` those of `username` (e.g.
+    /// `system:serviceaccount:{ns}:{name}`) for the one check the double makes: a TokenRequest
+    /// from them needs an RBAC grant in the store. Requests with no bearer token or one never
+    /// given here are not checked (the tests' own clients act as cluster admin).
+    pub fn authenticate(&self, bearer_token: &str, username: &str) {
+        let (token, user) = (bearer_token.to_string(), username.to_string());
+        self.shared.with(|s| s.identities.insert(token, user));
     }
 
     /// Where the double serves the ServiceAccount issuer's JWKS (`{url}/openid/v1/jwks`, also

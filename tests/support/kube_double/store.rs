@@ -25,14 +25,19 @@ pub struct KindInfo {
 }
 
 const AT: &str = "audiencetoken.io";
+pub const RBAC: &str = "rbac.authorization.k8s.io";
 /// Resource types known from the start: (group, plural, kind, has a status subresource).
-const KINDS: [(&str, &str, &str, bool); 9] = [
+const KINDS: [(&str, &str, &str, bool); 13] = [
     ("", "secrets", "Secret", false),
     ("", "serviceaccounts", "ServiceAccount", false),
     ("", "configmaps", "ConfigMap", false),
     ("", "namespaces", "Namespace", false),
     ("events.k8s.io", "events", "Event", false),
     ("coordination.k8s.io", "leases", "Lease", false),
+    (RBAC, "roles", "Role", false),
+    (RBAC, "rolebindings", "RoleBinding", false),
+    (RBAC, "clusterroles", "ClusterRole", false),
+    (RBAC, "clusterrolebindings", "ClusterRoleBinding", false),
     (AT, "audiencetokens", "AudienceToken", true),
     (AT, "tokenissuers", "TokenIssuer", true),
     (AT, "clustertokenissuers", "ClusterTokenIssuer", true),
@@ -126,6 +131,8 @@ pub struct Store {
     pub requests: Vec<RequestRecord>,
     /// Every token the TokenRequest subresource issued, in order.
     pub minted: Vec<String>,
+    /// Bearer token -> user name, for the TokenRequest authorization check.
+    pub identities: HashMap<String, String>,
 }
 
 /// State shared by the HTTP server, the watch tasks and [`super::KubeApiDouble`].
@@ -156,6 +163,7 @@ impl Shared {
             kinds: kinds.into_iter().collect(),
             requests: Vec::new(),
             minted: Vec::new(),
+            identities: HashMap::new(),
         };
         Shared {
             store: Mutex::new(store),

@@ -1,5 +1,7 @@
-//! The TokenRequest subresource (`POST .../serviceaccounts/{name}/token`) and the
-//! service-account issuer's discovery documents.
+//! The TokenRequest subresource (`POST .../serviceaccounts/{name}/token`), the
+//! service-account issuer's discovery documents, and the one authorization check the double
+//! makes: RBAC for that subresource, evaluated at request time against the Roles and
+//! bindings in the store.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,7 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::KubeApiDouble;
-use super::store::{ApiError, Gr, Store, now};
+use super::store::{ApiError, Gr, RBAC, Store, now};
 
 const MIN_EXPIRATION_SECONDS: i64 = 600;
 const MAX_EXPIRATION_SECONDS: i64 = 1 << 32;
@@ -17,6 +19,10 @@ const DEFAULT_EXPIRATION_SECONDS: i64 = 3600;
 
 pub fn service_accounts() -> Gr {
     (String::new(), "serviceaccounts".to_string())
+}
+
+fn rbac(plural: &str) -> Gr {
+    (RBAC.to_string(), plural.to_string())
 }
 
 /// The double's service-account token issuer: a P-256 key made at start.
@@ -80,7 +86,8 @@ impl Issuer {
 
 fn invalid(field: &str, value: &Value, reason: &str) -> ApiError {
     let message = format!(
-        "TokenRequest.authentication.k8s.io \"\" is invalid: {field}: Invalid value: {value}: {reason}"
+        "TokenRequest.authentication.k8s.io \"\" is invalid: {field}: \
+         Invalid value: {value}: {reason}"
     );
     ApiError::new(422, "Invalid", message)
 }
@@ -104,15 +111,20 @@ fn uuid() -> String {
 }
 
 /// `POST /api/v1/namespaces/{namespace}/serviceaccounts/{name}/token`, checked in the real
-/// server's order: the body's name and namespace, the ServiceAccount, the expiration.
-/// Answers the TokenRequest with `status` set, and keeps the token.
+/// server's order: authorization (only for a bearer token given to
+/// [`KubeApiDouble::authenticate`]), the body's name and namespace, the ServiceAccount, the
+/// expiration. Answers the TokenRequest with `status` set, and keeps the token.
 pub fn create(
     s: &mut Store,
     issuer: &Issuer,
     namespace: &str,
     name: &str,
+    bearer_token: Option<&str>,
     mut req: Value,
 ) -> Result<(u16, Value), ApiError> {
+    if let Some(user) = bearer_token.and_then(|t| s.identities.get(t)) {
+        authorize(s, user, namespace, name)?;
+    }
     if !req.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
@@ -171,4 +183,77 @@ pub fn create(
     let expires = jiff::Timestamp::from_second(exp).expect("a valid time");
     req["status"] = json!({"token": token, "expirationTimestamp": expires.to_string()});
     Ok((201, req))
+}
+
+/// RBAC as the real authorizer evaluates it, for `create serviceaccounts/token` on `name`
+/// only: a RoleBinding in `namespace` (to a Role there or a ClusterRole) or a
+/// ClusterRoleBinding (to a ClusterRole), with `user` among its subjects and a rule allowing
+/// the request. No Group subjects, no aggregated ClusterRoles.
+fn authorize(s: &Store, user: &str, namespace: &str, name: &str) -> Result<(), ApiError> {
+    let granted = s.objects.iter().any(|((gr, ns, _), binding)| {
+        let binding_ns = match gr {
+            gr if *gr == rbac("rolebindings") && ns == namespace => namespace,
+            gr if *gr == rbac("clusterrolebindings") => "",
+            _ => return false,
+        };
+        let mut subjects = binding["subjects"].as_array().into_iter().flatten();
+        subjects.any(|sub| is_subject(sub, user, binding_ns))
+            && role_of(s, binding, binding_ns).is_some_and(|role| grants(role, name))
+    });
+    if granted {
+        return Ok(());
+    }
+    let message = format!(
+        "serviceaccounts \"{name}\" is forbidden: User \"{user}\" cannot create resource \
+         \"serviceaccounts/token\" in API group \"\" in the namespace \"{namespace}\""
+    );
+    Err(ApiError::new(403, "Forbidden", message))
+}
+
+/// A `User` subject names the user; a `ServiceAccount` subject (namespace defaulting to the
+/// binding's) matches `system:serviceaccount:{namespace}:{name}`.
+fn is_subject(subject: &Value, user: &str, binding_ns: &str) -> bool {
+    let name = subject["name"].as_str().unwrap_or_default();
+    match subject["kind"].as_str() {
+        Some("User") => name == user,
+        Some("ServiceAccount") => {
+            let ns = (subject["namespace"].as_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(binding_ns);
+            !ns.is_empty() && user == format!("system:serviceaccount:{ns}:{name}")
+        }
+        _ => false,
+    }
+}
+
+fn role_of<'a>(s: &'a Store, binding: &Value, binding_ns: &str) -> Option<&'a Value> {
+    let role_ref = &binding["roleRef"];
+    let name = role_ref["name"].as_str()?.to_string();
+    let key = match role_ref["kind"].as_str()? {
+        "Role" if !binding_ns.is_empty() => (rbac("roles"), binding_ns.to_string(), name),
+        "ClusterRole" => (rbac("clusterroles"), String::new(), name),
+        _ => return None,
+    };
+    s.objects.get(&key)
+}
+
+/// A rule of `role` allows `create` on `serviceaccounts/token` in the core group for the
+/// ServiceAccount `name`.
+fn grants(role: &Value, name: &str) -> bool {
+    let any_of = |rule: &Value, field: &str, wanted: &[&str]| {
+        (rule[field].as_array().into_iter().flatten())
+            .any(|v| v.as_str().is_some_and(|v| wanted.contains(&v)))
+    };
+    (role["rules"].as_array().into_iter().flatten()).any(|rule| {
+        any_of(rule, "apiGroups", &["", "*"])
+            && any_of(
+                rule,
+                "resources",
+                &["serviceaccounts/token", "*/token", "*"],
+            )
+            && any_of(rule, "verbs", &["create", "*"])
+            && (rule["resourceNames"].as_array()).is_none_or(|names| {
+                names.is_empty() || names.iter().any(|n| n.as_str() == Some(name))
+            })
+    })
 }
