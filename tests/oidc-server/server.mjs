@@ -12,6 +12,9 @@
 //     server.pem, server-key.pem and self-signed-client.pem: the issuer is
 //     https://127.0.0.1:PORT, a second HTTPS listener asks for client certificates, and the
 //     ready line is {"issuer":"https://127.0.0.1:P1","mtls_token_endpoint":"https://127.0.0.1:P2/token"};
+//   * federation mode, when OIDC_SERVER_FEDERATION_ISSUER is set (see "Federation mode"
+//     below): Kubernetes ServiceAccount tokens authenticate clients m2m-federated and
+//     m2m-federated-entra, and are exchanged (RFC 8693) by m2m-exchange;
 //   * exits on SIGTERM, SIGINT, and when its stdin closes (so a crashed harness never
 //     leaves it running).
 //
@@ -39,6 +42,8 @@ const expectedDevWarnings = [
   'quick start development-only in-memory adapter',
   'quick start development-only feature devInteractions',
   'Unsupported runtime',
+  // The middleware below reads some token requests' bodies itself, on purpose.
+  'already parsed request body detected',
 ];
 console.warn = (...args) => {
   const text = args.map(String).join(' ');
@@ -271,6 +276,196 @@ function mtlsClients(selfSignedPem) {
   ];
 }
 
+// ---------------------------------------------------------------------------------------
+// Federation mode: Kubernetes ServiceAccount tokens as credentials, as Entra ID workload
+// identity federation and Keycloak's federated client authentication accept them, and the
+// RFC 8693 token-exchange grant. On only when OIDC_SERVER_FEDERATION_ISSUER is set:
+//   OIDC_SERVER_FEDERATION_ISSUER     the `iss` the ServiceAccount tokens must carry (the
+//                                     cluster's service-account issuer)
+//   OIDC_SERVER_FEDERATION_JWKS_URI   the cluster's public keys, fetched from this URL (as
+//                                     Entra ID and Keycloak fetch /openid/v1/jwks), or
+//   OIDC_SERVER_FEDERATION_JWKS_FILE  a JWKS JSON file, read at start (for clusters whose
+//                                     JWKS needs authentication: the harness fetches it)
+//   OIDC_SERVER_FEDERATION_NAMESPACE  the namespace of the trusted ServiceAccounts
+// ---------------------------------------------------------------------------------------
+const GRANT_TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const TOKEN_TYPE_JWT = 'urn:ietf:params:oauth:token-type:jwt';
+const TOKEN_TYPE_ACCESS_TOKEN = 'urn:ietf:params:oauth:token-type:access_token';
+const JWT_BEARER_ASSERTION = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+// The audience Entra ID requires in a federated credential's token.
+const ENTRA_AUDIENCE = 'api://AzureADTokenExchange';
+// The signature algorithms the Kubernetes API server signs ServiceAccount tokens with.
+const SERVICE_ACCOUNT_TOKEN_ALGS = ['RS256', 'ES256', 'ES384', 'ES512'];
+// Allowed clock difference for `exp` and `nbf`, seconds.
+const FEDERATION_CLOCK_SKEW = 30;
+
+function readFederation(env) {
+  const {
+    OIDC_SERVER_FEDERATION_ISSUER: trustedIssuer,
+    OIDC_SERVER_FEDERATION_JWKS_URI: jwksUri,
+    OIDC_SERVER_FEDERATION_JWKS_FILE: jwksFile,
+    OIDC_SERVER_FEDERATION_NAMESPACE: namespace,
+  } = env;
+  if (!trustedIssuer) {
+    if (jwksUri || jwksFile || namespace) {
+      throw new Error('OIDC_SERVER_FEDERATION_* is set without OIDC_SERVER_FEDERATION_ISSUER');
+    }
+    return undefined;
+  }
+  if (!namespace) throw new Error('OIDC_SERVER_FEDERATION_NAMESPACE is required in federation mode');
+  if (Boolean(jwksUri) === Boolean(jwksFile)) {
+    throw new Error('federation mode needs exactly one of OIDC_SERVER_FEDERATION_JWKS_URI and OIDC_SERVER_FEDERATION_JWKS_FILE');
+  }
+  let keys;
+  let keysFrom;
+  if (jwksUri) {
+    // Fetched at the first token that needs it, cached for 10 minutes; an unknown `kid`
+    // makes it fetch again, at most every 30 s (jose's defaults).
+    keys = jose.createRemoteJWKSet(new URL(jwksUri));
+    keysFrom = jwksUri;
+  } else {
+    let document;
+    try {
+      document = JSON.parse(fs.readFileSync(jwksFile, 'utf8'));
+    } catch (err) {
+      throw new Error(`OIDC_SERVER_FEDERATION_JWKS_FILE: cannot read ${jwksFile}: ${err.message}`);
+    }
+    keys = jose.createLocalJWKSet(document);
+    keysFrom = jwksFile;
+  }
+  return {
+    issuer: trustedIssuer, keys, keysFrom, namespace,
+  };
+}
+
+const federation = readFederation(process.env);
+
+// The ServiceAccount each federated client trusts, and the `aud` its tokens must hold (the
+// issuer identifier is known only once the server listens, hence a function).
+//   FEDERATED_CLIENTS  client_credentials, authenticated by the token as client_assertion;
+//   EXCHANGE_CLIENTS   token exchange, the token as subject_token.
+const FEDERATED_CLIENTS = {
+  'm2m-federated': { serviceAccount: 'idp-federated', audience: () => issuer },
+  'm2m-federated-entra': { serviceAccount: 'idp-federated-entra', audience: () => ENTRA_AUDIENCE },
+};
+const EXCHANGE_CLIENTS = {
+  'm2m-exchange': { serviceAccount: 'workload-exchange', audience: () => issuer },
+};
+
+// The federated clients are registered with client_secret_post and a secret generated
+// here, which never leaves this process: the middleware in front of the token endpoint
+// verifies the ServiceAccount token and, only then, hands the request to oidc-provider
+// authenticated with this secret (oidc-provider's private_key_jwt wants iss = sub =
+// client_id, which a ServiceAccount token never has).
+const INTERNAL_SECRETS = new Map();
+
+function federatedClients() {
+  if (!federation) return [];
+  const clients = Object.keys(FEDERATED_CLIENTS).map((clientId) => {
+    const secret = crypto.randomBytes(32).toString('base64url');
+    INTERNAL_SECRETS.set(clientId, secret);
+    return m2mClient(clientId, secret, 'client_secret_post');
+  });
+  const exchange = Object.keys(EXCHANGE_CLIENTS).map((clientId) => ({
+    client_id: clientId,
+    token_endpoint_auth_method: 'none',
+    grant_types: [GRANT_TOKEN_EXCHANGE],
+    redirect_uris: [],
+    response_types: [],
+    scope: ALL_SCOPES,
+  }));
+  return [...clients, ...exchange];
+}
+
+// Access tokens issued by the token exchange -> the ServiceAccount subject they are about
+// (their JWT `sub`, set by formats.customizers.jwt).
+const EXCHANGE_SUBJECTS = new WeakMap();
+
+// A ServiceAccount token that is refused; `message` says why (never the token itself).
+class ServiceAccountTokenRefused extends Error {}
+
+const subjectOf = (serviceAccount) => `system:serviceaccount:${federation.namespace}:${serviceAccount}`;
+
+// Verifies a ServiceAccount token as Entra ID and Keycloak do: the signature with the
+// cluster's keys, `iss` exactly the trusted issuer, `exp` and `nbf` (FEDERATION_CLOCK_SKEW),
+// `aud` holding `trust.audience()`, `sub` exactly the trusted ServiceAccount. Returns the
+// claims; throws ServiceAccountTokenRefused, or another error when the keys cannot be had.
+async function verifyServiceAccountToken(token, trust) {
+  if (typeof token !== 'string' || token.split('.').length !== 3) {
+    throw new ServiceAccountTokenRefused('it is not a JWT (JWS compact serialization)');
+  }
+  let header;
+  try {
+    header = jose.decodeProtectedHeader(token);
+  } catch {
+    throw new ServiceAccountTokenRefused('its JWS header cannot be decoded');
+  }
+  if (!SERVICE_ACCOUNT_TOKEN_ALGS.includes(header.alg)) {
+    throw new ServiceAccountTokenRefused(
+      `it is signed with alg ${header.alg}, not one of ${SERVICE_ACCOUNT_TOKEN_ALGS.join(', ')}`,
+    );
+  }
+  const kid = header.kid === undefined ? 'no kid' : `kid "${header.kid}"`;
+  let claims;
+  try {
+    ({ payload: claims } = await jose.jwtVerify(token, federation.keys, {
+      algorithms: SERVICE_ACCOUNT_TOKEN_ALGS,
+      clockTolerance: FEDERATION_CLOCK_SKEW,
+      requiredClaims: ['iss', 'sub', 'aud', 'exp'],
+    }));
+  } catch (err) {
+    const now = Math.floor(Date.now() / 1000);
+    switch (err.code) {
+      case 'ERR_JWKS_NO_MATCHING_KEY':
+        throw new ServiceAccountTokenRefused(`its ${kid} names no key of the trusted JWKS`);
+      case 'ERR_JWKS_MULTIPLE_MATCHING_KEYS':
+        throw new ServiceAccountTokenRefused(`its ${kid} matches several keys of the trusted JWKS`);
+      case 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED':
+        throw new ServiceAccountTokenRefused(`its signature does not verify with the trusted key (${kid})`);
+      case 'ERR_JWT_EXPIRED':
+        throw new ServiceAccountTokenRefused(
+          `it expired (exp ${err.payload?.exp}, now ${now}, ${FEDERATION_CLOCK_SKEW} s clock skew allowed)`,
+        );
+      case 'ERR_JWT_CLAIM_VALIDATION_FAILED':
+        if (err.reason === 'missing') throw new ServiceAccountTokenRefused(`it has no "${err.claim}" claim`);
+        if (err.claim === 'nbf') {
+          throw new ServiceAccountTokenRefused(
+            `it is not valid yet (nbf ${err.payload?.nbf}, now ${now}, ${FEDERATION_CLOCK_SKEW} s clock skew allowed)`,
+          );
+        }
+        throw new ServiceAccountTokenRefused(`its "${err.claim}" claim is invalid (${err.message})`);
+      case 'ERR_JWT_INVALID':
+      case 'ERR_JWS_INVALID':
+        throw new ServiceAccountTokenRefused(`it is not a valid JWT (${err.message})`);
+      case 'ERR_JOSE_ALG_NOT_ALLOWED':
+      case 'ERR_JOSE_NOT_SUPPORTED':
+        throw new ServiceAccountTokenRefused(`its alg cannot be used with the trusted key (${err.message})`);
+      default:
+        // The keys could not be fetched or read: not the client's fault.
+        throw new Error(`cannot verify ServiceAccount tokens with the keys from ${federation.keysFrom}: ${err.message}`);
+    }
+  }
+  if (claims.iss !== federation.issuer) {
+    throw new ServiceAccountTokenRefused(
+      `its iss ${JSON.stringify(claims.iss)} is not the trusted issuer ${JSON.stringify(federation.issuer)}`,
+    );
+  }
+  const audience = trust.audience();
+  const audiences = Array.isArray(claims.aud) ? claims.aud : [claims.aud];
+  if (!audiences.includes(audience)) {
+    throw new ServiceAccountTokenRefused(
+      `its aud ${JSON.stringify(claims.aud)} does not contain ${JSON.stringify(audience)}`,
+    );
+  }
+  const subject = subjectOf(trust.serviceAccount);
+  if (claims.sub !== subject) {
+    throw new ServiceAccountTokenRefused(
+      `its sub ${JSON.stringify(claims.sub)} is not the trusted ServiceAccount ${JSON.stringify(subject)}`,
+    );
+  }
+  return claims;
+}
+
 const GRACE_CLIENT = 'm2m-refresh-grace';
 // The client of a person's login (see CLIENTS).
 const LOGIN_CLIENT = 'login-client';
@@ -355,6 +550,8 @@ const CLIENTS = [
     scope: `openid offline_access ${ALL_SCOPES}`,
   },
   ...(mtlsFiles ? mtlsClients(mtlsFiles.selfSignedClient) : []),
+  // Federation mode only: m2m-federated, m2m-federated-entra and m2m-exchange.
+  ...federatedClients(),
 ];
 
 // The algorithms a DPoP proof may be signed with (oidc-provider's default is ES256 and EdDSA).
@@ -406,6 +603,9 @@ const secretsSeen = {
   refreshTokens: new Set(),
   clientAssertions: new Set(),
   clientSecrets: new Set(),
+  // Federation mode: ServiceAccount tokens received as the client_assertion of a federated
+  // client (these are in clientAssertions too) or as the subject_token of a token exchange.
+  serviceAccountTokens: new Set(),
 };
 const remember = (kind, value) => {
   if (typeof value === 'string' && value !== '') secretsSeen[kind].add(value);
@@ -415,9 +615,14 @@ const remember = (kind, value) => {
 // Basic header or the form, client assertion, refresh token) and those in the response.
 function recordTokenRequestSecrets(ctx) {
   const body = ctx.oidc?.body ?? {};
-  remember('clientSecrets', body.client_secret);
+  // The internal secret of a federated client was put there by this server (see
+  // authenticateFederatedClient, which records the client's own credentials).
+  if (![...INTERNAL_SECRETS.values()].includes(body.client_secret)) {
+    remember('clientSecrets', body.client_secret);
+  }
   remember('clientAssertions', body.client_assertion);
   remember('refreshTokens', body.refresh_token);
+  remember('serviceAccountTokens', body.subject_token);
   const match = /^basic\s+(.+)$/i.exec(ctx.get('authorization'));
   if (match) {
     const decoded = Buffer.from(match[1], 'base64').toString('utf8');
@@ -443,7 +648,7 @@ function recordTokenRequestSecrets(ctx) {
 function requestClientId(ctx) {
   const authenticated = ctx.oidc?.client?.clientId;
   if (authenticated) return authenticated;
-  const fromBody = ctx.oidc?.params?.client_id;
+  const fromBody = ctx.oidc?.params?.client_id ?? ctx.state.tokenForm?.get('client_id');
   if (fromBody) return fromBody;
   const assertion = ctx.oidc?.params?.client_assertion;
   if (typeof assertion === 'string') {
@@ -618,6 +823,9 @@ const config = {
       jwt(ctx, token, jwt) {
         const extra = EXTRA_AUDIENCES[token.aud];
         if (extra) jwt.payload.aud = [token.aud, ...extra];
+        // A token-exchange token is about the subject token's ServiceAccount, not the client.
+        const subject = EXCHANGE_SUBJECTS.get(token);
+        if (subject) jwt.payload.sub = subject;
       },
     },
   },
@@ -632,6 +840,105 @@ const config = {
 const provider = new Provider(issuer, config);
 const tokenPath = new URL(provider.urlFor('token')).pathname;
 if (tokenPath !== TOKEN_PATH) throw new Error(`token endpoint at ${tokenPath}, not ${TOKEN_PATH}`);
+
+// ---------------------------------------------------------------------------------------
+// RFC 8693 token exchange (federation mode only): a ServiceAccount token as subject_token
+// (subject_token_type ...:jwt) for an access token for one resource server. No actor
+// tokens (no delegation). The clients of EXCHANGE_CLIENTS are public (method none).
+// ---------------------------------------------------------------------------------------
+// A parameter given once or several times, as a list.
+const paramValues = (value) => {
+  if (value === undefined) return [];
+  return Array.isArray(value) ? value : [value];
+};
+
+async function tokenExchange(ctx) {
+  const { params, client } = ctx.oidc;
+  const trust = EXCHANGE_CLIENTS[client.clientId];
+  if (!trust) throw new errors.UnauthorizedClient(`${client.clientId} may not exchange tokens`);
+  if (params.actor_token !== undefined || params.actor_token_type !== undefined) {
+    throw new errors.InvalidRequest('actor_token is not supported (no delegation)');
+  }
+  if (!params.subject_token) throw new errors.InvalidRequest("missing required parameter 'subject_token'");
+  if (!params.subject_token_type) {
+    throw new errors.InvalidRequest("missing required parameter 'subject_token_type'");
+  }
+  if (params.subject_token_type !== TOKEN_TYPE_JWT) {
+    throw new errors.InvalidRequest(
+      `subject_token_type ${params.subject_token_type} is not supported: only ${TOKEN_TYPE_JWT} (a Kubernetes ServiceAccount token)`,
+    );
+  }
+  let claims;
+  try {
+    claims = await verifyServiceAccountToken(params.subject_token, trust);
+  } catch (err) {
+    if (err instanceof ServiceAccountTokenRefused) {
+      throw new errors.InvalidRequest(`the subject_token is refused: ${err.message}`);
+    }
+    throw err;
+  }
+
+  // The target: one resource (RFC 8707) or one audience, naming a resource server.
+  const targets = [...new Set([...paramValues(params.resource), ...paramValues(params.audience)])];
+  if (targets.length === 0) {
+    throw new errors.InvalidRequest('resource or audience is required (the resource server the token is for)');
+  }
+  if (targets.length > 1) {
+    throw new errors.InvalidTarget(`one resource server per token, not ${targets.length}: ${targets.join(' ')}`);
+  }
+  const [target] = targets;
+  let info;
+  try {
+    info = await config.features.resourceIndicators.getResourceServerInfo(ctx, target, client);
+  } catch (err) {
+    if (err instanceof errors.InvalidTarget) throw new errors.InvalidTarget(`unknown resource server ${target}`);
+    throw err;
+  }
+  const resourceServer = new provider.ResourceServer(target, info);
+
+  // Unlike client_credentials (which drops them), a scope the resource server does not
+  // have is an error here.
+  const requested = [...new Set((params.scope ?? '').split(' ').filter(Boolean))];
+  const unknown = requested.filter((scope) => !resourceServer.scopes.has(scope));
+  if (unknown.length > 0) {
+    throw new errors.InvalidScope(`scope ${unknown.join(' ')} is not a scope of ${target}`, unknown.join(' '));
+  }
+
+  const token = new provider.ClientCredentials({
+    client,
+    resourceServer,
+    scope: requested.join(' ') || undefined,
+  });
+  EXCHANGE_SUBJECTS.set(token, claims.sub);
+  ctx.oidc.entity('ClientCredentials', token);
+  const value = await token.save();
+
+  // A JWT was asked for and this is one: say so. Anything else asked for (an id_token, a
+  // SAML assertion, ...) still gets an access token, and says so: a client must compare.
+  const issuedTokenType = params.requested_token_type === TOKEN_TYPE_JWT
+    && resourceServer.accessTokenFormat === 'jwt'
+    ? TOKEN_TYPE_JWT
+    : TOKEN_TYPE_ACCESS_TOKEN;
+  log(`token exchange: ${claims.sub} -> ${target} for ${client.clientId}`
+    + ` (requested ${params.requested_token_type ?? 'no type'}, issued ${issuedTokenType})`);
+  ctx.body = {
+    access_token: value,
+    issued_token_type: issuedTokenType,
+    token_type: token.tokenType,
+    expires_in: token.expiration,
+    ...(token.scope ? { scope: token.scope } : {}),
+  };
+}
+
+if (federation) {
+  provider.registerGrantType(
+    GRANT_TOKEN_EXCHANGE,
+    tokenExchange,
+    ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type',
+      'requested_token_type', 'resource', 'audience', 'scope'],
+    ['resource', 'audience'],
+  );
+}
 
 // Log token request failures on stderr (never a token or a secret).
 provider.on('grant.error', (ctx, err) => {
@@ -769,6 +1076,57 @@ function wrongAuthMethod(ctx) {
     || (registered === 'client_secret_post' && usedBasic);
 }
 
+// Federation mode: authenticates a token request of a FEDERATED_CLIENTS client, which
+// must carry a ServiceAccount token as client_assertion (client_assertion_type jwt-bearer)
+// next to its client_id, and nothing else to authenticate with. A verified token is swapped
+// for the client's internal secret (client_secret_post), and oidc-provider does the rest.
+// Otherwise answers 401 invalid_client (500 server_error when the keys cannot be had) and
+// returns true. Requests of other clients pass untouched (false).
+async function refuseFederatedClient(ctx, form) {
+  const clientId = form.get('client_id') ?? basicClientId(ctx);
+  const trust = Object.hasOwn(FEDERATED_CLIENTS, clientId) ? FEDERATED_CLIENTS[clientId] : undefined;
+  if (!trust) return false;
+  for (const assertion of form.getAll('client_assertion')) {
+    remember('clientAssertions', assertion);
+    remember('serviceAccountTokens', assertion);
+  }
+  form.getAll('client_secret').forEach((secret) => remember('clientSecrets', secret));
+
+  const answer = (status, error, description) => {
+    log(`token request failed: ${error}: ${description} (client=${clientId})`);
+    ctx.status = status;
+    ctx.set('Cache-Control', 'no-store');
+    ctx.type = 'json';
+    ctx.body = { error, error_description: description };
+    return true;
+  };
+  const refuse = (description) => answer(401, 'invalid_client', description);
+  const only = `${clientId} authenticates only with a Kubernetes ServiceAccount token`
+    + ` (client_assertion, client_assertion_type ${JWT_BEARER_ASSERTION})`;
+  if (ctx.get('authorization')) return refuse(`${only}, not with an Authorization header`);
+  if (form.has('client_secret')) return refuse(`${only}, not with a client_secret`);
+  const assertions = form.getAll('client_assertion');
+  if (assertions.length !== 1) {
+    return refuse(assertions.length === 0 ? `${only}: there is no client_assertion` : `${only}: one client_assertion, not ${assertions.length}`);
+  }
+  if (form.get('client_assertion_type') !== JWT_BEARER_ASSERTION) {
+    return refuse(`${only}: client_assertion_type is ${form.get('client_assertion_type') ?? 'missing'}`);
+  }
+  try {
+    await verifyServiceAccountToken(assertions[0], trust);
+  } catch (err) {
+    if (err instanceof ServiceAccountTokenRefused) {
+      return refuse(`the client_assertion is refused: ${err.message}`);
+    }
+    return answer(500, 'server_error', err.message);
+  }
+  form.delete('client_assertion');
+  form.delete('client_assertion_type');
+  form.set('client_secret', INTERNAL_SECRETS.get(clientId));
+  ctx.request.body = form.toString();
+  return false;
+}
+
 // Test-only endpoints and token-request counting.
 provider.use(async (ctx, next) => {
   if (ctx.path === '/__test/token-requests' && ctx.method === 'GET') {
@@ -819,12 +1177,17 @@ provider.use(async (ctx, next) => {
   }
 
   const isTokenRequest = ctx.method === 'POST' && ctx.path === tokenPath;
-  let graceKey;
-  if (isTokenRequest && basicClientId(ctx) === GRACE_CLIENT) {
-    // Read the form here (oidc-provider takes an already read body as it is), to answer a
-    // reused refresh token from the grace record without asking the provider.
-    const form = new URLSearchParams(await readText(ctx));
+  let form;
+  if (isTokenRequest && (basicClientId(ctx) === GRACE_CLIENT || federation)) {
+    // Read the form here (oidc-provider takes an already read body as it is): to answer a
+    // reused refresh token from the grace record without asking the provider, and to
+    // authenticate federated clients.
+    form = new URLSearchParams(await readText(ctx));
     ctx.request.body = form.toString();
+    ctx.state.tokenForm = form;
+  }
+  let graceKey;
+  if (form && basicClientId(ctx) === GRACE_CLIENT) {
     if (form.get('grant_type') === 'refresh_token') {
       graceKey = form.get('refresh_token') ?? '';
       const earlier = graceAnswers.get(graceKey);
@@ -842,6 +1205,7 @@ provider.use(async (ctx, next) => {
     }
   }
   try {
+    if (form && federation && await refuseFederatedClient(ctx, form)) return;
     await next();
     if (isTokenRequest && ctx.oidc?.params?.grant_type === 'refresh_token') {
       if (graceKey !== undefined && ctx.status === 200) {
@@ -863,7 +1227,10 @@ provider.use(async (ctx, next) => {
       // Counted after the provider ran, so its parsed parameters are available; errors are
       // rendered by the provider's own error handler, so this also runs for failed requests.
       counts.total += 1;
-      const resource = ctx.oidc?.params?.resource;
+      // A token exchange may name its resource server with `audience`; a request refused
+      // before the provider saw it (refuseFederatedClient) has only the form.
+      const resource = ctx.oidc?.params?.resource ?? ctx.oidc?.params?.audience
+        ?? (ctx.oidc ? undefined : form?.getAll('resource').join(' ') || undefined);
       bump(counts.byResource, Array.isArray(resource) ? resource.join(' ') : (resource ?? '(none)'));
       bump(counts.byClient, requestClientId(ctx));
       if (ctx.status !== 200) bump(counts.byError, ctx.body?.error ?? `http_${ctx.status}`);
@@ -899,7 +1266,8 @@ for (const listener of servers) listener.on('request', handle);
 const ready = mtlsTokenEndpoint ? { issuer, mtls_token_endpoint: mtlsTokenEndpoint } : { issuer };
 process.stdout.write(`${JSON.stringify(ready)}\n`);
 log(`listening, issuer ${issuer}, token endpoint ${issuer}${tokenPath}`
-  + `${mtlsTokenEndpoint ? `, mTLS token endpoint ${mtlsTokenEndpoint}` : ''}`);
+  + `${mtlsTokenEndpoint ? `, mTLS token endpoint ${mtlsTokenEndpoint}` : ''}`
+  + `${federation ? `, federation: ServiceAccount tokens of ${federation.issuer}, namespace ${federation.namespace}, keys from ${federation.keysFrom}` : ''}`);
 
 // ---------------------------------------------------------------------------------------
 // Shutdown: on signals, and when stdin closes (the parent went away).
