@@ -37,6 +37,9 @@ async fn token_request(
         AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
             panic!("mTLS clients need a client certificate: see tests/mtls_oidc.rs")
         }
+        AuthMethod::ServiceAccountToken | AuthMethod::None => {
+            panic!("federation clients need a ServiceAccount token: see tests/federation_oidc.rs")
+        }
     }
     send(request.form(&form)).await
 }

@@ -13,6 +13,11 @@
 //!
 //! For mutual TLS (RFC 8705), [`OidcServer::start_mtls`] starts it with certificates from
 //! [`super::certs`]: an https issuer and [`OidcServer::mtls_token_endpoint`].
+//!
+//! For Kubernetes ServiceAccount tokens as credentials (Entra ID workload identity
+//! federation, Keycloak federated client authentication) and the RFC 8693 token exchange,
+//! [`OidcServer::start_federated`] with a [`Federation`]: clients [`M2M_FEDERATED`],
+//! [`M2M_FEDERATED_ENTRA`] and [`M2M_EXCHANGE`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +75,13 @@ pub enum AuthMethod {
     /// certificate registered for the client, presented at [`OidcServer::mtls_token_endpoint`];
     /// `client_id` in the form, no secret.
     SelfSignedTlsClientAuth,
+    /// Federated client authentication (federation server only, [`OidcServer::start_federated`]):
+    /// `client_id`, `client_assertion_type` [`CLIENT_ASSERTION_TYPE_JWT_BEARER`] and
+    /// `client_assertion` = a Kubernetes ServiceAccount token of the client's ServiceAccount
+    /// (not signed by the client: by the cluster). No secret.
+    ServiceAccountToken,
+    /// A public client (`token_endpoint_auth_method: none`): `client_id` in the form only.
+    None,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +176,83 @@ pub const M2M_SELF_SIGNED: TestClient = TestClient {
     method: AuthMethod::SelfSignedTlsClientAuth,
 };
 
+// ---- Federation (Kubernetes ServiceAccount tokens, RFC 8693 token exchange) -------------
+
+/// The `client_assertion_type` of RFC 7523 assertions (here: ServiceAccount tokens).
+pub const CLIENT_ASSERTION_TYPE_JWT_BEARER: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The RFC 8693 token-exchange `grant_type`.
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 token type of a JWT: the only `subject_token_type` the server takes (a
+/// ServiceAccount token), and an `issued_token_type` when asked for as `requested_token_type`.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// RFC 8693 token type of an access token: the `issued_token_type` without
+/// `requested_token_type`, with this one, and with any type other than [`TOKEN_TYPE_JWT`].
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// RFC 8693 token type of an ID token: asked for, the server still answers an access token.
+pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// The audience Entra ID requires in a federated credential's token: what
+/// [`M2M_FEDERATED_ENTRA`]'s ServiceAccount tokens must hold.
+pub const ENTRA_AUDIENCE: &str = "api://AzureADTokenExchange";
+/// The ServiceAccount (in [`Federation::namespace`]) whose tokens authenticate [`M2M_FEDERATED`].
+pub const FEDERATED_SERVICE_ACCOUNT: &str = "idp-federated";
+/// The ServiceAccount whose tokens authenticate [`M2M_FEDERATED_ENTRA`].
+pub const FEDERATED_ENTRA_SERVICE_ACCOUNT: &str = "idp-federated-entra";
+/// The ServiceAccount whose tokens [`M2M_EXCHANGE`] may exchange.
+pub const EXCHANGE_SERVICE_ACCOUNT: &str = "workload-exchange";
+
+/// Federation server only: client_credentials, authenticated only by a ServiceAccount token
+/// of [`FEDERATED_SERVICE_ACCOUNT`] whose `aud` contains the server's issuer identifier
+/// ([`OidcServer::issuer`]). Resources, scopes and tokens as [`M2M_BASIC`]. `secret` is empty.
+pub const M2M_FEDERATED: TestClient = TestClient {
+    id: "m2m-federated",
+    secret: "",
+    method: AuthMethod::ServiceAccountToken,
+};
+/// Like [`M2M_FEDERATED`], for ServiceAccount [`FEDERATED_ENTRA_SERVICE_ACCOUNT`] and `aud`
+/// [`ENTRA_AUDIENCE`] (a token for the issuer identifier is refused).
+pub const M2M_FEDERATED_ENTRA: TestClient = TestClient {
+    id: "m2m-federated-entra",
+    secret: "",
+    method: AuthMethod::ServiceAccountToken,
+};
+/// Federation server only: a public client (method none) with only the RFC 8693
+/// token-exchange grant; trusts subject tokens of [`EXCHANGE_SERVICE_ACCOUNT`] whose `aud`
+/// contains the server's issuer identifier. `secret` is empty.
+pub const M2M_EXCHANGE: TestClient = TestClient {
+    id: "m2m-exchange",
+    secret: "",
+    method: AuthMethod::None,
+};
+
+/// Where the federation server gets the cluster's public keys from.
+#[derive(Debug, Clone)]
+pub enum FederationKeys {
+    /// A JWKS URL the server fetches (as Entra ID and Keycloak fetch `/openid/v1/jwks`);
+    /// plain `http` on the loopback works.
+    Uri(String),
+    /// A JWKS JSON document, written to a temporary file for the server (for clusters whose
+    /// JWKS needs authentication: the test fetches it).
+    Document(String),
+}
+
+/// What [`OidcServer::start_federated`] trusts: ServiceAccount tokens with `iss` = `issuer`,
+/// signed by `keys`, of ServiceAccounts in `namespace`.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// The cluster's service-account issuer, e.g. `https://kubernetes.default.svc.cluster.local`.
+    pub issuer: String,
+    pub keys: FederationKeys,
+    pub namespace: String,
+}
+
+impl Federation {
+    /// `system:serviceaccount:<namespace>:<service_account>`: the `sub` the server expects.
+    pub fn subject(&self, service_account: &str) -> String {
+        format!("system:serviceaccount:{}:{service_account}", self.namespace)
+    }
+}
+
 /// Token endpoint requests seen by the server since start or the last reset, successful or
 /// not. A request without `resource` is counted under `"(none)"`; one with several under
 /// the values joined by a space.
@@ -209,6 +298,11 @@ pub struct SecretsSeen {
     pub client_assertions: Vec<String>,
     /// Client secrets received, from the Basic header (raw and form-decoded) or the form.
     pub client_secrets: Vec<String>,
+    /// Federation server: ServiceAccount tokens received, as a federated client's
+    /// `client_assertion` (also in [`client_assertions`](Self::client_assertions)) or as a
+    /// token exchange's `subject_token`.
+    #[serde(default)]
+    pub service_account_tokens: Vec<String>,
 }
 
 /// The private key of a private_key_jwt client, as served by `/__test/client-keys/<id>`.
@@ -240,14 +334,47 @@ pub struct OidcServer {
     _stdin: ChildStdin,
     // Held open so the server never writes to a closed pipe.
     _stdout: Lines<BufReader<ChildStdout>>,
-    // The PEM files of an mTLS server; removed after the server is killed.
-    _mtls_dir: Option<TempDir>,
+    // The PEM files of an mTLS server, the JWKS file of a federation server; removed after
+    // the server is killed.
+    _temp_dir: Option<TempDir>,
 }
 
 /// What an mTLS start needs: the directory with the PEM files, and the CA to trust.
 struct MtlsSetup {
     dir: TempDir,
     ca_pem: String,
+}
+
+/// What a federation start needs: the `OIDC_SERVER_FEDERATION_*` values, and the directory
+/// holding the JWKS file of [`FederationKeys::Document`].
+struct FederationSetup {
+    issuer: String,
+    namespace: String,
+    keys: FederationKeySetup,
+}
+
+enum FederationKeySetup {
+    Uri(String),
+    File(TempDir),
+}
+
+const FEDERATION_JWKS_FILE: &str = "jwks.json";
+
+/// The mode a server is started in (at most one of them).
+#[derive(Default)]
+struct Setup {
+    mtls: Option<MtlsSetup>,
+    federation: Option<FederationSetup>,
+}
+
+impl Setup {
+    fn into_temp_dir(self) -> Option<TempDir> {
+        let federation_dir = self.federation.and_then(|f| match f.keys {
+            FederationKeySetup::File(dir) => Some(dir),
+            FederationKeySetup::Uri(_) => None,
+        });
+        self.mtls.map(|m| m.dir).or(federation_dir)
+    }
 }
 
 /// The server's answer once it listens.
@@ -271,7 +398,7 @@ impl OidcServer {
     /// 20 used to deadlock at startup (a GC during a key export, see `generateKeyPair` in
     /// server.mjs); that is worked around, and the retry stays as a safety net.
     pub async fn start() -> OidcServer {
-        Self::start_with(None).await
+        Self::start_with(Setup::default()).await
     }
 
     /// Starts the server in mTLS mode (RFC 8705): `pki`'s CA, server certificate and key, and
@@ -288,20 +415,52 @@ impl OidcServer {
         dir.write("server.pem", &pki.server_cert_pem);
         dir.write("server-key.pem", &pki.server_key_pem);
         dir.write("self-signed-client.pem", &self_signed.cert_pem);
-        Self::start_with(Some(MtlsSetup {
-            dir,
-            ca_pem: pki.ca_pem.clone(),
-        }))
+        Self::start_with(Setup {
+            mtls: Some(MtlsSetup {
+                dir,
+                ca_pem: pki.ca_pem.clone(),
+            }),
+            federation: None,
+        })
         .await
     }
 
-    /// [`start`](Self::start) or [`start_mtls`](Self::start_mtls): the retries of both.
-    async fn start_with(mtls: Option<MtlsSetup>) -> OidcServer {
+    /// Starts the server in federation mode (see the README): Kubernetes ServiceAccount
+    /// tokens with `iss` = `federation.issuer`, signed by a key of `federation.keys`, of
+    /// ServiceAccounts in `federation.namespace`, authenticate [`M2M_FEDERATED`] and
+    /// [`M2M_FEDERATED_ENTRA`] (client_credentials) and are exchanged by [`M2M_EXCHANGE`]
+    /// (RFC 8693, [`GRANT_TOKEN_EXCHANGE`]). A [`FederationKeys::Document`] is written to a
+    /// temporary directory removed when the server is dropped; a [`FederationKeys::Uri`] is
+    /// fetched by the server when it first needs the keys. The issuer stays
+    /// `http://127.0.0.1:PORT`; every other client and resource works as from [`start`](Self::start).
+    pub async fn start_federated(federation: &Federation) -> OidcServer {
+        let keys = match &federation.keys {
+            FederationKeys::Uri(uri) => FederationKeySetup::Uri(uri.clone()),
+            FederationKeys::Document(document) => {
+                let dir = TempDir::new("oidc-server-federation");
+                dir.write(FEDERATION_JWKS_FILE, document);
+                FederationKeySetup::File(dir)
+            }
+        };
+        Self::start_with(Setup {
+            mtls: None,
+            federation: Some(FederationSetup {
+                issuer: federation.issuer.clone(),
+                namespace: federation.namespace.clone(),
+                keys,
+            }),
+        })
+        .await
+    }
+
+    /// [`start`](Self::start), [`start_mtls`](Self::start_mtls) or
+    /// [`start_federated`](Self::start_federated): the retries of all.
+    async fn start_with(setup: Setup) -> OidcServer {
         let mut last = String::new();
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start(mtls.as_ref()).await {
+            match Self::try_start(&setup).await {
                 Ok(mut server) => {
-                    server._mtls_dir = mtls.map(|setup| setup.dir);
+                    server._temp_dir = setup.into_temp_dir();
                     return server;
                 }
                 Err(why) => {
@@ -313,7 +472,8 @@ impl OidcServer {
         panic!("{last} ({START_ATTEMPTS} attempts)")
     }
 
-    async fn try_start(mtls: Option<&MtlsSetup>) -> Result<OidcServer, String> {
+    async fn try_start(setup: &Setup) -> Result<OidcServer, String> {
+        let mtls = setup.mtls.as_ref();
         let dir = Self::dir();
         if !dir.join("node_modules").join("oidc-provider").is_dir() {
             panic!(
@@ -330,6 +490,30 @@ impl OidcServer {
             Some(setup) => command.env("OIDC_SERVER_MTLS_DIR", setup.dir.path()),
             None => command.env_remove("OIDC_SERVER_MTLS_DIR"),
         };
+        for var in [
+            "OIDC_SERVER_FEDERATION_ISSUER",
+            "OIDC_SERVER_FEDERATION_JWKS_URI",
+            "OIDC_SERVER_FEDERATION_JWKS_FILE",
+            "OIDC_SERVER_FEDERATION_NAMESPACE",
+        ] {
+            command.env_remove(var);
+        }
+        if let Some(federation) = &setup.federation {
+            command
+                .env("OIDC_SERVER_FEDERATION_ISSUER", &federation.issuer)
+                .env("OIDC_SERVER_FEDERATION_NAMESPACE", &federation.namespace);
+            match &federation.keys {
+                FederationKeySetup::Uri(uri) => {
+                    command.env("OIDC_SERVER_FEDERATION_JWKS_URI", uri);
+                }
+                FederationKeySetup::File(dir) => {
+                    command.env(
+                        "OIDC_SERVER_FEDERATION_JWKS_FILE",
+                        dir.path().join(FEDERATION_JWKS_FILE),
+                    );
+                }
+            }
+        }
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -383,7 +567,7 @@ impl OidcServer {
             child,
             _stdin: stdin,
             _stdout: stdout,
-            _mtls_dir: None,
+            _temp_dir: None,
         })
     }
 

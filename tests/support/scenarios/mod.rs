@@ -265,6 +265,12 @@ impl TestEnv {
                     client.id
                 )
             }
+            AuthMethod::ServiceAccountToken | AuthMethod::None => {
+                panic!(
+                    "create_issuer: {} authenticates with a ServiceAccount token (or not at all), which it cannot set up",
+                    client.id
+                )
+            }
         };
         let issuer = self
             .client_secret_issuer_spec(name, client.id, method, secret_value)
