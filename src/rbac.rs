@@ -200,7 +200,9 @@ mod tests {
                     ..scope(watched)
                 });
                 assert!(
-                    rules.iter().all(|r| !r.resource.starts_with("serviceaccounts")),
+                    rules
+                        .iter()
+                        .all(|r| !r.resource.starts_with("serviceaccounts")),
                     "{rules:?}"
                 );
             }

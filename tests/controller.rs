@@ -14,7 +14,7 @@ use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
     READY_TIMEOUT, TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login,
-    mtls, private_key_jwt, rate_limit, refresh_chain, signature,
+    mtls, private_key_jwt, rate_limit, refresh_chain, secretless, signature,
 };
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -341,4 +341,21 @@ async fn signature_check_writes_only_tokens_signed_by_the_issuer() {
 async fn private_key_jwt_client_authentication() {
     let h = start("pkjwt").await;
     private_key_jwt::private_key_jwt(&h.env).await;
+}
+
+/// Secretless issuers: no Secret holds a credential; ServiceAccount tokens minted by the
+/// double (TokenRequest), trusted by the OAuth server through the double's JWKS, and a
+/// grant per ServiceAccount that the double's RBAC check enforces.
+#[tokio::test]
+async fn service_account_tokens_replace_client_secrets() {
+    let (h, operator) = harness::start_secretless("secretless").await;
+    secretless::missing_grant_is_reported_then_fixed(&h.env, &operator).await;
+    secretless::federated_client_credentials(&h.env, &operator).await;
+    secretless::token_exchange(&h.env, &operator).await;
+    let mints = h.double.minted_count();
+    assert!(
+        (3..=8).contains(&mints),
+        "one ServiceAccount token per account and audience is reused (3 accounts), and a few \
+         issuer checks may race the first mint: {mints} minted"
+    );
 }

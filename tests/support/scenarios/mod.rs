@@ -17,7 +17,9 @@
 //! - `mtls`: client certificates and certificate-bound tokens (RFC 8705);
 //! - `login`: the `login` command bootstraps a refresh-token chain;
 //! - `authorization_details`: authorization details (RFC 9396) in the token request or the
-//!   client assertion.
+//!   client assertion;
+//! - `secretless`: ServiceAccount tokens (TokenRequest API) as client assertions and as
+//!   RFC 8693 subject tokens, and the grant that allows the operator to mint them.
 //!
 //! This file holds what they share: [`TestEnv`] with its fixtures, and the helpers
 //! [`eventually`], [`claims`] and [`data`].
@@ -51,6 +53,7 @@ pub mod mtls;
 pub mod private_key_jwt;
 pub mod rate_limit;
 pub mod refresh_chain;
+pub mod secretless;
 pub mod signature;
 
 /// How long a first token may take to appear (operator start, caches, one token request).
