@@ -2,7 +2,8 @@
 //! in-process Kubernetes API double and the real test OAuth server:
 //!
 //! - nothing secret leaks: after the integration flows, no access token, refresh token,
-//!   client assertion, client secret or private key the OAuth server saw appears in the
+//!   client assertion, client secret, private key or ServiceAccount token the OAuth server
+//!   saw (or the API double minted) appears in the
 //!   operator's logs (text and JSON, `audience_token_operator=debug`), in any Event, in any
 //!   AudienceToken, TokenIssuer or ClusterTokenIssuer, in Secrets' metadata, or in `/metrics`;
 //! - RBAC: every request the operator makes is allowed by `rbac::required_rules`, and every
@@ -26,7 +27,7 @@ use support::oidc::{self, OidcServer, SecretsSeen};
 use support::operator::Options;
 use support::scenarios::{
     READY_TIMEOUT, dpop, eventually, failures, lifecycle, mtls, private_key_jwt, refresh_chain,
-    signature,
+    secretless, signature,
 };
 
 async fn start(namespace: &str, options: Options) -> Harness {
@@ -49,6 +50,9 @@ enum Kind {
     /// A client secret as sent in an HTTP Basic header (`base64(id:secret)`).
     BasicCredentials,
     PrivateKey,
+    /// A ServiceAccount token minted through the TokenRequest API (a client assertion or a
+    /// token exchange's subject token).
+    ServiceAccountToken,
 }
 
 /// One secret value and the forms it could leak in.
@@ -99,6 +103,7 @@ async fn sensitive_values(idp: &OidcServer, seen: &SecretsSeen) -> Vec<Sensitive
         (Kind::RefreshToken, &seen.refresh_tokens),
         (Kind::ClientAssertion, &seen.client_assertions),
         (Kind::ClientSecret, &seen.client_secrets),
+        (Kind::ServiceAccountToken, &seen.service_account_tokens),
     ] {
         values.extend(recorded.iter().map(|v| (kind, v.clone())));
     }
@@ -266,6 +271,7 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
             Kind::RefreshToken => seen.refresh_tokens.len(),
             Kind::ClientAssertion => seen.client_assertions.len(),
             Kind::ClientSecret => seen.client_secrets.len(),
+            Kind::ServiceAccountToken => seen.service_account_tokens.len(),
             Kind::BasicCredentials | Kind::PrivateKey => continue,
         };
         assert!(count > 0, "the OAuth server recorded no {kind:?}");
@@ -292,6 +298,14 @@ async fn assert_nothing_leaks(h: Harness, exercised: &[Kind], client_secrets_use
                 });
             }
         }
+    }
+    // Every ServiceAccount token the double minted, also those never sent to the server.
+    for (index, token) in h.double.minted_tokens().iter().enumerate() {
+        values.push(Sensitive {
+            kind: Kind::ServiceAccountToken,
+            index: 3000 + index,
+            forms: forms(token),
+        });
     }
     // Client certificates' private keys (RFC 8705), as the tests wrote them into
     // kubernetes.io/tls Secrets: every full line of each PEM body.
@@ -425,6 +439,22 @@ async fn no_secret_leaks_with_text_logs() {
         ],
     )
     .await;
+}
+
+/// Secretless issuers: ServiceAccount tokens the double minted (as client assertions and
+/// as subject tokens) never leave the token requests, also not in the NotReady messages of
+/// a missing grant.
+#[tokio::test]
+async fn no_secret_leaks_with_service_account_tokens() {
+    let (h, operator) = harness::start_secretless("leak-secretless").await;
+    secretless::missing_grant_is_reported_then_fixed(&h.env, &operator).await;
+    secretless::federated_client_credentials(&h.env, &operator).await;
+    secretless::token_exchange(&h.env, &operator).await;
+    assert!(
+        h.double.minted_count() >= 3,
+        "ServiceAccount tokens were minted, so a leak of one would be found"
+    );
+    assert_nothing_leaks(h, &[Kind::AccessToken, Kind::ServiceAccountToken], &[]).await;
 }
 
 /// Client certificates (RFC 8705): TLS client authentication, a renewal, a restart and
