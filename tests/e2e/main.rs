@@ -7,6 +7,7 @@
 //! E2E_KUBECONFIG=~/.kube/config cargo test --test e2e -- --nocapture
 //! ```
 
+mod limited_operator;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -25,7 +26,7 @@ use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
     TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login, mtls,
-    private_key_jwt, rate_limit, refresh_chain, signature,
+    private_key_jwt, rate_limit, refresh_chain, secretless, signature,
 };
 
 #[tokio::test]
@@ -111,6 +112,29 @@ async fn scenarios_on_a_real_cluster() {
         // `login` writes the bootstrap Secret through the same kubeconfig.
         login::login_bootstraps_a_refresh_token_chain(&env, &kubeconfig_path).await;
         operator.stop().await;
+
+        // Secretless: the real API server mints the ServiceAccount tokens, for an operator
+        // that has only its own RBAC (impersonated), so each grant is a namespace owner's.
+        let limited = limited_operator::LimitedOperator::install(
+            &env.client,
+            &kubeconfig_path,
+            &env.namespace,
+        )
+        .await;
+        let federation = limited_operator::cluster_federation(&env.client, &env.namespace).await;
+        eprintln!("e2e: ServiceAccount tokens of issuer {}", federation.issuer);
+        let secretless_env = TestEnv {
+            client: env.client.clone(),
+            namespace: env.namespace.clone(),
+            idp: OidcServer::start_federated(&federation).await,
+        };
+        let mut limited_process = OperatorProcess::start(&limited.kubeconfig, &env.namespace);
+        secretless::missing_grant_is_reported_then_fixed(&secretless_env, &limited.identity).await;
+        secretless::federated_client_credentials(&secretless_env, &limited.identity).await;
+        secretless::token_exchange(&secretless_env, &limited.identity).await;
+        secretless::other_namespaces_are_refused_at_admission(&secretless_env).await;
+        limited_process.stop().await;
+        limited.remove(&env.client).await;
     })
     .await;
 

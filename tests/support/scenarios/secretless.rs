@@ -368,3 +368,41 @@ pub async fn token_exchange(env: &TestEnv, operator: &OperatorIdentity) {
         "a token of another type is not written"
     );
 }
+
+/// A ServiceAccount of another namespace cannot be named: the name is a DNS subdomain, so
+/// `other-team/idp-client` (or a `system:serviceaccount:…` user name) is refused at
+/// admission. Only on a real API server: the API double does no admission (the rule itself
+/// is in `tests/crd_cel.rs`).
+pub async fn other_namespaces_are_refused_at_admission(env: &TestEnv) {
+    for name in [
+        "other-team/idp-client",
+        "system:serviceaccount:other-team:idp-client",
+    ] {
+        let issuer = IssuerSpec {
+            issuer_url: Some(env.idp.issuer.clone()),
+            client_id: oidc::M2M_FEDERATED.id.into(),
+            client_auth: ClientAuth {
+                method: ClientAuthMethod::ServiceAccountToken,
+                service_account_ref: Some(ServiceAccountRef {
+                    name: name.into(),
+                    audience: None,
+                }),
+                ..ClientAuth::default()
+            },
+            ..IssuerSpec::default()
+        };
+        let refused = env
+            .issuers()
+            .create(
+                &PostParams::default(),
+                &TokenIssuer::new("other-namespace", TokenIssuerSpec { issuer }),
+            )
+            .await
+            .expect_err("a ServiceAccount of another namespace is refused at admission");
+        let message = refused.to_string();
+        assert!(
+            message.contains("no other namespace can be named"),
+            "{name}: {message}"
+        );
+    }
+}
