@@ -1,6 +1,7 @@
 //! `audience-token-operator token`: the real binary against the test authorization server
 //! (`tests/oidc-server`, oidc-provider), with an issuer manifest on disk or stdin and the
-//! client secret from a file or the environment.
+//! client secret from a file or the environment (a ServiceAccount token minted by the
+//! Kubernetes API double, for the secretless issuers).
 //!
 //! Needs Node.js and `npm ci --prefix tests/oidc-server`.
 
@@ -42,6 +43,7 @@ async fn token_command(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>)
         .args(args)
         .env_remove("ATO_CLIENT_SECRET")
         .env_remove("ATO_PRIVATE_KEY")
+        .env_remove("ATO_SERVICE_ACCOUNT_TOKEN")
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .env("NO_PROXY", "127.0.0.1,localhost")
@@ -671,4 +673,147 @@ async fn authorization_details_are_sent_and_the_grant_is_shown() {
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("JSON array"), "{out}");
     assert_eq!(idp.token_requests().await.total, 0);
+}
+
+/// A ServiceAccount token of `account` in `namespace`, minted by `double` for `audience`.
+async fn mint(
+    double: &support::kube_double::KubeApiDouble,
+    namespace: &str,
+    account: &str,
+    audience: &str,
+) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Api, PostParams};
+    let accounts: Api<ServiceAccount> = Api::namespaced(double.client(), namespace);
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some(account.into());
+    accounts
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("create ServiceAccount");
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .expect("mint")
+        .status
+        .expect("a token")
+        .token
+}
+
+/// Secretless issuers: a ServiceAccount token (what `kubectl create token` prints) as the
+/// client assertion, from a file, and as a token exchange's subject token, from the
+/// environment. Without one the command says how to make it.
+#[tokio::test]
+async fn service_account_tokens_from_a_file_or_the_environment() {
+    let double = support::kube_double::KubeApiDouble::start().await;
+    let namespace = "tokencmd";
+    let idp = OidcServer::start_federated(&Federation {
+        issuer: support::kube_double::KubeApiDouble::SERVICE_ACCOUNT_ISSUER.into(),
+        keys: FederationKeys::Uri(double.service_account_jwks_uri()),
+        namespace: namespace.into(),
+    })
+    .await;
+    let dir = temp_dir("service-account");
+    let federated = write(
+        &dir,
+        "federated.yaml",
+        &format!(
+            "apiVersion: audiencetoken.io/v1alpha1
+kind: TokenIssuer
+metadata: {{name: federated, namespace: {namespace}}}
+spec:
+  issuerURL: {issuer}
+  clientID: {id}
+  clientAuth:
+    method: ServiceAccountToken
+    serviceAccountRef: {{name: {FEDERATED_SERVICE_ACCOUNT}}}
+",
+            issuer = idp.issuer,
+            id = M2M_FEDERATED.id
+        ),
+    );
+    let args = [
+        "-f",
+        &federated,
+        "--resource",
+        ORDERS,
+        "--scope",
+        "orders/read",
+    ];
+    let out = token_command(&args, &[], None).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    let hint = format!(
+        "kubectl create token {FEDERATED_SERVICE_ACCOUNT} -n {namespace} --audience {} --duration 10m",
+        idp.issuer
+    );
+    assert!(out.stderr.contains(&hint), "missing {hint:?}: {out}");
+    assert_eq!(idp.token_requests().await.total, 0);
+
+    let sa_token = mint(&double, namespace, FEDERATED_SERVICE_ACCOUNT, &idp.issuer).await;
+    let file = write(&dir, "sa.jwt", &format!("{sa_token}\n"));
+    let mut with_file = args.to_vec();
+    with_file.extend(["--service-account-token-file", &file]);
+    let out = token_command(&with_file, &[], None).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("ServiceAccountToken"), "{out}");
+    assert!(out.stdout.contains(&format!("file {file}")), "{out}");
+    assert!(!out.stdout.contains(&sa_token) && !out.stderr.contains(&sa_token));
+    assert_eq!(
+        idp.secrets_seen().await.service_account_tokens,
+        vec![sa_token.clone()],
+        "the file's token was the assertion"
+    );
+
+    let exchange = write(
+        &dir,
+        "exchange.yaml",
+        &format!(
+            "apiVersion: audiencetoken.io/v1alpha1
+kind: TokenIssuer
+metadata: {{name: exchange, namespace: {namespace}}}
+spec:
+  issuerURL: {issuer}
+  clientID: {id}
+  clientAuth: {{method: None}}
+  grant:
+    type: TokenExchange
+    tokenExchange:
+      serviceAccountRef: {{name: {EXCHANGE_SERVICE_ACCOUNT}}}
+      requestedTokenType: {TOKEN_TYPE_JWT}
+",
+            issuer = idp.issuer,
+            id = M2M_EXCHANGE.id
+        ),
+    );
+    let subject = mint(&double, namespace, EXCHANGE_SERVICE_ACCOUNT, &idp.issuer).await;
+    let out = token_command(
+        &["-f", &exchange, "--resource", PAYMENTS, "-o", "json"],
+        &[("ATO_SERVICE_ACCOUNT_TOKEN", &subject)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("token exchange (RFC 8693)")
+            && out.stdout.contains("env ATO_SERVICE_ACCOUNT_TOKEN"),
+        "{out}"
+    );
+    assert!(!out.stdout.contains(&subject), "{out}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("JSON report");
+    let claims = &report["claims"];
+    assert_eq!(claims["aud"], PAYMENTS, "{report}");
+    assert_eq!(
+        claims["sub"],
+        format!("system:serviceaccount:{namespace}:{EXCHANGE_SERVICE_ACCOUNT}").as_str(),
+        "{report}"
+    );
 }
