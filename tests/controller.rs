@@ -352,6 +352,31 @@ async fn service_account_tokens_replace_client_secrets() {
     secretless::missing_grant_is_reported_then_fixed(&h.env, &operator).await;
     secretless::federated_client_credentials(&h.env, &operator).await;
     secretless::token_exchange(&h.env, &operator).await;
+    // The operator asked to mint only the ServiceAccounts it was granted.
+    let asked: std::collections::BTreeSet<String> = h
+        .double
+        .requests()
+        .iter()
+        .filter(|r| r.subresource.as_deref() == Some("token"))
+        .inspect(|r| {
+            assert_eq!(r.bearer_token.as_deref(), Some(harness::OPERATOR_TOKEN));
+            assert_eq!(
+                (r.verb.as_str(), r.plural.as_str()),
+                ("create", "serviceaccounts")
+            );
+        })
+        .filter_map(|r| r.name.clone())
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            oidc::EXCHANGE_SERVICE_ACCOUNT,
+            oidc::FEDERATED_ENTRA_SERVICE_ACCOUNT,
+            oidc::FEDERATED_SERVICE_ACCOUNT
+        ]
+        .map(String::from)
+        .into(),
+    );
     let mints = h.double.minted_count();
     assert!(
         (3..=8).contains(&mints),

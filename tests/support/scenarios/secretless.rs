@@ -6,13 +6,14 @@
 //! service-account issuer and keys (the API double's, or a real cluster's).
 
 use audience_token_operator::api::{
-    ClientAuth, ClientAuthMethod, Grant, GrantType, IssuerSpec, ServiceAccountRef,
-    SubjectTokenSource, TokenExchangeGrant, TokenIssuer, TokenIssuerSpec,
+    ClientAuth, ClientAuthMethod, ClusterTokenIssuer, ClusterTokenIssuerSpec, Grant, GrantType,
+    IssuerKind, IssuerSpec, ServiceAccountRef, SubjectTokenSource, TokenExchangeGrant, TokenIssuer,
+    TokenIssuerSpec,
 };
 use audience_token_operator::secret::keys;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::Value;
 
@@ -262,8 +263,9 @@ pub async fn missing_grant_is_reported_then_fixed(env: &TestEnv, operator: &Oper
 }
 
 /// Client credentials authenticated by a ServiceAccount token alone (no Secret names a
-/// credential): two tokens for two APIs, each exactly for its API, and one minted token
-/// serves both (it is reused while more than half of its 10 minutes is left).
+/// credential): two tokens for two APIs, each exactly for its API, a third through a
+/// ClusterTokenIssuer, and one minted token serves all (it is reused while more than half
+/// of its 10 minutes is left).
 pub async fn federated_client_credentials(env: &TestEnv, operator: &OperatorIdentity) {
     let account = oidc::FEDERATED_SERVICE_ACCOUNT;
     env.create_service_account(account).await;
@@ -288,6 +290,49 @@ pub async fn federated_client_credentials(env: &TestEnv, operator: &OperatorIden
     let auth = &issuer.spec.issuer.client_auth;
     assert!(auth.client_secret_ref.is_none() && auth.private_key_ref.is_none());
     assert!(issuer.spec.issuer.tls_client_certificate.is_none());
+
+    // A ClusterTokenIssuer mints a ServiceAccount of the cluster resource namespace (here
+    // the test namespace), for the namespaces it allows; the same minted token serves it.
+    let cluster_issuer = format!("federated-{}", env.namespace);
+    let mut spec = env
+        .issuers()
+        .get("federated")
+        .await
+        .expect("TokenIssuer")
+        .spec
+        .issuer;
+    spec.client_id = oidc::M2M_FEDERATED.id.into();
+    let cluster = ClusterTokenIssuer::new(
+        &cluster_issuer,
+        ClusterTokenIssuerSpec {
+            issuer: spec,
+            allowed_namespaces: Some(LabelSelector {
+                match_labels: Some([("team".to_string(), "test".to_string())].into()),
+                ..LabelSelector::default()
+            }),
+            allowed_resources: None,
+        },
+    );
+    let cluster_issuers: Api<ClusterTokenIssuer> = Api::all(env.client.clone());
+    cluster_issuers
+        .create(&PostParams::default(), &cluster)
+        .await
+        .expect("create ClusterTokenIssuer");
+    let mut token = TestEnv::token_spec(&cluster_issuer, oidc::ORDERS, &["orders/read"]);
+    token.issuer_ref.kind = IssuerKind::ClusterTokenIssuer;
+    env.submit_token("fed-cluster-orders", token).await;
+    env.wait_condition("fed-cluster-orders", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let secret = env
+        .secrets()
+        .get("fed-cluster-orders")
+        .await
+        .expect("Secret");
+    assert_eq!(claims(&data(&secret, keys::TOKEN))["aud"], oidc::ORDERS);
+    cluster_issuers
+        .delete(&cluster_issuer, &DeleteParams::default())
+        .await
+        .expect("delete ClusterTokenIssuer");
 
     let minted = env.service_account_tokens_of(account).await;
     let distinct: std::collections::BTreeSet<String> =
