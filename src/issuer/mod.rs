@@ -826,6 +826,16 @@ mod tests {
         }
     }
 
+    /// The server's refusal of the client (RFC 6749 §5.2).
+    fn invalid_client() -> TokenError {
+        TokenError::Server {
+            status: 401,
+            error: "invalid_client".into(),
+            description: None,
+            retry_after: None,
+        }
+    }
+
     fn basic_spec() -> IssuerSpec {
         let mut spec = IssuerSpec {
             token_endpoint: Some("https://idp.example.com/token".into()),
@@ -909,12 +919,7 @@ mod tests {
         layer.endpoint(target).await.unwrap();
         assert_eq!(mints(), 1, "a 10-minute token is reused");
         // A refused client forgets it.
-        let refused = TokenError::Server {
-            status: 401,
-            error: "invalid_client".into(),
-            description: None,
-            retry_after: None,
-        };
+        let refused = invalid_client();
         layer.invalidate(target, &refused);
         layer.endpoint(target).await.unwrap();
         assert_eq!(mints(), 2);
@@ -980,12 +985,7 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
-        let refused = TokenError::Server {
-            status: 401,
-            error: "invalid_client".into(),
-            description: None,
-            retry_after: None,
-        };
+        let refused = invalid_client();
         layer.invalidate(target, &refused);
         layer.endpoint(target).await.unwrap();
         assert_eq!(

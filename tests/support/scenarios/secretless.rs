@@ -130,13 +130,8 @@ impl TestEnv {
             },
             ..IssuerSpec::default()
         };
-        self.issuers()
-            .create(
-                &PostParams::default(),
-                &TokenIssuer::new(name, TokenIssuerSpec { issuer }),
-            )
-            .await
-            .expect("create TokenIssuer");
+        self.submit_issuer(&TokenIssuer::new(name, TokenIssuerSpec { issuer }))
+            .await;
     }
 
     /// TokenIssuer `name` for the public client [`oidc::M2M_EXCHANGE`]: a token exchange of
@@ -163,13 +158,8 @@ impl TestEnv {
             },
             ..IssuerSpec::default()
         };
-        self.issuers()
-            .create(
-                &PostParams::default(),
-                &TokenIssuer::new(name, TokenIssuerSpec { issuer }),
-            )
-            .await
-            .expect("create TokenIssuer");
+        self.submit_issuer(&TokenIssuer::new(name, TokenIssuerSpec { issuer }))
+            .await;
     }
 
     /// The ServiceAccount tokens the test server received so far, decoded, of `account`.
