@@ -44,6 +44,9 @@ pub use jwks_cache::{JWKS_MIN_REFRESH, JWKS_TTL};
 /// Credentials are re-read at most this often (and at once after `invalid_client`), so a
 /// renewal costs no Secret read while a rotated secret is still picked up.
 pub const CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+/// A refused mint is answered from memory this long (shorter than the 5 s recheck of an
+/// issuer waiting for its grant, so every recheck asks the API server).
+pub const MINT_FAILURE_TTL: Duration = Duration::from_secs(3);
 /// Discovery documents are re-fetched this often, and after a failure.
 pub const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
@@ -169,6 +172,10 @@ pub struct IssuerEndpoints<S> {
     /// Minted ServiceAccount tokens by namespace, name and audience, with the moment half
     /// of their life is gone (then a new one is minted).
     minted: Mutex<HashMap<MintedKey, (ServiceAccountToken, Instant)>>,
+    /// Refused mints (no grant, no ServiceAccount) by the same key, kept for
+    /// [`MINT_FAILURE_TTL`]: a thousand tokens waiting on one missing grant make one
+    /// TokenRequest, not a thousand.
+    mint_failures: Mutex<HashMap<MintedKey, (Failure, Instant)>>,
     discovery: Mutex<HashMap<String, (ServerMetadata, Instant)>>,
     jwks: jwks_cache::JwksCache,
 }
@@ -259,6 +266,7 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
             credentials: Mutex::default(),
             certificates: Mutex::default(),
             minted: Mutex::default(),
+            mint_failures: Mutex::default(),
             discovery: Mutex::default(),
             jwks: jwks_cache::JwksCache::default(),
         }
@@ -456,6 +464,11 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
         {
             return Ok(minted.clone());
         }
+        if let Some((failure, failed_at)) = lock(&self.mint_failures).get(&cache_key)
+            && failed_at.elapsed() < MINT_FAILURE_TTL
+        {
+            return Err(failure.clone());
+        }
         let minted = self
             .source
             .service_account_token(ServiceAccountTokenRef {
@@ -465,7 +478,12 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                 expiration: SERVICE_ACCOUNT_TOKEN_LIFETIME,
                 field,
             })
-            .await?;
+            .await
+            .inspect_err(|failure| {
+                lock(&self.mint_failures)
+                    .insert(cache_key.clone(), (failure.clone(), Instant::now()));
+            })?;
+        lock(&self.mint_failures).remove(&cache_key);
         let life_left = minted
             .expires_at
             .duration_since(jiff::Timestamp::now())
@@ -800,6 +818,9 @@ mod tests {
         ) -> Result<ServiceAccountToken, Failure> {
             self.mints
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if reference.name == "forbidden" {
+                return Err(Failure::issuer_not_ready("may not mint"));
+            }
             let lifetime = match reference.name {
                 // Already half gone when it arrives: never reused.
                 "short-lived" => Duration::ZERO,
@@ -955,6 +976,35 @@ mod tests {
         // Less than half its life left: minted again.
         layer.endpoint(target).await.unwrap();
         assert_eq!(mints(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_refused_mint_is_remembered_for_a_few_seconds() {
+        let layer = IssuerEndpoints::new(TokenClient::new().unwrap(), Counting::default());
+        let mut spec = basic_spec();
+        spec.issuer_url = Some("https://idp.example.com".into());
+        spec.client_auth.method = ClientAuthMethod::ServiceAccountToken;
+        spec.client_auth.service_account_ref = Some(ServiceAccountRef {
+            name: "forbidden".into(),
+            audience: None,
+        });
+        let target = IssuerTarget {
+            key: "TokenIssuer/shop/idp",
+            spec: &spec,
+            secret_namespace: "shop",
+        };
+        for _ in 0..3 {
+            let failure = layer.endpoint(target).await.unwrap_err();
+            assert_eq!(failure.message, "may not mint");
+        }
+        assert_eq!(
+            layer
+                .source
+                .mints
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "tokens waiting on one missing grant ask the API server once"
+        );
     }
 
     #[tokio::test]
