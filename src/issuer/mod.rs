@@ -484,10 +484,10 @@ impl<S: CredentialSource> IssuerEndpoints<S> {
                     .insert(cache_key.clone(), (failure.clone(), Instant::now()));
             })?;
         lock(&self.mint_failures).remove(&cache_key);
-        let life_left = minted
-            .expires_at
-            .duration_since(jiff::Timestamp::now())
-            .unsigned_abs();
+        // An already expired token (a stale file for the `token` command) is never reused.
+        let life_left =
+            Duration::try_from(minted.expires_at.duration_since(jiff::Timestamp::now()))
+                .unwrap_or(Duration::ZERO);
         let reuse_until = Instant::now() + life_left / 2;
         lock(&self.minted).insert(cache_key, (minted.clone(), reuse_until));
         Ok(minted)
@@ -822,14 +822,13 @@ mod tests {
                 return Err(Failure::issuer_not_ready("may not mint"));
             }
             let lifetime = match reference.name {
-                // Already half gone when it arrives: never reused.
-                "short-lived" => Duration::ZERO,
-                _ => reference.expiration,
+                // Already expired when it arrives: never reused.
+                "short-lived" => jiff::SignedDuration::from_secs(-600),
+                _ => jiff::SignedDuration::try_from(reference.expiration).unwrap(),
             };
             Ok(ServiceAccountToken {
                 token: SecretString::new(format!("sa-token-for-{}", reference.audience)),
-                expires_at: jiff::Timestamp::now()
-                    + jiff::SignedDuration::try_from(lifetime).unwrap(),
+                expires_at: jiff::Timestamp::now() + lifetime,
                 from: format!("ServiceAccount {}/{}", reference.namespace, reference.name),
             })
         }
