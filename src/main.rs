@@ -234,6 +234,10 @@ struct RunArgs {
     /// AudienceTokens reconciled at once.
     #[arg(long, env = "ATO_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Publish a Normal Event (Issued, Renewed) for each token written, as cert-manager
+    /// does: one API write per issuance and renewal. `false` leaves only Warnings.
+    #[arg(long, env = "ATO_ISSUANCE_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    issuance_events: bool,
     /// Log format.
     #[arg(long, env = "ATO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -415,6 +419,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| own_namespace.clone()),
         concurrency: args.concurrency.max(1),
         instance: pod_name.clone(),
+        issuance_events: args.issuance_events,
     };
 
     let metrics = Arc::new(Metrics::new());

@@ -81,6 +81,7 @@ pub struct Metrics {
     request_duration: Family<IssuerLabels, Histogram>,
     expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
     ready: Family<TokenLabels, Gauge>,
+    failing: Family<TokenLabels, Gauge>,
     reconciles: Family<ResultLabels, Counter>,
     refresh_rotations: Family<IssuerLabels, Counter>,
     leader: Gauge,
@@ -134,6 +135,12 @@ impl Metrics {
             "1 when an AudienceToken's Ready condition is True, else 0",
             ready.clone(),
         );
+        let failing = Family::<TokenLabels, Gauge>::default();
+        registry.register(
+            "failing",
+            "1 while an AudienceToken's last attempt to issue or renew failed (Ready may still be True: a valid token is kept); no series otherwise",
+            failing.clone(),
+        );
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reconcile",
@@ -158,6 +165,7 @@ impl Metrics {
             request_duration,
             expiry,
             ready,
+            failing,
             reconciles,
             refresh_rotations,
             leader,
@@ -186,9 +194,17 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Records an AudienceToken's state: when its token expires (if it has one) and
-    /// whether it is Ready.
-    pub fn token_state(&self, namespace: &str, name: &str, expires_at: Option<i64>, ready: bool) {
+    /// Records an AudienceToken's state: when its token expires (if it has one), whether it
+    /// is Ready, and whether its last attempt failed (a series only while it did, so 10,000
+    /// healthy tokens cost no third series each).
+    pub fn token_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        expires_at: Option<i64>,
+        ready: bool,
+        failing: bool,
+    ) {
         let labels = TokenLabels {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -204,6 +220,11 @@ impl Metrics {
             }
         }
         self.ready.get_or_create(&labels).set(i64::from(ready));
+        if failing {
+            self.failing.get_or_create(&labels).set(1);
+        } else {
+            self.failing.remove(&labels);
+        }
     }
 
     /// Drops an AudienceToken's series (it was deleted).
@@ -214,6 +235,7 @@ impl Metrics {
         };
         self.expiry.remove(&labels);
         self.ready.remove(&labels);
+        self.failing.remove(&labels);
     }
 
     /// Counts a reconcile: `Ok` or a Kubernetes API error.
@@ -263,7 +285,7 @@ mod tests {
             "success",
             Duration::from_millis(30),
         );
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true);
+        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
         metrics.reconciled(true);
         metrics.refresh_rotated("TokenIssuer/team-a/idp");
         metrics.set_leader(true);
@@ -284,7 +306,7 @@ mod tests {
     #[test]
     fn a_deleted_token_leaves_no_series() {
         let metrics = Metrics::new();
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true);
+        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
         metrics.forget_token("team-a", "orders");
         let text = metrics.encode().unwrap();
         assert!(!text.contains(r#"name="orders""#), "{text}");
@@ -293,11 +315,15 @@ mod tests {
     #[test]
     fn a_token_without_expiry_has_no_expiry_series_but_a_ready_one() {
         let metrics = Metrics::new();
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true);
-        metrics.token_state("team-a", "orders", None, false);
+        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
+        metrics.token_state("team-a", "orders", None, false, true);
         let text = metrics.encode().unwrap();
         assert!(!text.contains("expiry_timestamp_seconds{"), "{text}");
         assert!(text.contains(r#"audience_token_ready{namespace="team-a",name="orders"} 0"#));
+        assert!(text.contains(r#"audience_token_failing{namespace="team-a",name="orders"} 1"#));
+        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains("audience_token_failing{"), "{text}");
     }
 
     #[test]

@@ -91,8 +91,10 @@ async fn metrics_and_probes_and_json_logs() {
     })
     .await;
     assert_eq!(op.metric(ready).await, Some(1.0));
+    let orders_failing = r#"audience_token_failing{namespace="metrics",name="orders"}"#;
+    assert_eq!(op.metric(orders_failing).await, None, "healthy: no series");
 
-    // A token that cannot be issued reports ready 0 and an error result.
+    // A token that cannot be issued reports ready 0, failing 1 and an error result.
     h.env
         .create_token("unknown", "idp", oidc::UNKNOWN_RESOURCE, &[], None)
         .await;
@@ -111,6 +113,11 @@ async fn metrics_and_probes_and_json_logs() {
         }
     })
     .await;
+    assert_eq!(
+        op.metric(r#"audience_token_failing{namespace="metrics",name="unknown"}"#)
+            .await,
+        Some(1.0)
+    );
 
     h.env
         .tokens()
@@ -382,5 +389,50 @@ async fn service_account_tokens_replace_client_secrets() {
         (3..=8).contains(&mints),
         "one ServiceAccount token per account and audience is reused (3 accounts), and a few \
          issuer checks may race the first mint: {mints} minted"
+    );
+}
+
+/// A new token costs one Secret write (a create: the Secret is not known, and nothing is
+/// read first) and one status write, and with `--issuance-events=false` no Event; a
+/// renewal reads nothing either.
+#[tokio::test]
+async fn an_issuance_makes_two_api_writes_without_events() {
+    let quiet = Options {
+        extra_args: vec!["--issuance-events=false".into()],
+        ..Options::default()
+    };
+    let h = harness::start("calls", quiet).await;
+    let env = &h.env;
+    env.create_issuer("idp", &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
+        .await;
+    env.wait_issuer("idp", "True", "Ready").await;
+    // The issuer's credential is read once, by its status check: not per token.
+    let mark = h.double.request_count();
+    env.issue_token("orders", "idp", oidc::ORDERS, &["orders/read"])
+        .await;
+    let calls: Vec<String> = h
+        .double
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.bearer_token.as_deref() == Some(harness::OPERATOR_TOKEN))
+        .filter(|r| r.verb != "watch")
+        .map(|r| {
+            let sub = r.subresource.map(|s| format!("/{s}")).unwrap_or_default();
+            format!("{} {}{sub}", r.verb, r.plural)
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        ["create secrets", "patch audiencetokens/status"],
+        "the operator's API calls for one new token"
+    );
+    let events = env.events_for("orders").await;
+    assert!(events.is_empty(), "no Issued Event: {events:?}");
+    env.force_renewal(&["orders"], "2026-01-01T00:00:00Z").await;
+    env.wait_condition("orders", "True", "Renewed", READY_TIMEOUT)
+        .await;
+    assert!(
+        env.events_for("orders").await.is_empty(),
+        "no Renewed Event"
     );
 }

@@ -588,7 +588,7 @@ async fn rbac_rules_allow_every_request_and_every_rule_is_used() {
         "rbac",
         Options {
             leader_elect: Some((Duration::from_secs(5), "op-a".into())),
-            json_logs: false,
+            ..Options::default()
         },
     )
     .await;

@@ -57,6 +57,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Reporter instance name for Events (the pod name).
     pub instance: Option<String>,
+    /// Publish a Normal Event for each token issued or renewed (`--issuance-events`).
+    pub issuance_events: bool,
 }
 
 /// What every reconcile shares: the API client, the token client, the caches.

@@ -72,6 +72,9 @@ pub struct Observed<'a> {
     /// token is certificate-bound (`None`: the issuer presents none). When the certificate
     /// cannot be read, the published token's own thumbprint: nothing is known to change.
     pub client_certificate: Option<&'a str>,
+    /// Publish a Normal Event (`Issued`, `Renewed`) for each token written (`run
+    /// --issuance-events`, default on). Warnings are published regardless.
+    pub issuance_events: bool,
 }
 
 /// Why a token is requested now.
@@ -265,10 +268,14 @@ pub fn status_current(
     status.issued_at = Some(time(published.issued_at));
     status.expires_at = Some(time(published.expires_at));
     status.renewal_time = Some(time(plan.renewal_time));
+    // A failing renewal's reason stays until a renewal succeeds (a forced renewal that
+    // failed leaves a current token behind): a reason never claims success then.
     let reason = match prev.conditions.iter().find(|c| c.type_ == READY) {
         Some(c)
             if c.status == "True"
-                && (c.reason == reason::RENEWED || c.reason == reason::ISSUED) =>
+                && (status.failed_attempts > 0
+                    || c.reason == reason::RENEWED
+                    || c.reason == reason::ISSUED) =>
         {
             c.reason.clone()
         }
@@ -295,7 +302,8 @@ pub fn status_current(
 }
 
 /// Status after a failed attempt (or a refusal to attempt). The published token, while
-/// valid, keeps Ready true: workloads still have a good token.
+/// valid, keeps Ready true (workloads still have a good token), with the failure's reason:
+/// `Issued` or `Renewed` only ever mean that the last attempt succeeded.
 pub fn status_failed(
     prev: &AudienceTokenStatus,
     failure: &Failure,
@@ -322,10 +330,6 @@ pub fn status_failed(
         .filter(|p| p.expires_at > o.now && p.spec_hash == o.spec_hash);
     match valid {
         Some(p) if failure.reason != reason::SECRET_CONFLICT => {
-            let keep = match prev.conditions.iter().find(|c| c.type_ == READY) {
-                Some(c) if c.status == "True" && c.reason == reason::RENEWED => reason::RENEWED,
-                _ => reason::ISSUED,
-            };
             let message = format!(
                 "token valid until {}; renewal failing ({}: {}){retry}",
                 rfc3339(p.expires_at),
@@ -335,7 +339,7 @@ pub fn status_failed(
             set_ready(
                 &mut status.conditions,
                 true,
-                keep,
+                failure.reason,
                 message,
                 o.generation,
                 o.now,
@@ -456,6 +460,14 @@ pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
         }
     }
     serde_json::json!({ "status": value })
+}
+
+/// Whether the Ready condition in `status` has this reason.
+pub fn last_reason_is(status: &AudienceTokenStatus, reason: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.reason == reason)
 }
 
 /// Whether the Ready condition in `status` is True.
@@ -653,17 +665,20 @@ fn issued_outcome<'r>(o: &Observed, issued: &'r IssuedToken) -> AfterRequest<'r>
     } else {
         (reason::ISSUED, "issued a token")
     };
-    let mut events = vec![Event {
-        type_: EventType::Normal,
-        reason: why,
-        note: format!(
-            "{what} for {} into Secret {}; it expires at {}, renewal at {}",
-            o.audience,
-            o.secret_name,
-            rfc3339(issued.expires_at),
-            rfc3339(renewal.renewal_time),
-        ),
-    }];
+    let mut events = Vec::new();
+    if o.issuance_events {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: why,
+            note: format!(
+                "{what} for {} into Secret {}; it expires at {}, renewal at {}",
+                o.audience,
+                o.secret_name,
+                rfc3339(issued.expires_at),
+                rfc3339(renewal.renewal_time),
+            ),
+        });
+    }
     // Said once per token and spec, not at every renewal.
     let first_for_spec = o.published.is_none_or(|p| p.spec_hash != o.spec_hash);
     if let Some(warning) = renewal.warning.filter(|_| first_for_spec) {
@@ -694,6 +709,13 @@ fn secret_conflict(o: &Observed) -> Failure {
             o.namespace, o.secret_name
         ),
     )
+}
+
+/// The outcome when the Secret turns out to be someone else's only as the token is written
+/// (it was not in the cache of owned Secrets, so it was created, and the create found it):
+/// nothing is written, the token is dropped, SecretConflict as if it had been seen before.
+pub fn foreign_at_publish(o: &Observed) -> Outcome {
+    blocked(o, &secret_conflict(o))
 }
 
 /// Blocked on something the operator cannot watch closely: record why (not as an attempt,
@@ -812,6 +834,7 @@ mod tests {
             audience: "urn:a",
             foreign_secret: false,
             client_certificate: None,
+            issuance_events: true,
         }
     }
 
@@ -985,9 +1008,11 @@ mod tests {
         let o = observed(3000, Some(&fresh), &none);
         let s = status_failed(&none, &failure, Some(ts(3005)), true, &o);
         let ready = &s.conditions[0];
+        // Ready while the old token is valid, but the reason says what fails: an alert or
+        // `kubectl wait` can tell "valid but failing" from "healthy".
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
-            ("True", reason::ISSUED)
+            ("True", reason::TOKEN_REQUEST_FAILED)
         );
         assert!(
             ready.message.contains("invalid_target"),
@@ -995,6 +1020,13 @@ mod tests {
             ready.message
         );
         assert_eq!(s.failed_attempts, 1);
+        // A current token after the failure (a forced renewal failed) keeps the reason.
+        let o_current = observed(10, Some(&fresh), &s);
+        let Decision::Keep(plan) = decide(&o_current, false) else {
+            panic!("a current token is kept")
+        };
+        let kept = status_current(&s, &fresh, &plan, "urn:a", &o_current);
+        assert_eq!(kept.conditions[0].reason, reason::TOKEN_REQUEST_FAILED);
         assert!(
             s.last_failure_message
                 .as_deref()
@@ -1464,11 +1496,11 @@ mod tests {
                 published: fresh(),
                 issuer: not_ready(),
                 ..before(
-                    "issuer not resolvable at renewal: Ready stays True",
+                    "issuer not resolvable at renewal: Ready stays True, with the reason",
                     3000,
                     done(
                         Write::Full,
-                        Some(("True", reason::ISSUED)),
+                        Some(("True", reason::ISSUER_NOT_READY)),
                         vec![(Warning, reason::ISSUER_NOT_READY)],
                         60.0..=60.0,
                     ),
@@ -1605,7 +1637,7 @@ mod tests {
             failure: request_failed(),
             delay,
             requeue: None,
-            ready: ("True", reason::ISSUED),
+            ready: ("True", reason::TOKEN_REQUEST_FAILED),
             warning: true,
         }
     }
@@ -1647,6 +1679,7 @@ mod tests {
             FailureCase {
                 status: attempts(1, reason::TOKEN_REQUEST_FAILED),
                 failure: Failure::new(reason::AUDIENCE_MISMATCH, "aud is urn:b"),
+                ready: ("True", reason::AUDIENCE_MISMATCH),
                 ..failed_at("a new reason: Warning again", 3000, 9.0..=11.0)
             },
             FailureCase {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -28,7 +28,8 @@ use crate::secret::{
 
 /// Who holds the Secret an AudienceToken wants to write.
 enum SecretState {
-    /// No such Secret.
+    /// Not among the owned Secrets the cache holds: absent, as far as anyone knows, so it
+    /// is created (and read only if the create finds one).
     Absent,
     /// Ours; with the token it holds, if its annotations are complete.
     Ours(Option<PublishedToken>),
@@ -49,7 +50,9 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     let uid = token.uid().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let secret_state = secret_state(&ctx, &secrets, &namespace, token.secret_name(), &name).await?;
+    let secret_state = secret_state(&ctx, &secrets, &namespace, &token, &status).await?;
+    // A Secret not known to exist is created, never applied over (it may be someone else's).
+    let create_secret = matches!(secret_state, SecretState::Absent);
     let (published, foreign_secret) = match secret_state {
         SecretState::Ours(published) => (published, false),
         SecretState::Absent => (None, false),
@@ -86,6 +89,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         audience: token.expected_audience(),
         foreign_secret,
         client_certificate: client_certificate.as_deref(),
+        issuance_events: ctx.settings.issuance_events,
     };
 
     let (why, issuer) = match plan::before_request(&observed, resolved, backoff_waived) {
@@ -115,7 +119,19 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             renewed,
             outcome,
         } => {
-            apply_secret(&token, &secrets, issued, dpop.as_deref()).await?;
+            if !write_secret(&token, &secrets, issued, dpop.as_deref(), create_secret).await? {
+                let outcome = plan::foreign_at_publish(&Observed {
+                    foreign_secret: true,
+                    ..observed
+                });
+                warn!(
+                    namespace,
+                    name,
+                    secret = token.secret_name(),
+                    "the Secret to create exists and is someone else's; the token is dropped"
+                );
+                return finish(&ctx, &token, &status, outcome).await;
+            }
             ctx.forget_failure(&token);
             write_status(&ctx, &token, &status, &outcome.status).await?;
             info!(
@@ -257,28 +273,32 @@ async fn presented_certificate(
     }
 }
 
-/// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may
-/// be someone else's, which the label-selected cache cannot show).
+/// Looks the Secret up in the metadata cache of owned Secrets. A miss is taken for an
+/// absent Secret (the create that publishes the token finds out otherwise), so a new token
+/// costs no read; only after a SecretConflict is the API server asked, to see whether the
+/// other Secret is still there.
 async fn secret_state(
     ctx: &Context,
     secrets: &Api<Secret>,
     namespace: &str,
-    secret_name: &str,
-    token_name: &str,
+    token: &AudienceToken,
+    status: &AudienceTokenStatus,
 ) -> Result<SecretState, Error> {
+    let (secret_name, token_name) = (token.secret_name(), token.name_any());
     let meta = match ctx
         .secrets
         .get(&ObjectRef::new(secret_name).within(namespace))
     {
         Some(cached) => Some(cached.metadata.clone()),
-        None => secrets
+        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT) => secrets
             .get_metadata_opt(secret_name)
             .await?
             .map(|m| m.metadata),
+        None => None,
     };
     Ok(match meta {
         None => SecretState::Absent,
-        Some(meta) if is_owned_by(&meta, token_name) => SecretState::Ours(published_token(&meta)),
+        Some(meta) if is_owned_by(&meta, &token_name) => SecretState::Ours(published_token(&meta)),
         Some(_) => SecretState::Foreign,
     })
 }
@@ -300,13 +320,35 @@ fn renew_policy(token: &AudienceToken) -> RenewBefore {
 
 /// Writes the issued token into the Secret (server-side apply, taking ownership of every
 /// field).
-async fn apply_secret(
+/// Writes the token Secret: server-side apply onto our own Secret, or, when none was known
+/// (`create`), a create, which never touches an existing Secret. When the create finds one,
+/// it is read: ours (the cache was behind) is applied, someone else's is left alone and
+/// `false` returned.
+async fn write_secret(
     token: &AudienceToken,
     secrets: &Api<Secret>,
     issued: &IssuedToken,
     dpop: Option<&DpopKey>,
-) -> Result<(), Error> {
+    create: bool,
+) -> Result<bool, Error> {
     let secret = desired_secret(token, issued, dpop);
+    if create {
+        let params = PostParams {
+            field_manager: Some(MANAGER.to_string()),
+            ..PostParams::default()
+        };
+        match secrets.create(&params, &secret).await {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = secrets.get_metadata_opt(token.secret_name()).await?;
+                let ours = existing.is_some_and(|m| is_owned_by(&m.metadata, &token.name_any()));
+                if !ours {
+                    return Ok(false);
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
     secrets
         .patch(
             token.secret_name(),
@@ -314,7 +356,7 @@ async fn apply_secret(
             &Patch::Apply(&secret),
         )
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Carries out an outcome: status, then Events, then the requeue.
@@ -354,6 +396,7 @@ async fn write_status(
         &token.name_any(),
         expires_at,
         plan::ready_is_true(next),
+        next.failed_attempts > 0,
     );
     if previous == next {
         return Ok(());

@@ -216,6 +216,8 @@ def test_values_reach_the_container(chart):
     (container,) = spec["containers"]
     args = container["args"]
     assert "--concurrency=64" in args and "--log-format=json" in args
+    assert "--issuance-events=false" not in args, "on by default: no flag"
+    assert "--issuance-events=false" in container_args(render(chart, {"issuanceEvents": False}))
     assert "--metrics-addr=0.0.0.0:9090" in args and "--health-addr=0.0.0.0:9091" in args
     assert "--leader-elect-lease-duration=30s" in args
     assert args[-1] == "--some-flag=x"
@@ -302,7 +304,7 @@ def test_probes_use_the_named_health_port(chart, values):
     [
         {},
         {"watchNamespace": "team-a", "leaderElection": {"enabled": False}, "logFormat": "json"},
-        {"clusterResourceNamespace": "shared", "concurrency": 1000, "leaderElection": {"leaseDuration": "1m30s"}},
+        {"clusterResourceNamespace": "shared", "concurrency": 1000, "leaderElection": {"leaseDuration": "1m30s"}, "issuanceEvents": False},
     ],
     ids=["defaults", "single-namespace-json", "tuned"],
 )

@@ -14,6 +14,8 @@ pub struct Options {
     pub leader_elect: Option<(Duration, String)>,
     /// `--log-format json`.
     pub json_logs: bool,
+    /// More `run` arguments, after the others.
+    pub extra_args: Vec<String>,
 }
 
 /// A running `audience-token-operator run`. Its logs go to a file, printed when a test fails.
@@ -153,6 +155,7 @@ impl OperatorProcess {
         if self.options.json_logs {
             command.args(["--log-format", "json"]);
         }
+        command.args(&self.options.extra_args);
         let child = command
             .env("KUBECONFIG", &self.kubeconfig)
             .env(
