@@ -28,7 +28,9 @@
 //!    Secret cached): time, token requests, writes and reads per renewal;
 //! 7. the floor: the OAuth server alone, a minimal keep-alive client doing the same token
 //!    POST + Secret apply + status patch at the same concurrency against the same servers,
-//!    and one making the operator's five calls (plus Secret metadata GET and Event create).
+//!    and one making the operator's calls (token POST, Secret create, status patch, and the
+//!    Event create unless `BENCH_ISSUANCE_EVENTS=false`, which also runs the operator with
+//!    `--issuance-events=false`).
 //!
 //! CPU time of the operator, the Node server and this process (the double and the
 //! clients) is shown beside the rates, to tell which one limits them.
@@ -83,6 +85,8 @@ struct Mode {
     tokens: usize,
     idle: Duration,
     warmup: usize,
+    /// The operator publishes Issued/Renewed Events (`BENCH_ISSUANCE_EVENTS`, default on).
+    issuance_events: bool,
 }
 
 fn main() {
@@ -101,6 +105,7 @@ fn main() {
             tokens,
             idle: Duration::from_secs(30),
             warmup: 500,
+            issuance_events: std::env::var("BENCH_ISSUANCE_EVENTS").as_deref() != Ok("false"),
         }
     } else {
         Mode {
@@ -108,6 +113,7 @@ fn main() {
             tokens: 20,
             idle: Duration::from_secs(1),
             warmup: 0,
+            issuance_events: true,
         }
     };
     assert!(mode.tokens > 0, "BENCH_TOKENS must be at least 1");
@@ -472,8 +478,8 @@ enum FloorCalls {
     TokenOnly,
     /// Token POST, Secret apply, status patch: the design's floor.
     Minimal,
-    /// The operator's five calls: Secret metadata GET, token POST, Secret apply, status
-    /// patch, Event create.
+    /// The operator's calls for a new token: token POST, Secret create, status patch, and
+    /// the Event create unless the operator runs with `--issuance-events=false`.
     LikeOperator,
 }
 
@@ -483,8 +489,10 @@ struct FloorClient {
     namespace: String,
     secrets: Api<Secret>,
     tokens: Api<AudienceToken>,
-    events: Api<k8s_openapi::api::events::v1::Event>,
+    events_api: Api<k8s_openapi::api::events::v1::Event>,
     calls: FloorCalls,
+    /// With [`FloorCalls::LikeOperator`]: create the Issued Event too.
+    events: bool,
 }
 
 impl FloorClient {
@@ -494,6 +502,7 @@ impl FloorClient {
         endpoint: &str,
         namespace: &str,
         calls: FloorCalls,
+        events: bool,
     ) -> Self {
         FloorClient {
             http: http.clone(),
@@ -501,24 +510,15 @@ impl FloorClient {
             namespace: namespace.to_string(),
             secrets: Api::namespaced(env.client.clone(), namespace),
             tokens: Api::namespaced(env.client.clone(), namespace),
-            events: Api::namespaced(env.client.clone(), namespace),
+            events_api: Api::namespaced(env.client.clone(), namespace),
             calls,
+            events,
         }
     }
 
     /// The calls of [`FloorCalls`] for AudienceToken `i` (uid `uid`).
     async fn one(&self, i: usize, uid: &str) -> Result<(), String> {
         let name = token_name(i);
-        if self.calls == FloorCalls::LikeOperator {
-            let existing = self
-                .secrets
-                .get_metadata_opt(&name)
-                .await
-                .map_err(|e| e.to_string())?;
-            if existing.is_some() {
-                return Err(format!("Secret {name} exists already"));
-            }
-        }
         let response = token_post(&self.http, &self.endpoint).await?;
         if self.calls == FloorCalls::TokenOnly {
             return Ok(());
@@ -556,14 +556,22 @@ impl FloorClient {
                 "scope": b64(SCOPE),
             },
         });
-        self.secrets
-            .patch(
-                &name,
-                &PatchParams::apply("floor-client").force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        if self.calls == FloorCalls::LikeOperator {
+            let secret: Secret = serde_json::from_value(secret).map_err(|e| e.to_string())?;
+            self.secrets
+                .create(&kube::api::PostParams::default(), &secret)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.secrets
+                .patch(
+                    &name,
+                    &PatchParams::apply("floor-client").force(),
+                    &Patch::Apply(&secret),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let status = json!({"status": {
             "conditions": [{
                 "type": "Ready", "status": "True", "reason": "Issued",
@@ -582,7 +590,7 @@ impl FloorClient {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .map_err(|e| e.to_string())?;
-        if self.calls == FloorCalls::LikeOperator {
+        if self.calls == FloorCalls::LikeOperator && self.events {
             let event = serde_json::from_value(json!({
                 "metadata": {"name": format!("{name}.{:x}", jiff::Timestamp::now().as_nanosecond()), "namespace": self.namespace},
                 "eventTime": jiff::Timestamp::now().to_string(),
@@ -593,7 +601,7 @@ impl FloorClient {
                               "name": name, "namespace": self.namespace, "uid": uid},
             }))
             .map_err(|e| e.to_string())?;
-            self.events
+            self.events_api
                 .create(&kube::api::PostParams::default(), &event)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -722,6 +730,7 @@ async fn run(mode: Mode) {
             &token_endpoint,
             FLOOR_NAMESPACE,
             FloorCalls::TokenOnly,
+            false,
         );
         run_floor(warm, vec![String::new(); mode.warmup]).await;
     }
@@ -735,12 +744,16 @@ async fn run(mode: Mode) {
         double.kubeconfig_yaml_with_token(OPERATOR_TOKEN),
     )
     .expect("write kubeconfig");
-    let mut operator = OperatorProcess::start_with_log_filter(
-        &kubeconfig.0,
-        NAMESPACE,
-        Options::default(),
-        Some(LOG_FILTER),
-    );
+    let options = Options {
+        extra_args: if mode.issuance_events {
+            Vec::new()
+        } else {
+            vec!["--issuance-events=false".into()]
+        },
+        ..Options::default()
+    };
+    let mut operator =
+        OperatorProcess::start_with_log_filter(&kubeconfig.0, NAMESPACE, options, Some(LOG_FILTER));
     poll_until(
         "the operator's /readyz",
         Duration::from_secs(60),
@@ -916,7 +929,14 @@ async fn run(mode: Mode) {
         } else {
             fresh_tokens(namespace)
         };
-        let client = FloorClient::new(&env, &http, &token_endpoint, namespace, calls);
+        let client = FloorClient::new(
+            &env,
+            &http,
+            &token_endpoint,
+            namespace,
+            calls,
+            mode.issuance_events,
+        );
         let before = CpuSample::take(None, node_pid);
         let elapsed = run_floor(client, uids).await;
         let cpu = before.since(&CpuSample::take(None, node_pid), ticks);
@@ -956,12 +976,13 @@ async fn run(mode: Mode) {
         .map(|(a, b)| a - b);
 
     report.title(&format!(
-        "audience-token-operator scale benchmark: {n} AudienceTokens, 1 TokenIssuer, {}",
+        "audience-token-operator scale benchmark: {n} AudienceTokens, 1 TokenIssuer, {}, Issued/Renewed Events {}",
         if mode.full {
             "full run"
         } else {
             "SMOKE run (cargo test)"
-        }
+        },
+        if mode.issuance_events { "on" } else { "off" }
     ));
     report.section("Machine");
     for (k, v) in machine_facts() {
@@ -1030,7 +1051,11 @@ async fn run(mode: Mode) {
     report.row(
         "Event writes (Issued)",
         &format!("{event_writes} ({:.2}/token)", per_token(event_writes)),
-        "a third write, beside the target",
+        if mode.issuance_events {
+            "a third write, beside the target (--issuance-events)"
+        } else {
+            "off (--issuance-events=false)"
+        },
     );
     report.row(
         "other writes",
@@ -1208,7 +1233,11 @@ async fn run(mode: Mode) {
     report.row(
         "Event writes (Renewed)",
         &format!("{renew_ev} ({:.2}/renewal)", per_token(renew_ev)),
-        "a third write, beside the target",
+        if mode.issuance_events {
+            "a third write, beside the target (--issuance-events)"
+        } else {
+            "off (--issuance-events=false)"
+        },
     );
     let renew_other = renew_calls.writes() - renew_sw - renew_st - renew_ev;
     report.row("other writes", &renew_other.to_string(), "");
@@ -1241,15 +1270,19 @@ async fn run(mode: Mode) {
     );
     report.row("  CPU meanwhile", &cpu_floor, "");
     report.row(
-        "minimal client making the operator's 5 calls",
+        "minimal client making the operator's calls",
         &format!("{floor5_rate:.0} tokens/s ({})", secs(floor5)),
-        "+ Secret metadata GET, + Event create",
+        if mode.issuance_events {
+            "POST + Secret create + status patch + Event create"
+        } else {
+            "POST + Secret create + status patch"
+        },
     );
     report.row("  CPU meanwhile", &cpu_floor5, "");
     report.row(
         "operator cold issuance",
         &format!(
-            "{cold_rate:.0} tokens/s = {:.0}% of the minimal client, {:.0}% of the 5-call one",
+            "{cold_rate:.0} tokens/s = {:.0}% of the minimal client, {:.0}% of the one making the operator's calls",
             100.0 * cold_rate / floor_rate,
             100.0 * cold_rate / floor5_rate
         ),
@@ -1268,7 +1301,10 @@ async fn run(mode: Mode) {
     );
     assert_eq!(still_ready, n, "every AudienceToken stays Ready");
     assert_eq!(floor_ready, n, "the minimal client made every token Ready");
-    assert_eq!(floor5_ready, n, "the 5-call client made every token Ready");
+    assert_eq!(
+        floor5_ready, n,
+        "the operator-like client made every token Ready"
+    );
     assert_eq!(
         floor_requests,
         3 * n as u64,
