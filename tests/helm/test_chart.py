@@ -480,6 +480,7 @@ def test_prometheus_rule(chart):
     assert alerts["AudienceTokenExpiringSoon"]["for"] == "2m"
     assert alerts["AudienceTokenNotReady"]["expr"] == "audience_token_ready == 0"
     assert alerts["AudienceTokenNotReady"]["for"] == "10m"
+    assert alerts["AudienceTokenRenewalFailing"]["expr"] == "audience_token_failing == 1"
     # Prometheus templates pass through Helm untouched.
     assert "{{ $labels.namespace }}/{{ $labels.name }}" in alerts["AudienceTokenNotReady"]["annotations"]["summary"]
 
