@@ -222,8 +222,10 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct AudienceTokenStatus {
     /// `Ready` with reason Issued, Renewed, IssuerNotReady, TokenRequestFailed,
-    /// AudienceMismatch, DPoPBindingMismatch, SecretConflict, Expired, NotAllowed or
-    /// RefreshChainLost.
+    /// AudienceMismatch, DPoPBindingMismatch, CertificateBindingMismatch, SecretConflict,
+    /// Expired, NotAllowed or RefreshChainLost. Issued and Renewed mean the last attempt
+    /// succeeded; while a still-valid token is kept and renewals fail, Ready is True with
+    /// the failure's reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` last acted on.
