@@ -124,6 +124,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                     foreign_secret: true,
                     ..observed
                 });
+                ctx.set_foreign_secret(&namespace, token.secret_name(), true);
                 warn!(
                     namespace,
                     name,
@@ -290,10 +291,17 @@ async fn secret_state(
         .get(&ObjectRef::new(secret_name).within(namespace))
     {
         Some(cached) => Some(cached.metadata.clone()),
-        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT) => secrets
-            .get_metadata_opt(secret_name)
-            .await?
-            .map(|m| m.metadata),
+        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT)
+            || ctx.is_known_foreign(namespace, secret_name) =>
+        {
+            let read = secrets
+                .get_metadata_opt(secret_name)
+                .await?
+                .map(|m| m.metadata);
+            let foreign = read.as_ref().is_some_and(|m| !is_owned_by(m, &token_name));
+            ctx.set_foreign_secret(namespace, secret_name, foreign);
+            read
+        }
         None => None,
     };
     Ok(match meta {
