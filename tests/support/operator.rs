@@ -131,7 +131,18 @@ impl OperatorProcess {
             .open(&self.log)
             .expect("operator log file");
         self.http_addr = format!("127.0.0.1:{}", free_port());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_audience-token-operator"));
+        let binary = env!("CARGO_BIN_EXE_audience-token-operator");
+        // `ATO_OPERATOR_WRAPPER="heaptrack -o /tmp/ato"` runs the operator under a profiler.
+        let wrapper = std::env::var("ATO_OPERATOR_WRAPPER").unwrap_or_default();
+        let mut wrapper = wrapper.split_whitespace();
+        let mut command = match wrapper.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(wrapper).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command.args([
             "run",
             "--namespace",
