@@ -12,21 +12,18 @@ mod limited_operator;
 mod support;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use audience_token_operator::api;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config, ResourceExt};
+use kube::{Client, Config};
 
 use support::certs::{TestPki, self_signed};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login, mtls,
-    private_key_jwt, rate_limit, refresh_chain, secretless, signature,
+    TestEnv, authorization_details, dpop, failures, lifecycle, login, mtls, private_key_jwt,
+    rate_limit, refresh_chain, secretless, signature,
 };
 
 #[tokio::test]
@@ -46,7 +43,7 @@ async fn scenarios_on_a_real_cluster() {
         .await
         .expect("usable kubeconfig");
     let client = Client::try_from(config).expect("client");
-    install_crds(&client).await;
+    support::cluster::install_crds(&client).await;
 
     let suffix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -147,43 +144,5 @@ async fn scenarios_on_a_real_cluster() {
     }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
-    }
-}
-
-/// Server-side applies the CRDs of this build and waits until they are established.
-async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in api::crds() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("audience-token-operator-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
-        let api = crds.clone();
-        eventually(
-            &format!("CRD {name} established"),
-            Duration::from_secs(30),
-            || {
-                let (api, name) = (api.clone(), name.clone());
-                async move {
-                    let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-                    let established = crd
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True");
-                    if established {
-                        Ok(())
-                    } else {
-                        Err("not established".into())
-                    }
-                }
-            },
-        )
-        .await;
     }
 }
