@@ -7,6 +7,7 @@
 //! npm ci --prefix tests/oidc-server
 //! cargo bench --bench scale                      # N = 10,000
 //! BENCH_TOKENS=1000 cargo bench --bench scale    # another N
+//! BENCH_KUBECONFIG=~/.kube/config cargo bench --bench scale   # on a real cluster
 //! ```
 //!
 //! What it measures, with one TokenIssuer (client `m2m-basic`, HTTP Basic), resource
@@ -39,6 +40,8 @@
 //! tokens that asserts the pipeline works (all Ready, N token requests, one per forced
 //! renewal, none on restart).
 
+#[path = "scale/real_cluster.rs"]
+mod real_cluster;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -121,7 +124,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(mode));
+    match std::env::var("BENCH_KUBECONFIG") {
+        Ok(kubeconfig) if full && !kubeconfig.is_empty() => {
+            runtime.block_on(real_cluster::run(mode, &kubeconfig));
+        }
+        _ => runtime.block_on(run(mode)),
+    }
 }
 
 fn namespaces() -> ResourceKey {
