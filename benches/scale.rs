@@ -618,6 +618,45 @@ impl FloorClient {
     }
 }
 
+/// The minimal clients' HTTP client: keep-alive, a connection per worker.
+fn floor_http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+/// Warms the Node server's JIT before anything is timed, then zeroes its counters.
+async fn warm_up(env: &TestEnv, http: &reqwest::Client, mode: &Mode, namespace: &str) {
+    if mode.warmup > 0 {
+        let endpoint = env.idp.token_endpoint();
+        let warm = FloorClient::new(
+            env,
+            http,
+            &endpoint,
+            namespace,
+            FloorCalls::TokenOnly,
+            false,
+        );
+        run_floor(warm, vec![String::new(); mode.warmup]).await;
+    }
+    env.idp.reset_counts().await;
+}
+
+/// The operator's options for `mode`: `--issuance-events=false` when Events are off.
+fn operator_options(mode: &Mode) -> Options {
+    Options {
+        extra_args: if mode.issuance_events {
+            Vec::new()
+        } else {
+            vec!["--issuance-events=false".into()]
+        },
+        ..Options::default()
+    }
+}
+
 /// Runs `client.one` for every index on [`CONCURRENCY`] tasks; returns the elapsed time.
 async fn run_floor(client: FloorClient, uids: Vec<String>) -> Duration {
     let client = Arc::new(client);
@@ -723,26 +762,8 @@ async fn run(mode: Mode) {
     env.create_namespace().await;
     env.create_issuer(ISSUER, &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(CONCURRENCY)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("reqwest client");
-
-    // Warm the Node server's JIT before anything is timed, then zero its counters.
-    if mode.warmup > 0 {
-        let warm = FloorClient::new(
-            &env,
-            &http,
-            &token_endpoint,
-            FLOOR_NAMESPACE,
-            FloorCalls::TokenOnly,
-            false,
-        );
-        run_floor(warm, vec![String::new(); mode.warmup]).await;
-    }
-    env.idp.reset_counts().await;
+    let http = floor_http();
+    warm_up(&env, &http, &mode, FLOOR_NAMESPACE).await;
 
     let dir = std::env::temp_dir().join(format!("ato-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -752,16 +773,12 @@ async fn run(mode: Mode) {
         double.kubeconfig_yaml_with_token(OPERATOR_TOKEN),
     )
     .expect("write kubeconfig");
-    let options = Options {
-        extra_args: if mode.issuance_events {
-            Vec::new()
-        } else {
-            vec!["--issuance-events=false".into()]
-        },
-        ..Options::default()
-    };
-    let mut operator =
-        OperatorProcess::start_with_log_filter(&kubeconfig.0, NAMESPACE, options, Some(LOG_FILTER));
+    let mut operator = OperatorProcess::start_with_log_filter(
+        &kubeconfig.0,
+        NAMESPACE,
+        operator_options(&mode),
+        Some(LOG_FILTER),
+    );
     poll_until(
         "the operator's /readyz",
         Duration::from_secs(60),

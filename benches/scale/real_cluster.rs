@@ -22,11 +22,11 @@ use serde_json::{Value, json};
 
 use super::support::kube_double::KubeApiDouble;
 use super::support::oidc::{self, OidcServer};
-use super::support::operator::{OperatorProcess, Options};
+use super::support::operator::OperatorProcess;
 use super::support::scenarios::TestEnv;
 use super::{
-    CONCURRENCY, CpuSample, FloorCalls, FloorClient, ISSUER, LOG_FILTER, Mode, Report, clock_ticks,
-    is_ready, machine_facts, memory, mib, per_second, poll_until, run_floor, secs, token_object,
+    CpuSample, FloorCalls, FloorClient, ISSUER, LOG_FILTER, Mode, Report, clock_ticks, is_ready,
+    machine_facts, memory, mib, per_second, poll_until, run_floor, secs, token_object,
 };
 
 /// API writes in flight while creating or annotating the AudienceTokens.
@@ -142,37 +142,12 @@ pub async fn run(mode: Mode, kubeconfig: &str) {
     };
     env.create_issuer(ISSUER, &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(CONCURRENCY)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("reqwest client");
-    if mode.warmup > 0 {
-        let warm = FloorClient::new(
-            &env,
-            &http,
-            &token_endpoint,
-            &floor_namespace,
-            FloorCalls::TokenOnly,
-            false,
-        );
-        run_floor(warm, vec![String::new(); mode.warmup]).await;
-    }
-    env.idp.reset_counts().await;
-
-    let options = Options {
-        extra_args: if mode.issuance_events {
-            Vec::new()
-        } else {
-            vec!["--issuance-events=false".into()]
-        },
-        ..Options::default()
-    };
+    let http = super::floor_http();
+    super::warm_up(&env, &http, &mode, &floor_namespace).await;
     let mut operator = OperatorProcess::start_with_log_filter(
         &kubeconfig_path,
         &namespace,
-        options,
+        super::operator_options(&mode),
         Some(LOG_FILTER),
     );
     poll_until(
