@@ -645,6 +645,35 @@ async fn warm_up(env: &TestEnv, http: &reqwest::Client, mode: &Mode, namespace: 
     env.idp.reset_counts().await;
 }
 
+/// Starts the operator for `namespace` and waits until it and the issuer are ready;
+/// returns it, its pid and its RSS before any AudienceToken.
+async fn start_operator(
+    env: &TestEnv,
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    mode: &Mode,
+) -> (OperatorProcess, u32, u64) {
+    let operator = OperatorProcess::start_with_log_filter(
+        kubeconfig,
+        namespace,
+        operator_options(mode),
+        Some(LOG_FILTER),
+    );
+    poll_until(
+        "the operator's /readyz",
+        Duration::from_secs(60),
+        || async {
+            let (status, _) = operator.http_get("/readyz").await;
+            (status == 200, format!("status {status}"))
+        },
+    )
+    .await;
+    env.wait_issuer(ISSUER, "True", "Ready").await;
+    let pid = operator.pid().expect("operator pid");
+    let (rss, _) = memory(pid).expect("operator memory");
+    (operator, pid, rss)
+}
+
 /// The operator's options for `mode`: `--issuance-events=false` when Events are off.
 fn operator_options(mode: &Mode) -> Options {
     Options {
@@ -773,24 +802,8 @@ async fn run(mode: Mode) {
         double.kubeconfig_yaml_with_token(OPERATOR_TOKEN),
     )
     .expect("write kubeconfig");
-    let mut operator = OperatorProcess::start_with_log_filter(
-        &kubeconfig.0,
-        NAMESPACE,
-        operator_options(&mode),
-        Some(LOG_FILTER),
-    );
-    poll_until(
-        "the operator's /readyz",
-        Duration::from_secs(60),
-        || async {
-            let (status, _) = operator.http_get("/readyz").await;
-            (status == 200, format!("status {status}"))
-        },
-    )
-    .await;
-    env.wait_issuer(ISSUER, "True", "Ready").await;
-    let pid = operator.pid().expect("operator pid");
-    let (rss_empty, _) = memory(pid).expect("operator memory");
+    let (mut operator, pid, rss_empty) =
+        start_operator(&env, &kubeconfig.0, NAMESPACE, &mode).await;
 
     // Cold issuance.
     let at = ResourceKey::of::<AudienceToken>(true);

@@ -22,11 +22,10 @@ use serde_json::{Value, json};
 
 use super::support::kube_double::KubeApiDouble;
 use super::support::oidc::{self, OidcServer};
-use super::support::operator::OperatorProcess;
 use super::support::scenarios::TestEnv;
 use super::{
-    CpuSample, FloorCalls, FloorClient, ISSUER, LOG_FILTER, Mode, Report, clock_ticks, is_ready,
-    machine_facts, memory, mib, per_second, poll_until, run_floor, secs, token_object,
+    CpuSample, FloorCalls, FloorClient, ISSUER, Mode, Report, clock_ticks, is_ready, machine_facts,
+    memory, mib, per_second, poll_until, run_floor, secs, token_object,
 };
 
 /// API writes in flight while creating or annotating the AudienceTokens.
@@ -144,24 +143,8 @@ pub async fn run(mode: Mode, kubeconfig: &str) {
         .await;
     let http = super::floor_http();
     super::warm_up(&env, &http, &mode, &floor_namespace).await;
-    let mut operator = OperatorProcess::start_with_log_filter(
-        &kubeconfig_path,
-        &namespace,
-        super::operator_options(&mode),
-        Some(LOG_FILTER),
-    );
-    poll_until(
-        "the operator's /readyz",
-        Duration::from_secs(60),
-        || async {
-            let (status, _) = operator.http_get("/readyz").await;
-            (status == 200, format!("status {status}"))
-        },
-    )
-    .await;
-    env.wait_issuer(ISSUER, "True", "Ready").await;
-    let pid = operator.pid().expect("operator pid");
-    let (rss_empty, _) = memory(pid).expect("operator memory");
+    let (mut operator, pid, rss_empty) =
+        super::start_operator(&env, &kubeconfig_path, &namespace, &mode).await;
     let ticks = clock_ticks();
     let node_pid = env.idp.pid();
     let timeout = Duration::from_secs(300) + Duration::from_millis(100 * n as u64);
