@@ -392,9 +392,9 @@ async fn service_account_tokens_replace_client_secrets() {
     );
 }
 
-/// A new token costs one Secret write (a create: the Secret is not known, and nothing is
-/// read first) and one status write, and with `--issuance-events=false` no Event; a
-/// renewal reads nothing either.
+/// A new token costs one Secret read (its metadata, not yet cached: it could be someone
+/// else's), one Secret write and one status write, and with `--issuance-events=false` no
+/// Event; a renewal makes no Event either.
 #[tokio::test]
 async fn an_issuance_makes_two_api_writes_without_events() {
     let quiet = Options {
@@ -423,7 +423,11 @@ async fn an_issuance_makes_two_api_writes_without_events() {
         .collect();
     assert_eq!(
         calls,
-        ["create secrets", "patch audiencetokens/status"],
+        [
+            "get secrets",
+            "patch secrets",
+            "patch audiencetokens/status"
+        ],
         "the operator's API calls for one new token"
     );
     let events = env.events_for("orders").await;

@@ -167,7 +167,6 @@ pub async fn run(
         reporter,
         failures: Mutex::new(HashMap::new()),
         ready_epochs: Mutex::new(HashMap::new()),
-        foreign_secrets: Mutex::default(),
     });
 
     let stores = || secret_watch::IssuerStores {

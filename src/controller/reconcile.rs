@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -28,8 +28,7 @@ use crate::secret::{
 
 /// Who holds the Secret an AudienceToken wants to write.
 enum SecretState {
-    /// Not among the owned Secrets the cache holds: absent, as far as anyone knows, so it
-    /// is created (and read only if the create finds one).
+    /// No such Secret.
     Absent,
     /// Ours; with the token it holds, if its annotations are complete.
     Ours(Option<PublishedToken>),
@@ -50,9 +49,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     let uid = token.uid().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let secret_state = secret_state(&ctx, &secrets, &namespace, &token, &status).await?;
-    // A Secret not known to exist is created, never applied over (it may be someone else's).
-    let create_secret = matches!(secret_state, SecretState::Absent);
+    let secret_state = secret_state(&ctx, &secrets, &namespace, token.secret_name(), &name).await?;
     let (published, foreign_secret) = match secret_state {
         SecretState::Ours(published) => (published, false),
         SecretState::Absent => (None, false),
@@ -119,20 +116,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             renewed,
             outcome,
         } => {
-            if !write_secret(&token, &secrets, issued, dpop.as_deref(), create_secret).await? {
-                let outcome = plan::foreign_at_publish(&Observed {
-                    foreign_secret: true,
-                    ..observed
-                });
-                ctx.set_foreign_secret(&namespace, token.secret_name(), true);
-                warn!(
-                    namespace,
-                    name,
-                    secret = token.secret_name(),
-                    "the Secret to create exists and is someone else's; the token is dropped"
-                );
-                return finish(&ctx, &token, &status, outcome).await;
-            }
+            apply_secret(&token, &secrets, issued, dpop.as_deref()).await?;
             ctx.forget_failure(&token);
             write_status(&ctx, &token, &status, &outcome.status).await?;
             info!(
@@ -274,39 +258,31 @@ async fn presented_certificate(
     }
 }
 
-/// Looks the Secret up in the metadata cache of owned Secrets. A miss is taken for an
-/// absent Secret (the create that publishes the token finds out otherwise), so a new token
-/// costs no read; only after a SecretConflict is the API server asked, to see whether the
-/// other Secret is still there.
+/// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may
+/// be someone else's, which the label-selected cache cannot show). Not a create first: a
+/// Secret made by a create is owned by an "Update" of the field manager, and server-side
+/// apply would never prune what that create wrote (an ownerReference after
+/// `deletionPolicy: Retain`, a DPoP key after `dpop` is dropped).
 async fn secret_state(
     ctx: &Context,
     secrets: &Api<Secret>,
     namespace: &str,
-    token: &AudienceToken,
-    status: &AudienceTokenStatus,
+    secret_name: &str,
+    token_name: &str,
 ) -> Result<SecretState, Error> {
-    let (secret_name, token_name) = (token.secret_name(), token.name_any());
     let meta = match ctx
         .secrets
         .get(&ObjectRef::new(secret_name).within(namespace))
     {
         Some(cached) => Some(cached.metadata.clone()),
-        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT)
-            || ctx.is_known_foreign(namespace, secret_name) =>
-        {
-            let read = secrets
-                .get_metadata_opt(secret_name)
-                .await?
-                .map(|m| m.metadata);
-            let foreign = read.as_ref().is_some_and(|m| !is_owned_by(m, &token_name));
-            ctx.set_foreign_secret(namespace, secret_name, foreign);
-            read
-        }
-        None => None,
+        None => secrets
+            .get_metadata_opt(secret_name)
+            .await?
+            .map(|m| m.metadata),
     };
     Ok(match meta {
         None => SecretState::Absent,
-        Some(meta) if is_owned_by(&meta, &token_name) => SecretState::Ours(published_token(&meta)),
+        Some(meta) if is_owned_by(&meta, token_name) => SecretState::Ours(published_token(&meta)),
         Some(_) => SecretState::Foreign,
     })
 }
@@ -328,35 +304,13 @@ fn renew_policy(token: &AudienceToken) -> RenewBefore {
 
 /// Writes the issued token into the Secret (server-side apply, taking ownership of every
 /// field).
-/// Writes the token Secret: server-side apply onto our own Secret, or, when none was known
-/// (`create`), a create, which never touches an existing Secret. When the create finds one,
-/// it is read: ours (the cache was behind) is applied, someone else's is left alone and
-/// `false` returned.
-async fn write_secret(
+async fn apply_secret(
     token: &AudienceToken,
     secrets: &Api<Secret>,
     issued: &IssuedToken,
     dpop: Option<&DpopKey>,
-    create: bool,
-) -> Result<bool, Error> {
+) -> Result<(), Error> {
     let secret = desired_secret(token, issued, dpop);
-    if create {
-        let params = PostParams {
-            field_manager: Some(MANAGER.to_string()),
-            ..PostParams::default()
-        };
-        match secrets.create(&params, &secret).await {
-            Ok(_) => return Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let existing = secrets.get_metadata_opt(token.secret_name()).await?;
-                let ours = existing.is_some_and(|m| is_owned_by(&m.metadata, &token.name_any()));
-                if !ours {
-                    return Ok(false);
-                }
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
     secrets
         .patch(
             token.secret_name(),
@@ -364,7 +318,7 @@ async fn write_secret(
             &Patch::Apply(&secret),
         )
         .await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Carries out an outcome: status, then Events, then the requeue.
