@@ -677,6 +677,30 @@ async fn start_operator(
     (operator, pid, rss)
 }
 
+/// Waits until the operator's `/metrics` has `n` `audience_token_ready` series at 1 for
+/// `namespace` (every token reconciled by this process); returns the time it took.
+async fn wait_ready_series(
+    operator: &OperatorProcess,
+    namespace: &str,
+    n: usize,
+    timeout: Duration,
+) -> Duration {
+    let series = format!("audience_token_ready{{namespace=\"{namespace}\",");
+    poll_until(
+        "all audience_token_ready series at 1 after restart",
+        timeout,
+        || async {
+            let (_, body) = operator.http_get("/metrics").await;
+            let ready = body
+                .lines()
+                .filter(|l| l.starts_with(&series) && l.ends_with(" 1"))
+                .count();
+            (ready == n, format!("{ready}/{n} series at 1"))
+        },
+    )
+    .await
+}
+
 /// The operator's options for `mode`: `--issuance-events=false` when Events are off.
 fn operator_options(mode: &Mode) -> Options {
     Options {
@@ -895,21 +919,9 @@ async fn run(mode: Mode) {
         },
     )
     .await;
-    let series = format!("audience_token_ready{{namespace=\"{NAMESPACE}\",");
-    let all_ready_again = poll_until(
-        "all audience_token_ready series at 1 after restart",
-        timeout,
-        || async {
-            let (_, body) = operator.http_get("/metrics").await;
-            let ready = body
-                .lines()
-                .filter(|l| l.starts_with(&series) && l.ends_with(" 1"))
-                .count();
-            (ready == n, format!("{ready}/{n} series at 1"))
-        },
-    )
-    .await
-    .max(readyz);
+    let all_ready_again = wait_ready_series(&operator, NAMESPACE, n, timeout)
+        .await
+        .max(readyz);
     // Anything the restarted operator does a little later (late writes) counts too.
     tokio::time::sleep(Duration::from_secs(if mode.full { 5 } else { 1 })).await;
     let restart_token_requests = env.idp.token_requests().await.total;

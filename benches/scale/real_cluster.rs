@@ -175,22 +175,7 @@ pub async fn run(mode: Mode, kubeconfig: &str) {
     operator.stop().await;
     operator.restart().await;
     let new_pid = operator.pid().expect("restarted operator pid");
-    let restart_started = Instant::now();
-    let series = format!("audience_token_ready{{namespace=\"{namespace}\",");
-    poll_until(
-        "all audience_token_ready series at 1 after restart",
-        timeout,
-        || async {
-            let (_, body) = operator.http_get("/metrics").await;
-            let ready = body
-                .lines()
-                .filter(|l| l.starts_with(&series) && l.ends_with(" 1"))
-                .count();
-            (ready == n, format!("{ready}/{n} series at 1"))
-        },
-    )
-    .await;
-    let restarted_in = restart_started.elapsed();
+    let restarted_in = super::wait_ready_series(&operator, &namespace, n, timeout).await;
     let restart_requests = env.idp.token_requests().await.total;
     let (rss_restarted, hwm_restarted) = memory(new_pid).expect("operator memory");
 
