@@ -30,6 +30,21 @@ pub struct OperatorProcess {
     http_addr: String,
     /// `RUST_LOG` for the process; `None`: the tests' default (debug for the operator).
     log_filter: Option<String>,
+    /// Run under `ATO_OPERATOR_WRAPPER`: the child is the wrapper, in its own process
+    /// group, and signals go to that group so the operator under it gets them too.
+    wrapped: bool,
+}
+
+/// Sends `signal` to `pid`, or to its whole process group.
+fn send_signal(pid: u32, signal: &str, group: bool) -> std::process::Command {
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    let mut command = std::process::Command::new("kill");
+    command.args([signal, "--", &target]);
+    command
 }
 
 /// A loopback port that was free a moment ago.
@@ -77,6 +92,7 @@ impl OperatorProcess {
             options,
             http_addr: String::new(),
             log_filter: log_filter.map(str::to_string),
+            wrapped: false,
         };
         operator.spawn();
         operator
@@ -119,6 +135,9 @@ impl OperatorProcess {
     /// Kills the process at once (SIGKILL), as a node failure would: nothing is released.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let (true, Some(pid)) = (self.wrapped, child.id()) {
+                let _ = send_signal(pid, "-KILL", true).status();
+            }
             let _ = child.kill().await;
         }
     }
@@ -138,11 +157,15 @@ impl OperatorProcess {
         let mut command = match wrapper.next() {
             Some(program) => {
                 let mut command = Command::new(program);
-                command.args(wrapper).arg(binary);
+                command.args(wrapper).arg(binary).process_group(0);
                 command
             }
             None => Command::new(binary),
         };
+        self.wrapped = !std::env::var("ATO_OPERATOR_WRAPPER")
+            .unwrap_or_default()
+            .trim()
+            .is_empty();
         command.args([
             "run",
             "--namespace",
@@ -189,14 +212,16 @@ impl OperatorProcess {
     pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+            let _ = Command::from(send_signal(pid, "-TERM", self.wrapped))
                 .status()
                 .await;
         }
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
+                if let (true, Some(pid)) = (self.wrapped, child.id()) {
+                    let _ = send_signal(pid, "-KILL", true).status();
+                }
                 let _ = child.kill().await;
                 None
             }
@@ -232,6 +257,9 @@ impl Drop for OperatorProcess {
             );
         }
         if let Some(child) = self.child.as_mut() {
+            if let (true, Some(pid)) = (self.wrapped, child.id()) {
+                let _ = send_signal(pid, "-KILL", true).status();
+            }
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_file(&self.log);
