@@ -56,6 +56,11 @@ pub const CERTIFICATE_THUMBPRINT_ANNOTATION: &str = "audiencetoken.io/certificat
 /// Secret's metadata alone which key a DPoP-bound token is bound to.
 pub const DPOP_JKT_ANNOTATION: &str = "audiencetoken.io/dpop-jkt";
 
+/// Annotation: the `secretTemplate` label and annotation keys written to the Secret (JSON,
+/// `{"labels":[…],"annotations":[…]}`, only while the template has any), so a key later
+/// dropped from the template is removed from the Secret: see [`stale_fields`].
+pub const TEMPLATE_KEYS_ANNOTATION: &str = "audiencetoken.io/template-keys";
+
 /// The label selector that finds every Secret the operator owns.
 pub fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGER}")
@@ -109,6 +114,14 @@ pub fn desired_secret(
         .clone()
         .unwrap_or_default();
 
+    let template_keys =
+        (!template.labels.is_empty() || !template.annotations.is_empty()).then(|| {
+            serde_json::json!({
+                "labels": template.labels.keys().collect::<Vec<_>>(),
+                "annotations": template.annotations.keys().collect::<Vec<_>>(),
+            })
+            .to_string()
+        });
     let mut labels = template.labels;
     labels.insert(MANAGED_BY_LABEL.into(), MANAGER.into());
     labels.insert(NAME_LABEL.into(), name);
@@ -118,6 +131,9 @@ pub fn desired_secret(
     annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires_at.clone());
     annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(token.issued_at));
     annotations.insert(SPEC_HASH_ANNOTATION.into(), spec_hash(&token_resource.spec));
+    if let Some(keys) = template_keys {
+        annotations.insert(TEMPLATE_KEYS_ANNOTATION.into(), keys);
+    }
     // Any token issued after a forced-renewal request satisfies it; recorded here too so a
     // lost status does not repeat the renewal.
     if let Some(requested) = token_resource
@@ -229,6 +245,142 @@ pub fn is_owned_by(meta: &ObjectMeta, token_name: &str) -> bool {
         && labels.get(NAME_LABEL).map(String::as_str) == Some(token_name)
 }
 
+/// What a Secret of ours holds that the operator once wrote and does not write now: keys of
+/// a dropped `secretTemplate` entry, the DPoP key after `dpop` is dropped, the certificate
+/// thumbprint of a token no longer certificate-bound, and our ownerReference after
+/// `deletionPolicy: Retain`.
+///
+/// Server-side apply would prune these only if its own Apply owned them; a Secret the
+/// operator made with a create is owned by an Update of the same field manager, which no
+/// apply prunes. So they are found from the Secret's metadata and removed explicitly, which
+/// holds however the Secret was made. Labels and annotations someone else added are never
+/// touched: only keys the operator names or recorded in [`TEMPLATE_KEYS_ANNOTATION`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StaleFields {
+    /// Label keys to remove.
+    pub labels: Vec<String>,
+    /// Annotation keys to remove.
+    pub annotations: Vec<String>,
+    /// `data` keys to remove.
+    pub data: Vec<String>,
+    /// The ownerReferences to keep, when ours must go.
+    pub owner_references: Option<Vec<OwnerReference>>,
+}
+
+/// Annotations of the operator's that come and go with the token, and the `data` keys that
+/// go with each.
+const CONDITIONAL_ANNOTATIONS: [(&str, &[&str]); 2] = [
+    (
+        DPOP_JKT_ANNOTATION,
+        &[keys::DPOP_PRIVATE_KEY, keys::DPOP_JKT],
+    ),
+    (
+        CERTIFICATE_THUMBPRINT_ANNOTATION,
+        &[keys::CERTIFICATE_THUMBPRINT],
+    ),
+];
+
+/// The [`StaleFields`] of a Secret whose metadata is `current`, about to be written as
+/// `desired` for the AudienceToken with uid `owner_uid`.
+pub fn stale_fields(current: &ObjectMeta, desired: &Secret, owner_uid: &str) -> StaleFields {
+    let empty = BTreeMap::new();
+    let current_labels = current.labels.as_ref().unwrap_or(&empty);
+    let current_annotations = current.annotations.as_ref().unwrap_or(&empty);
+    let desired_labels = desired.metadata.labels.as_ref().unwrap_or(&empty);
+    let desired_annotations = desired.metadata.annotations.as_ref().unwrap_or(&empty);
+
+    let mut stale = StaleFields::default();
+    for (annotation, data_keys) in CONDITIONAL_ANNOTATIONS {
+        if current_annotations.contains_key(annotation)
+            && !desired_annotations.contains_key(annotation)
+        {
+            stale.annotations.push(annotation.to_string());
+            stale.data.extend(data_keys.iter().map(|k| k.to_string()));
+        }
+    }
+    if let Some(recorded) = current_annotations.get(TEMPLATE_KEYS_ANNOTATION) {
+        if !desired_annotations.contains_key(TEMPLATE_KEYS_ANNOTATION) {
+            stale.annotations.push(TEMPLATE_KEYS_ANNOTATION.to_string());
+        }
+        // Unreadable (edited by hand): nothing is known to be ours, nothing is removed.
+        let recorded: serde_json::Value = serde_json::from_str(recorded).unwrap_or_default();
+        let keys_of = |kind: &str| -> Vec<String> {
+            recorded[kind]
+                .as_array()
+                .map(|keys| {
+                    keys.iter()
+                        .filter_map(|k| k.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        stale.labels = keys_of("labels")
+            .into_iter()
+            .filter(|k| current_labels.contains_key(k) && !desired_labels.contains_key(k))
+            .collect();
+        stale
+            .annotations
+            .extend(keys_of("annotations").into_iter().filter(|k| {
+                current_annotations.contains_key(k) && !desired_annotations.contains_key(k)
+            }));
+    }
+    let current_owners = current.owner_references.as_deref().unwrap_or_default();
+    let desired_owners = desired
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default();
+    let ours = |r: &OwnerReference| r.uid == owner_uid;
+    if current_owners.iter().any(ours) && !desired_owners.iter().any(ours) {
+        stale.owner_references = Some(
+            current_owners
+                .iter()
+                .filter(|r| !ours(r))
+                .cloned()
+                .collect(),
+        );
+    }
+    stale
+}
+
+impl StaleFields {
+    /// Whether nothing is stale.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+            && self.annotations.is_empty()
+            && self.data.is_empty()
+            && self.owner_references.is_none()
+    }
+
+    /// A JSON merge patch (RFC 7386) that writes `desired` and removes the stale fields.
+    /// When the ownerReferences change, the list is replaced as a whole, so the patch is
+    /// conditional on `resource_version` (the one the list was read at).
+    pub fn merge_patch(
+        &self,
+        desired: &Secret,
+        resource_version: Option<&str>,
+    ) -> Result<serde_json::Value, serde_json::Error> {
+        let mut patch = serde_json::to_value(desired)?;
+        let metadata = &mut patch["metadata"];
+        for key in &self.labels {
+            metadata["labels"][key] = serde_json::Value::Null;
+        }
+        for key in &self.annotations {
+            metadata["annotations"][key] = serde_json::Value::Null;
+        }
+        for key in &self.data {
+            patch["data"][key] = serde_json::Value::Null;
+        }
+        if let Some(owners) = &self.owner_references {
+            patch["metadata"]["ownerReferences"] = serde_json::to_value(owners)?;
+            if let Some(version) = resource_version {
+                patch["metadata"]["resourceVersion"] = version.into();
+            }
+        }
+        Ok(patch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +467,120 @@ mod tests {
         let json = serde_json::to_value(&secret).unwrap();
         assert_eq!(json["apiVersion"], "v1");
         assert_eq!(json["kind"], "Secret");
+    }
+
+    /// The metadata a Secret written as `secret` has, plus what someone else added.
+    fn written(secret: &Secret) -> ObjectMeta {
+        let mut meta = secret.metadata.clone();
+        meta.labels
+            .get_or_insert_default()
+            .insert("added-by-hand".into(), "x".into());
+        meta.annotations
+            .get_or_insert_default()
+            .insert("reloader/match".into(), "true".into());
+        meta.owner_references
+            .get_or_insert_default()
+            .push(OwnerReference {
+                uid: "another-owner".into(),
+                ..OwnerReference::default()
+            });
+        meta
+    }
+
+    #[test]
+    fn an_unchanged_shape_has_nothing_stale() {
+        let at = token_resource(DeletionPolicy::Delete);
+        let first = desired_secret(&at, &issued(), None);
+        let renewed = desired_secret(&at, &issued(), None);
+        let stale = stale_fields(&written(&first), &renewed, "uid-1");
+        assert!(stale.is_empty(), "{stale:?}");
+    }
+
+    #[test]
+    fn dropped_template_keys_dpop_and_owner_are_stale_and_nothing_else() {
+        let key = DpopKey::generate(crate::oauth::dpop::DpopAlgorithm::ES256).unwrap();
+        let bound = IssuedToken {
+            certificate_thumbprint: Some("thumb".into()),
+            ..issued()
+        };
+        let first = desired_secret(&token_resource(DeletionPolicy::Delete), &bound, Some(&key));
+        assert!(
+            first.metadata.annotations.as_ref().unwrap()[TEMPLATE_KEYS_ANNOTATION].contains("team")
+        );
+        let mut at = token_resource(DeletionPolicy::Retain);
+        at.spec.secret_template = Some(SecretTemplate {
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::from([("note".into(), "hi".into())]),
+        });
+        let next = desired_secret(&at, &issued(), None);
+        let stale = stale_fields(&written(&first), &next, "uid-1");
+        assert_eq!(stale.labels, ["team"]);
+        let mut annotations = stale.annotations.clone();
+        annotations.sort();
+        assert_eq!(
+            annotations,
+            [CERTIFICATE_THUMBPRINT_ANNOTATION, DPOP_JKT_ANNOTATION]
+        );
+        let mut data_keys = stale.data.clone();
+        data_keys.sort();
+        assert_eq!(
+            data_keys,
+            [
+                keys::CERTIFICATE_THUMBPRINT,
+                keys::DPOP_JKT,
+                keys::DPOP_PRIVATE_KEY
+            ]
+        );
+        let kept = stale.owner_references.as_ref().expect("ours goes");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].uid, "another-owner");
+
+        let patch = stale.merge_patch(&next, Some("42")).unwrap();
+        assert_eq!(patch["metadata"]["labels"]["team"], serde_json::Value::Null);
+        assert!(patch["metadata"]["labels"].get("added-by-hand").is_none());
+        assert_eq!(
+            patch["data"][keys::DPOP_PRIVATE_KEY],
+            serde_json::Value::Null
+        );
+        assert_eq!(patch["data"][keys::TOKEN], "dGhlLXRva2Vu");
+        assert_eq!(
+            patch["metadata"]["ownerReferences"][0]["uid"],
+            "another-owner"
+        );
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+    }
+
+    #[test]
+    fn an_emptied_template_drops_its_record_too() {
+        let first = desired_secret(&token_resource(DeletionPolicy::Delete), &issued(), None);
+        let mut at = token_resource(DeletionPolicy::Delete);
+        at.spec.secret_template = None;
+        let next = desired_secret(&at, &issued(), None);
+        assert!(
+            !next
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(TEMPLATE_KEYS_ANNOTATION)
+        );
+        let stale = stale_fields(&written(&first), &next, "uid-1");
+        assert_eq!(stale.labels, ["team"]);
+        let mut annotations = stale.annotations.clone();
+        annotations.sort();
+        assert_eq!(annotations, [TEMPLATE_KEYS_ANNOTATION, "note"]);
+        assert!(stale.owner_references.is_none());
+        // Without a record (a Secret written before it existed, or one edited by hand),
+        // nothing of the template's is known to be ours.
+        let mut unrecorded = written(&first);
+        unrecorded
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(TEMPLATE_KEYS_ANNOTATION.into(), "not json".into());
+        let stale = stale_fields(&unrecorded, &next, "uid-1");
+        assert!(stale.labels.is_empty());
+        assert_eq!(stale.annotations, [TEMPLATE_KEYS_ANNOTATION]);
     }
 
     #[test]

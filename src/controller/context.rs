@@ -100,6 +100,9 @@ pub struct Context {
     pub(super) failures: Mutex<HashMap<ObjectRef<AudienceToken>, IssuerRevision>>,
     /// How often this process saw each issuer (by key) become Ready after it was not.
     pub(super) ready_epochs: Mutex<HashMap<String, u64>>,
+    /// Secrets (namespace, name) last seen to be someone else's: read before any token is
+    /// requested for them, even while the cached status does not say SecretConflict yet.
+    pub(super) foreign_secrets: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// What may fix a failed token request when it changes: the issuer's spec, and for a
@@ -150,6 +153,28 @@ impl Context {
 
     fn ready_epoch(&self, issuer_key: &str) -> u64 {
         self.ready_epochs().get(issuer_key).copied().unwrap_or(0)
+    }
+
+    /// Records whether Secret `namespace/name` is someone else's.
+    pub fn set_foreign_secret(&self, namespace: &str, name: &str, foreign: bool) {
+        let mut known = self
+            .foreign_secrets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = (namespace.to_string(), name.to_string());
+        if foreign {
+            known.insert(key);
+        } else {
+            known.remove(&key);
+        }
+    }
+
+    /// Whether Secret `namespace/name` was last seen to be someone else's.
+    pub fn is_known_foreign(&self, namespace: &str, name: &str) -> bool {
+        self.foreign_secrets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&(namespace.to_string(), name.to_string()))
     }
 
     /// Notes that an issuer became Ready: tokens that failed before may try again now.

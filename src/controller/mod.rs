@@ -167,6 +167,7 @@ pub async fn run(
         reporter,
         failures: Mutex::new(HashMap::new()),
         ready_epochs: Mutex::new(HashMap::new()),
+        foreign_secrets: Mutex::default(),
     });
 
     let stores = || secret_watch::IssuerStores {

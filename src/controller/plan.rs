@@ -462,7 +462,15 @@ pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
     serde_json::json!({ "status": value })
 }
 
-/// Whether the Ready condition is True.
+/// Whether the Ready condition in `status` has this reason.
+pub fn last_reason_is(status: &AudienceTokenStatus, reason: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.reason == reason)
+}
+
+/// Whether the Ready condition in `status` is True.
 pub fn ready_is_true(status: &AudienceTokenStatus) -> bool {
     status
         .conditions
@@ -701,6 +709,13 @@ fn secret_conflict(o: &Observed) -> Failure {
             o.namespace, o.secret_name
         ),
     )
+}
+
+/// The outcome when the Secret turns out to be someone else's only as the token is written
+/// (it was not in the cache of owned Secrets, so it was created, and the create found it):
+/// nothing is written, the token is dropped, SecretConflict as if it had been seen before.
+pub fn foreign_at_publish(o: &Observed) -> Outcome {
+    blocked(o, &secret_conflict(o))
 }
 
 /// Blocked on something the operator cannot watch closely: record why (not as an attempt,

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -23,15 +24,16 @@ use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Binding, ClientCertificate, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::RenewBefore;
 use crate::secret::{
-    MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash,
+    MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash, stale_fields,
 };
 
 /// Who holds the Secret an AudienceToken wants to write.
 enum SecretState {
-    /// No such Secret.
+    /// Not among the owned Secrets the cache holds: absent, as far as anyone knows, so it
+    /// is created (and read only if the create finds one).
     Absent,
-    /// Ours; with the token it holds, if its annotations are complete.
-    Ours(Option<PublishedToken>),
+    /// Ours: its metadata, and the token it holds if its annotations are complete.
+    Ours(Box<ObjectMeta>, Option<PublishedToken>),
     /// Someone else's: never written.
     Foreign,
 }
@@ -49,11 +51,12 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     let uid = token.uid().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let secret_state = secret_state(&ctx, &secrets, &namespace, token.secret_name(), &name).await?;
-    let (published, foreign_secret) = match secret_state {
-        SecretState::Ours(published) => (published, false),
-        SecretState::Absent => (None, false),
-        SecretState::Foreign => (None, true),
+    let secret_state = secret_state(&ctx, &secrets, &namespace, &token, &status).await?;
+    // A Secret not known to exist is created, never applied over (it may be someone else's).
+    let (existing_secret, published, foreign_secret) = match secret_state {
+        SecretState::Ours(meta, published) => (Some(meta), published, false),
+        SecretState::Absent => (None, None, false),
+        SecretState::Foreign => (None, None, true),
     };
     let resolved = issuer::resolve(&ctx, &token);
     let backoff_waived = match &resolved {
@@ -116,7 +119,21 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             renewed,
             outcome,
         } => {
-            apply_secret(&token, &secrets, issued, dpop.as_deref()).await?;
+            let secret = desired_secret(&token, issued, dpop.as_deref());
+            if !write_secret(&token, &secrets, &secret, existing_secret.as_deref()).await? {
+                let outcome = plan::foreign_at_publish(&Observed {
+                    foreign_secret: true,
+                    ..observed
+                });
+                ctx.set_foreign_secret(&namespace, token.secret_name(), true);
+                warn!(
+                    namespace,
+                    name,
+                    secret = token.secret_name(),
+                    "the Secret to create exists and is someone else's; the token is dropped"
+                );
+                return finish(&ctx, &token, &status, outcome).await;
+            }
             ctx.forget_failure(&token);
             write_status(&ctx, &token, &status, &outcome.status).await?;
             info!(
@@ -258,31 +275,42 @@ async fn presented_certificate(
     }
 }
 
-/// Looks the Secret up in the metadata cache; on a miss, asks the API server (the Secret may
-/// be someone else's, which the label-selected cache cannot show). Not a create first: a
-/// Secret made by a create is owned by an "Update" of the field manager, and server-side
-/// apply would never prune what that create wrote (an ownerReference after
-/// `deletionPolicy: Retain`, a DPoP key after `dpop` is dropped).
+/// Looks the Secret up in the metadata cache of owned Secrets. A miss is taken for an
+/// absent Secret (the create that publishes the token finds out otherwise), so a new token
+/// costs no read; only after a SecretConflict is the API server asked, to see whether the
+/// other Secret is still there.
 async fn secret_state(
     ctx: &Context,
     secrets: &Api<Secret>,
     namespace: &str,
-    secret_name: &str,
-    token_name: &str,
+    token: &AudienceToken,
+    status: &AudienceTokenStatus,
 ) -> Result<SecretState, Error> {
+    let (secret_name, token_name) = (token.secret_name(), token.name_any());
     let meta = match ctx
         .secrets
         .get(&ObjectRef::new(secret_name).within(namespace))
     {
         Some(cached) => Some(cached.metadata.clone()),
-        None => secrets
-            .get_metadata_opt(secret_name)
-            .await?
-            .map(|m| m.metadata),
+        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT)
+            || ctx.is_known_foreign(namespace, secret_name) =>
+        {
+            let read = secrets
+                .get_metadata_opt(secret_name)
+                .await?
+                .map(|m| m.metadata);
+            let foreign = read.as_ref().is_some_and(|m| !is_owned_by(m, &token_name));
+            ctx.set_foreign_secret(namespace, secret_name, foreign);
+            read
+        }
+        None => None,
     };
     Ok(match meta {
         None => SecretState::Absent,
-        Some(meta) if is_owned_by(&meta, token_name) => SecretState::Ours(published_token(&meta)),
+        Some(meta) if is_owned_by(&meta, &token_name) => {
+            let published = published_token(&meta);
+            SecretState::Ours(Box::new(meta), published)
+        }
         Some(_) => SecretState::Foreign,
     })
 }
@@ -302,23 +330,68 @@ fn renew_policy(token: &AudienceToken) -> RenewBefore {
     }
 }
 
-/// Writes the issued token into the Secret (server-side apply, taking ownership of every
-/// field).
-async fn apply_secret(
+/// Writes the token Secret `secret`. Onto our own Secret (`existing`, its metadata): a
+/// server-side apply, or, when it holds fields the operator no longer writes
+/// ([`stale_fields`]), a merge patch that also removes them. When none was known, a create,
+/// which never touches an existing Secret; when the create finds one, it is read: ours (the
+/// cache was behind) is written as above, someone else's is left alone and `false` returned.
+async fn write_secret(
     token: &AudienceToken,
     secrets: &Api<Secret>,
-    issued: &IssuedToken,
-    dpop: Option<&DpopKey>,
-) -> Result<(), Error> {
-    let secret = desired_secret(token, issued, dpop);
-    secrets
-        .patch(
-            token.secret_name(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await?;
-    Ok(())
+    secret: &Secret,
+    existing: Option<&ObjectMeta>,
+) -> Result<bool, Error> {
+    let read;
+    let existing = match existing {
+        Some(meta) => meta,
+        None => {
+            let params = PostParams {
+                field_manager: Some(MANAGER.to_string()),
+                ..PostParams::default()
+            };
+            match secrets.create(&params, secret).await {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(error) => return Err(error.into()),
+            }
+            read = secrets.get_metadata_opt(token.secret_name()).await?;
+            match &read {
+                Some(found) if is_owned_by(&found.metadata, &token.name_any()) => &found.metadata,
+                _ => return Ok(false),
+            }
+        }
+    };
+    let stale = stale_fields(existing, secret, &token.uid().unwrap_or_default());
+    if stale.is_empty() {
+        secrets
+            .patch(
+                token.secret_name(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(secret),
+            )
+            .await?;
+    } else {
+        debug!(
+            namespace = token.namespace().unwrap_or_default(),
+            secret = token.secret_name(),
+            labels = ?stale.labels,
+            annotations = ?stale.annotations,
+            data_keys = ?stale.data,
+            owner_reference_removed = stale.owner_references.is_some(),
+            "removing fields the operator no longer writes"
+        );
+        let patch = stale
+            .merge_patch(secret, existing.resource_version.as_deref())
+            .map_err(kube::Error::SerdeError)?;
+        secrets
+            .patch(
+                token.secret_name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+    }
+    Ok(true)
 }
 
 /// Carries out an outcome: status, then Events, then the requeue.

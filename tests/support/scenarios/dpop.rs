@@ -6,6 +6,7 @@
 use audience_token_operator::api::{AudienceTokenSpec, DpopAlgorithmName, DpopSpec};
 use audience_token_operator::oauth::dpop::DpopKey;
 use audience_token_operator::secret::keys;
+use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
@@ -186,4 +187,32 @@ pub async fn dpop_bound_tokens(env: &TestEnv, operator: &mut OperatorProcess) {
     let (_, rsa) = env.checked_dpop_secret("dpop-orders").await;
     assert_eq!(rsa.algorithm().as_str(), "PS256");
     assert_ne!(rsa.thumbprint(), key.thumbprint());
+
+    // `dpop` dropped: a Bearer token, and the key, its thumbprint and the annotation leave
+    // the Secret (no private key stays behind a token that no longer needs it).
+    env.tokens()
+        .patch(
+            "dpop-chain-orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"dpop": null}})),
+        )
+        .await
+        .expect("drop dpop");
+    let bearer = env
+        .wait_secret("dpop-chain-orders", "a Bearer token", |s| {
+            data(s, keys::TOKEN_TYPE) == "Bearer"
+        })
+        .await;
+    let left: Vec<&String> = bearer
+        .data
+        .as_ref()
+        .map(|d| d.keys().collect())
+        .unwrap_or_default();
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.as_str() == keys::DPOP_PRIVATE_KEY || k.as_str() == keys::DPOP_JKT),
+        "DPoP keys left in the Secret: {left:?}"
+    );
+    assert_eq!(bearer.annotations().get("audiencetoken.io/dpop-jkt"), None);
 }

@@ -6,7 +6,7 @@
 //! with AudienceTokens `orders` and `payments` (Secret `payments-api-token`), which
 //! `reissues_on_spec_change`, `forced_renewal` and `restart_makes_no_token_requests` use.
 
-use audience_token_operator::api::AudienceToken;
+use audience_token_operator::api::{AudienceToken, AudienceTokenSpec, SecretTemplate};
 use audience_token_operator::secret::{
     EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MANAGED_BY_LABEL, MANAGER, NAME_LABEL,
     SPEC_HASH_ANNOTATION, keys,
@@ -114,6 +114,81 @@ pub async fn reissues_on_spec_change(env: &TestEnv) {
         env.idp.token_requests().await.for_resource(oidc::ORDERS),
         before + 1
     );
+}
+
+/// What the spec no longer asks for leaves the Secret at the next token: a `secretTemplate`
+/// label and annotation, and the ownerReference after `deletionPolicy: Retain`. (A Secret
+/// the operator created is owned by the create, which server-side apply never prunes; the
+/// operator removes these itself.) A label someone else put on the Secret stays.
+pub async fn dropped_fields_leave_the_secret(env: &TestEnv) {
+    let spec = AudienceTokenSpec {
+        secret_template: Some(SecretTemplate {
+            labels: [("team".to_string(), "shop".to_string())].into(),
+            annotations: [("note".to_string(), "hi".to_string())].into(),
+        }),
+        ..TestEnv::token_spec("idp", oidc::ORDERS, &["orders/read"])
+    };
+    env.submit_token("templated", spec).await;
+    env.wait_condition("templated", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let secret = env.secrets().get("templated").await.expect("Secret");
+    assert_eq!(
+        secret.labels().get("team").map(String::as_str),
+        Some("shop")
+    );
+    assert_eq!(secret.owner_references().len(), 1);
+    env.secrets()
+        .patch(
+            "templated",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"added-by-hand": "yes"}}})),
+        )
+        .await
+        .expect("label the Secret by hand");
+
+    env.tokens()
+        .patch(
+            "templated",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "secretTemplate": {"labels": {"team": null}},
+                "deletionPolicy": "Retain",
+                "scopes": ["orders/read", "orders/write"],
+            }})),
+        )
+        .await
+        .expect("drop the template label, retain the Secret, new scopes");
+    let secret = env
+        .wait_secret("templated", "the token with the new scopes", |s| {
+            data(s, keys::SCOPE) == "orders/read orders/write"
+        })
+        .await;
+    assert_eq!(secret.labels().get("team"), None, "dropped template label");
+    assert_eq!(
+        secret.annotations().get("note").map(String::as_str),
+        Some("hi")
+    );
+    assert!(
+        secret.owner_references().is_empty(),
+        "Retain: no ownerReference left: {:?}",
+        secret.owner_references()
+    );
+    assert_eq!(
+        secret.labels().get("added-by-hand").map(String::as_str),
+        Some("yes"),
+        "someone else's label stays"
+    );
+
+    // (Without an ownerReference the garbage collector has nothing to follow; that the
+    // Secret outlives its AudienceToken is the API server's part.)
+    env.tokens()
+        .delete("templated", &Default::default())
+        .await
+        .expect("delete AudienceToken");
+    env.secrets()
+        .delete("templated", &Default::default())
+        .await
+        .expect("clean up");
 }
 
 /// `audiencetoken.io/renew-requested-at` forces exactly one renewal for each new value.
