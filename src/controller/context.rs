@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -75,8 +75,8 @@ pub struct Context {
     pub cluster_issuers: Store<ClusterTokenIssuer>,
     /// Namespaces, metadata only (labels for ClusterTokenIssuer tenancy).
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    /// Secrets the operator manages, metadata only.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Secrets the operator manages, as compact entries of their metadata.
+    pub secrets: Arc<super::owned_secrets::OwnedSecrets>,
     /// Refresh-token chains, one per issuer using the RefreshToken grant.
     pub refresh_chains: refresh_chain::RefreshChains,
     /// Prometheus metrics.

@@ -19,6 +19,7 @@ pub mod context;
 pub mod dpop_keys;
 pub mod issuer;
 pub mod issuer_status;
+pub mod owned_secrets;
 pub mod plan;
 pub mod reconcile;
 pub mod refresh_chain;
@@ -27,7 +28,7 @@ pub mod signals;
 mod watches;
 
 pub use context::{Context, Error, IssuerRevision, Settings};
-use watches::{Tasks, changed, deleted, spawn_reflector, spec_changed, strip, token_trigger_hash};
+use watches::{Tasks, changed, spawn_reflector, spec_changed, strip_token, token_trigger_hash};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,7 +51,6 @@ use tracing::{info, warn};
 use crate::api::{AudienceToken, ClusterTokenIssuer, IssuerKind, TokenIssuer};
 use crate::leader::Shutdown;
 use crate::oauth::TokenClient;
-use crate::secret::{NAME_LABEL, managed_selector};
 use crate::server::Health;
 use crate::telemetry::Metrics;
 
@@ -108,15 +108,7 @@ pub async fn run(
         None,
     );
     let issuer_secrets_api = secrets_api.clone();
-    let (secrets, secret_triggers) = spawn_reflector(
-        &mut tasks,
-        watcher(
-            secrets_api,
-            watcher::Config::default().labels(&managed_selector()),
-        ),
-        deleted,
-        None,
-    );
+    let (secrets, deleted_secrets) = owned_secrets::spawn(&mut tasks, secrets_api);
 
     info!("waiting for caches to sync");
     let ready = futures::future::join4(
@@ -134,7 +126,7 @@ pub async fn run(
             return Ok(());
         }
     };
-    if let (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) = ready {
+    if let (Err(e), _, _, ()) | (_, Err(e), _, ()) | (_, _, Err(e), ()) = ready {
         warn!(error = %e, "a cache stopped before it was ready");
     }
     info!(
@@ -223,7 +215,7 @@ pub async fn run(
     };
     let token_stream = watcher(tokens_api, watcher::Config::default())
         .default_backoff()
-        .modify(strip)
+        .modify(strip_token)
         .reflect(writer)
         .inspect_ok(forget_deleted)
         .applied_objects()
@@ -279,13 +271,6 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
-    let secret_mapper = |secret: PartialObjectMeta<Secret>| {
-        let owner: Option<String> = secret.labels().get(NAME_LABEL).cloned();
-        let namespace: Option<String> = secret.namespace();
-        owner
-            .zip(namespace)
-            .map(|(name, ns)| ObjectRef::<AudienceToken>::new(&name).within(&ns))
-    };
 
     // Ready once the AudienceTokens are listed too (the controller drives that watch). The
     // store's readiness wakes only its latest waiter, and the Controller waits on it too: ask
@@ -316,7 +301,7 @@ pub async fn run(
         .watches_stream(issuer_triggers, issuer_mapper)
         .watches_stream(cluster_issuer_triggers, cluster_issuer_mapper)
         .watches_stream(namespace_triggers, namespace_mapper)
-        .watches_stream(secret_triggers, secret_mapper)
+        .reconcile_on(deleted_secrets)
         .reconcile_on(tokens_of_issuer)
         .graceful_shutdown_on(stop.clone())
         .run(reconcile::reconcile, error_policy, ctx.clone())

@@ -6,14 +6,13 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::issuer::{self, ResolvedIssuer};
+use super::owned_secrets::OwnedSecret;
 use super::plan::{self, Admitted, AfterRequest, Failure, Observed, Outcome, StatusWrite, Step};
 use super::refresh_chain::ChainRequest;
 use super::{Context, Error};
@@ -24,7 +23,7 @@ use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Binding, ClientCertificate, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::RenewBefore;
 use crate::secret::{
-    MANAGER, PublishedToken, desired_secret, is_owned_by, published_token, spec_hash, stale_fields,
+    MANAGER, PublishedToken, desired_secret, is_owned_by, spec_hash, stale_fields,
 };
 
 /// Who holds the Secret an AudienceToken wants to write.
@@ -32,8 +31,8 @@ enum SecretState {
     /// Not among the owned Secrets the cache holds: absent, as far as anyone knows, so it
     /// is created (and read only if the create finds one).
     Absent,
-    /// Ours: its metadata, and the token it holds if its annotations are complete.
-    Ours(Box<ObjectMeta>, Option<PublishedToken>),
+    /// Ours: what its metadata says.
+    Ours(Arc<OwnedSecret>),
     /// Someone else's: never written.
     Foreign,
 }
@@ -54,7 +53,10 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
     let secret_state = secret_state(&ctx, &secrets, &namespace, &token, &status).await?;
     // A Secret not known to exist is created, never applied over (it may be someone else's).
     let (existing_secret, published, foreign_secret) = match secret_state {
-        SecretState::Ours(meta, published) => (Some(meta), published, false),
+        SecretState::Ours(owned) => {
+            let published = owned.published.clone();
+            (Some(owned), published, false)
+        }
         SecretState::Absent => (None, None, false),
         SecretState::Foreign => (None, None, true),
     };
@@ -287,32 +289,33 @@ async fn secret_state(
     status: &AudienceTokenStatus,
 ) -> Result<SecretState, Error> {
     let (secret_name, token_name) = (token.secret_name(), token.name_any());
-    let meta = match ctx
-        .secrets
-        .get(&ObjectRef::new(secret_name).within(namespace))
+    if let Some(cached) = ctx.secrets.get(namespace, secret_name) {
+        // The cache holds only Secrets labelled as the operator's; another token's is foreign.
+        return Ok(if cached.token_name == token_name {
+            SecretState::Ours(cached)
+        } else {
+            SecretState::Foreign
+        });
+    }
+    if !(plan::last_reason_is(status, plan::reason::SECRET_CONFLICT)
+        || ctx.is_known_foreign(namespace, secret_name))
     {
-        Some(cached) => Some(cached.metadata.clone()),
-        None if plan::last_reason_is(status, plan::reason::SECRET_CONFLICT)
-            || ctx.is_known_foreign(namespace, secret_name) =>
-        {
-            let read = secrets
-                .get_metadata_opt(secret_name)
-                .await?
-                .map(|m| m.metadata);
-            let foreign = read.as_ref().is_some_and(|m| !is_owned_by(m, &token_name));
-            ctx.set_foreign_secret(namespace, secret_name, foreign);
-            read
-        }
-        None => None,
+        return Ok(SecretState::Absent);
+    }
+    let Some(read) = secrets.get_metadata_opt(secret_name).await? else {
+        ctx.set_foreign_secret(namespace, secret_name, false);
+        return Ok(SecretState::Absent);
     };
-    Ok(match meta {
-        None => SecretState::Absent,
-        Some(meta) if is_owned_by(&meta, &token_name) => {
-            let published = published_token(&meta);
-            SecretState::Ours(Box::new(meta), published)
-        }
-        Some(_) => SecretState::Foreign,
-    })
+    let state = match OwnedSecret::from_meta(read.metadata) {
+        Some(owned) if owned.token_name == token_name => SecretState::Ours(Arc::new(owned)),
+        _ => SecretState::Foreign,
+    };
+    ctx.set_foreign_secret(
+        namespace,
+        secret_name,
+        matches!(state, SecretState::Foreign),
+    );
+    Ok(state)
 }
 
 fn renew_policy(token: &AudienceToken) -> RenewBefore {
@@ -339,11 +342,10 @@ async fn write_secret(
     token: &AudienceToken,
     secrets: &Api<Secret>,
     secret: &Secret,
-    existing: Option<&ObjectMeta>,
+    existing: Option<&OwnedSecret>,
 ) -> Result<bool, Error> {
-    let read;
     let existing = match existing {
-        Some(meta) => meta,
+        Some(owned) => owned.metadata(),
         None => {
             let params = PostParams {
                 field_manager: Some(MANAGER.to_string()),
@@ -354,14 +356,13 @@ async fn write_secret(
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
                 Err(error) => return Err(error.into()),
             }
-            read = secrets.get_metadata_opt(token.secret_name()).await?;
-            match &read {
-                Some(found) if is_owned_by(&found.metadata, &token.name_any()) => &found.metadata,
+            match secrets.get_metadata_opt(token.secret_name()).await? {
+                Some(found) if is_owned_by(&found.metadata, &token.name_any()) => found.metadata,
                 _ => return Ok(false),
             }
         }
     };
-    let stale = stale_fields(existing, secret, &token.uid().unwrap_or_default());
+    let stale = stale_fields(&existing, secret, &token.uid().unwrap_or_default());
     if stale.is_empty() {
         secrets
             .patch(
