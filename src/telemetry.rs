@@ -4,10 +4,14 @@
 //! words), never a token, credential or server message. Per-token series are removed when
 //! the AudienceToken goes, so 10,000 tokens cost 20,000 series and no more.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,10 +33,97 @@ struct IssuerLabels {
     issuer: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TokenLabels {
-    namespace: String,
-    name: String,
+/// An AudienceToken's series: one entry per token, the namespace's name shared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct TokenState {
+    expires_at: Option<i64>,
+    ready: bool,
+    failing: bool,
+}
+
+/// The per-AudienceToken series (`expiry_timestamp_seconds`, `ready`, `failing`), encoded
+/// from one map at scrape time. Three label families of their own would hold 10,000 tokens
+/// as 20,000 series with two label strings and a gauge allocation each (about 4 MiB); this
+/// holds a name and three values per token.
+#[derive(Debug, Default)]
+struct TokenStates(std::sync::RwLock<BTreeMap<String, BTreeMap<String, TokenState>>>);
+
+const EXPIRY_HELP: &str = "When the token in an AudienceToken's Secret expires (Unix time)";
+const READY_HELP: &str = "1 when an AudienceToken's Ready condition is True, else 0";
+const FAILING_HELP: &str = "1 while an AudienceToken's last attempt to issue or renew failed (Ready may still be True: a valid token is kept); no series otherwise";
+
+impl TokenStates {
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<String, TokenState>>> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, namespace: &str, name: &str, state: TokenState) {
+        let mut states = self.write();
+        let tokens = match states.get_mut(namespace) {
+            Some(tokens) => tokens,
+            None => states.entry(namespace.to_string()).or_default(),
+        };
+        match tokens.get_mut(name) {
+            Some(current) => *current = state,
+            None => {
+                tokens.insert(name.to_string(), state);
+            }
+        }
+    }
+
+    fn remove(&self, namespace: &str, name: &str) {
+        let mut states = self.write();
+        if let Some(tokens) = states.get_mut(namespace) {
+            tokens.remove(name);
+            if tokens.is_empty() {
+                states.remove(namespace);
+            }
+        }
+    }
+
+    /// One gauge family: `value` of each token that has one.
+    fn encode_family<V: prometheus_client::encoding::EncodeGaugeValue>(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: impl Fn(&TokenState) -> Option<V>,
+    ) -> Result<(), std::fmt::Error> {
+        let states = self
+            .0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (namespace, tokens) in states.iter() {
+            for (token, state) in tokens {
+                if let Some(value) = value(state) {
+                    let labels = [("namespace", namespace.as_str()), ("name", token.as_str())];
+                    family.encode_family(&labels)?.encode_gauge(&value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for TokenStates {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Unix seconds fit an f64 exactly.
+        #[allow(clippy::cast_precision_loss)]
+        self.encode_family(&mut encoder, "expiry_timestamp_seconds", EXPIRY_HELP, |s| {
+            s.expires_at.map(|at| at as f64)
+        })?;
+        self.encode_family(&mut encoder, "ready", READY_HELP, |s| {
+            Some(i64::from(s.ready))
+        })?;
+        self.encode_family(&mut encoder, "failing", FAILING_HELP, |s| {
+            s.failing.then_some(1_i64)
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,9 +170,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<IssuerLabels, Histogram>,
-    expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
-    ready: Family<TokenLabels, Gauge>,
-    failing: Family<TokenLabels, Gauge>,
+    tokens: Arc<TokenStates>,
     reconciles: Family<ResultLabels, Counter>,
     refresh_rotations: Family<IssuerLabels, Counter>,
     leader: Gauge,
@@ -123,24 +212,8 @@ impl Metrics {
             Unit::Seconds,
             request_duration.clone(),
         );
-        let expiry = Family::<TokenLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "expiry_timestamp_seconds",
-            "When the token in an AudienceToken's Secret expires (Unix time)",
-            expiry.clone(),
-        );
-        let ready = Family::<TokenLabels, Gauge>::default();
-        registry.register(
-            "ready",
-            "1 when an AudienceToken's Ready condition is True, else 0",
-            ready.clone(),
-        );
-        let failing = Family::<TokenLabels, Gauge>::default();
-        registry.register(
-            "failing",
-            "1 while an AudienceToken's last attempt to issue or renew failed (Ready may still be True: a valid token is kept); no series otherwise",
-            failing.clone(),
-        );
+        let tokens = Arc::new(TokenStates::default());
+        registry.register_collector(Box::new(tokens.clone()));
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reconcile",
@@ -163,9 +236,7 @@ impl Metrics {
             registry,
             requests,
             request_duration,
-            expiry,
-            ready,
-            failing,
+            tokens,
             reconciles,
             refresh_rotations,
             leader,
@@ -205,37 +276,17 @@ impl Metrics {
         ready: bool,
         failing: bool,
     ) {
-        let labels = TokenLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+        let state = TokenState {
+            expires_at,
+            ready,
+            failing,
         };
-        match expires_at {
-            Some(at) => {
-                // Unix seconds fit an f64 exactly.
-                #[allow(clippy::cast_precision_loss)]
-                self.expiry.get_or_create(&labels).set(at as f64);
-            }
-            None => {
-                self.expiry.remove(&labels);
-            }
-        }
-        self.ready.get_or_create(&labels).set(i64::from(ready));
-        if failing {
-            self.failing.get_or_create(&labels).set(1);
-        } else {
-            self.failing.remove(&labels);
-        }
+        self.tokens.set(namespace, name, state);
     }
 
     /// Drops an AudienceToken's series (it was deleted).
     pub fn forget_token(&self, namespace: &str, name: &str) {
-        let labels = TokenLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        self.expiry.remove(&labels);
-        self.ready.remove(&labels);
-        self.failing.remove(&labels);
+        self.tokens.remove(namespace, name);
     }
 
     /// Counts a reconcile: `Ok` or a Kubernetes API error.

@@ -397,9 +397,10 @@ mod tests {
             let mut at = token_resource(DeletionPolicy::Delete, false);
             at.metadata.name = Some(token.into());
             at.spec.secret_name = Some(name.into());
-            let mut meta = PartialObjectMeta::<Secret>::default();
-            meta.metadata = as_stored(&desired_secret(&at, &issued(None), None));
-            meta
+            PartialObjectMeta::<Secret> {
+                metadata: as_stored(&desired_secret(&at, &issued(None), None)),
+                ..Default::default()
+            }
         };
         let mut pending = None;
         for event in [
