@@ -8,6 +8,7 @@
 //! cargo bench --bench scale                      # N = 10,000
 //! BENCH_TOKENS=1000 cargo bench --bench scale    # another N
 //! BENCH_KUBECONFIG=~/.kube/config cargo bench --bench scale   # on a real cluster
+//! BENCH_WARMUP=10000 cargo bench --bench scale  # more token POSTs to warm Node first (default 500)
 //! ```
 //!
 //! What it measures, with one TokenIssuer (client `m2m-basic`, HTTP Basic), resource
@@ -107,7 +108,13 @@ fn main() {
             full,
             tokens,
             idle: Duration::from_secs(30),
-            warmup: 500,
+            warmup: match std::env::var("BENCH_WARMUP") {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("BENCH_WARMUP must be a number, not {v:?}")),
+                Err(_) => 500,
+            },
             issuance_events: std::env::var("BENCH_ISSUANCE_EVENTS").as_deref() != Ok("false"),
         }
     } else {
@@ -224,6 +231,14 @@ impl CpuSample {
             node: node.and_then(|p| cpu_ticks(&p.to_string())),
             harness: cpu_ticks("self"),
         }
+    }
+
+    /// The operator's CPU seconds from `self` to `later`.
+    fn operator_seconds(&self, later: &CpuSample, ticks: f64) -> Option<f64> {
+        #[allow(clippy::cast_precision_loss)]
+        self.operator
+            .zip(later.operator)
+            .map(|(a, b)| b.saturating_sub(a) as f64 / ticks)
     }
 
     /// "operator 12.3 s (46% of a CPU), …" from `self` to `later`.
@@ -491,6 +506,17 @@ enum FloorCalls {
     LikeOperator,
 }
 
+/// One run of a minimal client: where, what, and for which AudienceTokens.
+struct Floor {
+    /// How the client reaches the API server (its own client is built from it).
+    kube: kube::Config,
+    endpoint: String,
+    namespace: String,
+    calls: FloorCalls,
+    /// With [`FloorCalls::LikeOperator`]: create the Issued Event too.
+    events: bool,
+}
+
 struct FloorClient {
     http: reqwest::Client,
     endpoint: String,
@@ -504,23 +530,16 @@ struct FloorClient {
 }
 
 impl FloorClient {
-    fn new(
-        env: &TestEnv,
-        http: &reqwest::Client,
-        endpoint: &str,
-        namespace: &str,
-        calls: FloorCalls,
-        events: bool,
-    ) -> Self {
+    fn new(client: &kube::Client, floor: &Floor) -> Self {
         FloorClient {
-            http: http.clone(),
-            endpoint: endpoint.to_string(),
-            namespace: namespace.to_string(),
-            secrets: Api::namespaced(env.client.clone(), namespace),
-            tokens: Api::namespaced(env.client.clone(), namespace),
-            events_api: Api::namespaced(env.client.clone(), namespace),
-            calls,
-            events,
+            http: floor_http(),
+            endpoint: floor.endpoint.clone(),
+            namespace: floor.namespace.clone(),
+            secrets: Api::namespaced(client.clone(), &floor.namespace),
+            tokens: Api::namespaced(client.clone(), &floor.namespace),
+            events_api: Api::namespaced(client.clone(), &floor.namespace),
+            calls: floor.calls,
+            events: floor.events,
         }
     }
 
@@ -629,17 +648,15 @@ fn floor_http() -> reqwest::Client {
 }
 
 /// Warms the Node server's JIT before anything is timed, then zeroes its counters.
-async fn warm_up(env: &TestEnv, http: &reqwest::Client, mode: &Mode, namespace: &str) {
+async fn warm_up(env: &TestEnv, kube: &kube::Config, mode: &Mode, namespace: &str) {
     if mode.warmup > 0 {
-        let endpoint = env.idp.token_endpoint();
-        let warm = FloorClient::new(
-            env,
-            http,
-            &endpoint,
-            namespace,
-            FloorCalls::TokenOnly,
-            false,
-        );
+        let warm = Floor {
+            kube: kube.clone(),
+            endpoint: env.idp.token_endpoint(),
+            namespace: namespace.to_string(),
+            calls: FloorCalls::TokenOnly,
+            events: false,
+        };
         run_floor(warm, vec![String::new(); mode.warmup]).await;
     }
     env.idp.reset_counts().await;
@@ -711,7 +728,30 @@ fn operator_options(mode: &Mode) -> Options {
 }
 
 /// Runs `client.one` for every index on [`CONCURRENCY`] tasks; returns the elapsed time.
-async fn run_floor(client: FloorClient, uids: Vec<String>) -> Duration {
+/// Runs `floor` once per uid, `CONCURRENCY` at a time, on a thread and runtime of its own
+/// with its own kube and HTTP clients, so that thread's CPU time is the client's own (the
+/// API double shares this process). Returns the wall time and the client's CPU seconds.
+async fn run_floor(floor: Floor, uids: Vec<String>) -> (Duration, f64) {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("floor client runtime");
+        let cpu_before = thread_cpu_ticks();
+        let elapsed = runtime.block_on(async move {
+            let kube = kube::Client::try_from(floor.kube.clone()).expect("floor kube client");
+            run_floor_workers(FloorClient::new(&kube, &floor), uids).await
+        });
+        drop(runtime);
+        let ticks = thread_cpu_ticks().saturating_sub(cpu_before);
+        #[allow(clippy::cast_precision_loss)]
+        (elapsed, ticks as f64 / clock_ticks())
+    })
+    .await
+    .expect("floor client thread")
+}
+
+async fn run_floor_workers(client: FloorClient, uids: Vec<String>) -> Duration {
     let client = Arc::new(client);
     let uids = Arc::new(uids);
     let next = Arc::new(AtomicUsize::new(0));
@@ -734,6 +774,11 @@ async fn run_floor(client: FloorClient, uids: Vec<String>) -> Duration {
         worker.await.expect("minimal client worker");
     }
     started.elapsed()
+}
+
+/// CPU time (user + system, in clock ticks) of the calling thread.
+fn thread_cpu_ticks() -> u64 {
+    cpu_ticks("thread-self").unwrap_or(0)
 }
 
 // ---- Machine facts ------------------------------------------------------------------------
@@ -815,8 +860,8 @@ async fn run(mode: Mode) {
     env.create_namespace().await;
     env.create_issuer(ISSUER, &oidc::M2M_BASIC, oidc::M2M_BASIC.secret)
         .await;
-    let http = floor_http();
-    warm_up(&env, &http, &mode, FLOOR_NAMESPACE).await;
+    let kube_config = double.config();
+    warm_up(&env, &kube_config, &mode, FLOOR_NAMESPACE).await;
 
     let dir = std::env::temp_dir().join(format!("ato-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -851,7 +896,9 @@ async fn run(mode: Mode) {
     })
     .await;
     let cold = started.elapsed();
-    let cpu_cold = cpu_cold.since(&CpuSample::take(Some(pid), node_pid), ticks);
+    let cpu_cold_end = CpuSample::take(Some(pid), node_pid);
+    let operator_cpu_cold = cpu_cold.operator_seconds(&cpu_cold_end, ticks);
+    let cpu_cold = cpu_cold.since(&cpu_cold_end, ticks);
     let cold_requests = env.idp.token_requests().await;
     let (rss_ready, hwm_ready) = memory(pid).expect("operator memory");
     eprintln!(
@@ -979,19 +1026,18 @@ async fn run(mode: Mode) {
         } else {
             fresh_tokens(namespace)
         };
-        let client = FloorClient::new(
-            &env,
-            &http,
-            &token_endpoint,
-            namespace,
+        let floor = Floor {
+            kube: kube_config.clone(),
+            endpoint: token_endpoint.clone(),
+            namespace: namespace.to_string(),
             calls,
-            mode.issuance_events,
-        );
+            events: mode.issuance_events,
+        };
         let before = CpuSample::take(None, node_pid);
-        let elapsed = run_floor(client, uids).await;
+        let (elapsed, client_cpu) = run_floor(floor, uids).await;
         let cpu = before.since(&CpuSample::take(None, node_pid), ticks);
         let ready = double.count(&at, Some(namespace), is_ready);
-        floors.push((calls, elapsed, cpu, ready));
+        floors.push((calls, elapsed, cpu, ready, client_cpu));
     }
     let floor_requests = env.idp.token_requests().await.total;
 
@@ -1001,12 +1047,14 @@ async fn run(mode: Mode) {
         floors
             .iter()
             .find(|f| f.0 == calls)
-            .map(|f| (f.1, f.2.clone(), f.3))
+            .map(|f| (f.1, f.2.clone(), f.3, f.4))
             .expect("every floor ran")
     };
-    let (endpoint_only, cpu_endpoint, _) = floor_of(FloorCalls::TokenOnly);
-    let (floor, cpu_floor, floor_ready) = floor_of(FloorCalls::Minimal);
-    let (floor5, cpu_floor5, floor5_ready) = floor_of(FloorCalls::LikeOperator);
+    let (endpoint_only, cpu_endpoint, _, _) = floor_of(FloorCalls::TokenOnly);
+    let (floor, cpu_floor, floor_ready, client_cpu) = floor_of(FloorCalls::Minimal);
+    let (floor5, cpu_floor5, floor5_ready, client5_cpu) = floor_of(FloorCalls::LikeOperator);
+    #[allow(clippy::cast_precision_loss)]
+    let ms_per_token = |seconds: f64| 1000.0 * seconds / n as f64;
     let floor_rate = per_second(n, floor);
     let floor5_rate = per_second(n, floor5);
     #[allow(clippy::cast_precision_loss)]
@@ -1320,6 +1368,11 @@ async fn run(mode: Mode) {
     );
     report.row("  CPU meanwhile", &cpu_floor, "");
     report.row(
+        "  the client's own CPU (its thread)",
+        &format!("{client_cpu:.1} s = {:.2} ms/token", ms_per_token(client_cpu)),
+        "",
+    );
+    report.row(
         "minimal client making the operator's calls",
         &format!("{floor5_rate:.0} tokens/s ({})", secs(floor5)),
         if mode.issuance_events {
@@ -1330,6 +1383,11 @@ async fn run(mode: Mode) {
     );
     report.row("  CPU meanwhile", &cpu_floor5, "");
     report.row(
+        "  the client's own CPU (its thread)",
+        &format!("{client5_cpu:.1} s = {:.2} ms/token", ms_per_token(client5_cpu)),
+        "",
+    );
+    report.row(
         "operator cold issuance",
         &format!(
             "{cold_rate:.0} tokens/s = {:.0}% of the minimal client, {:.0}% of the one making the operator's calls",
@@ -1338,6 +1396,18 @@ async fn run(mode: Mode) {
         ),
         "close to the floor",
     );
+    if let Some(operator_cpu) = operator_cpu_cold {
+        let ratio = operator_cpu / client_cpu.max(1e-9);
+        report.row(
+            "operator CPU per token, cold issuance",
+            &format!(
+                "{:.2} ms = {ratio:.1}x the minimal client's, {:.1}x the one making the operator's calls",
+                ms_per_token(operator_cpu),
+                operator_cpu / client5_cpu.max(1e-9)
+            ),
+            &verdict(ratio <= 1.5, "<= 1.5x the minimal client's"),
+        );
+    }
     println!("{}", report.out);
 
     // Smoke checks (and sanity of the full run).

@@ -258,9 +258,14 @@ impl KubeApiDouble {
 
     /// A kube client for the double, default namespace `default`.
     pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).expect("kube client")
+    }
+
+    /// The client configuration [`Self::client`] uses (namespace `default`, no credentials).
+    pub fn config(&self) -> kube::Config {
         let mut config = kube::Config::new(self.url().parse().expect("valid url"));
         config.default_namespace = "default".to_string();
-        kube::Client::try_from(config).expect("kube client")
+        config
     }
 
     /// A kubeconfig (context `kube-double`, namespace `default`, no credentials) for a child process.
