@@ -171,7 +171,7 @@ async fn leader_election_hands_over() {
         !standby_metrics.contains("audience_token_requests_total{"),
         "the standby made no token request:\n{standby_metrics}"
     );
-    assert!(!b.logs().contains("requesting token"), "{}", b.logs());
+    assert!(!b.logs().contains("published token"), "{}", b.logs());
 
     // SIGTERM: a clean exit that hands the Lease over.
     let exit = h.operator.stop().await;
@@ -186,7 +186,7 @@ async fn leader_election_hands_over() {
         .force_renewal(&["orders"], "2026-01-01T00:00:00Z")
         .await;
     h.env.wait_token_change("orders", &first).await;
-    assert!(b.logs().contains("requesting token"));
+    assert!(b.logs().contains("published token"));
 
     // A crashed leader releases nothing: the standby waits for the Lease to expire.
     let mut a = OperatorProcess::start_with(&kubeconfig, "leader", elect("op-a"));
