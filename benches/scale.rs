@@ -1369,7 +1369,10 @@ async fn run(mode: Mode) {
     report.row("  CPU meanwhile", &cpu_floor, "");
     report.row(
         "  the client's own CPU (its thread)",
-        &format!("{client_cpu:.1} s = {:.2} ms/token", ms_per_token(client_cpu)),
+        &format!(
+            "{client_cpu:.1} s = {:.2} ms/token",
+            ms_per_token(client_cpu)
+        ),
         "",
     );
     report.row(
@@ -1384,7 +1387,10 @@ async fn run(mode: Mode) {
     report.row("  CPU meanwhile", &cpu_floor5, "");
     report.row(
         "  the client's own CPU (its thread)",
-        &format!("{client5_cpu:.1} s = {:.2} ms/token", ms_per_token(client5_cpu)),
+        &format!(
+            "{client5_cpu:.1} s = {:.2} ms/token",
+            ms_per_token(client5_cpu)
+        ),
         "",
     );
     report.row(

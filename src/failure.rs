@@ -36,6 +36,30 @@ pub mod reason {
     pub const REFRESH_CHAIN_LOST: &str = "RefreshChainLost";
     /// Event on an issuer: the server rotated the refresh token and the new one is persisted.
     pub const REFRESH_TOKEN_ROTATED: &str = "RefreshTokenRotated";
+
+    /// Every reason an AudienceToken's Ready condition can have.
+    pub const READY_REASONS: [&str; 11] = [
+        ISSUED,
+        RENEWED,
+        ISSUER_NOT_READY,
+        TOKEN_REQUEST_FAILED,
+        AUDIENCE_MISMATCH,
+        DPOP_BINDING_MISMATCH,
+        CERTIFICATE_BINDING_MISMATCH,
+        SECRET_CONFLICT,
+        EXPIRED,
+        NOT_ALLOWED,
+        REFRESH_CHAIN_LOST,
+    ];
+
+    /// `reason` as one of [`READY_REASONS`], or `Other` (a metric label takes only fixed
+    /// words: a status edited by hand must not make a series of its own).
+    pub fn known(reason: &str) -> &'static str {
+        READY_REASONS
+            .into_iter()
+            .find(|known| *known == reason)
+            .unwrap_or("Other")
+    }
 }
 
 /// A failed attempt (or a reason not to attempt), for status and Events.

@@ -39,6 +39,9 @@ struct TokenState {
     expires_at: Option<i64>,
     ready: bool,
     failing: bool,
+    /// The Ready condition's reason, one of [`crate::failure::reason::READY_REASONS`] or
+    /// `Other`; `""` before the first status.
+    reason: &'static str,
 }
 
 /// The per-AudienceToken series (`expiry_timestamp_seconds`, `ready`, `failing`), encoded
@@ -50,6 +53,8 @@ struct TokenStates(std::sync::RwLock<BTreeMap<String, BTreeMap<String, TokenStat
 
 const EXPIRY_HELP: &str = "When the token in an AudienceToken's Secret expires (Unix time)";
 const READY_HELP: &str = "1 when an AudienceToken's Ready condition is True, else 0";
+const CONDITIONS_HELP: &str =
+    "AudienceTokens by their Ready condition: its status (True, False) and reason";
 const FAILING_HELP: &str = "1 while an AudienceToken's last attempt to issue or renew failed (Ready may still be True: a valid token is kept); no series otherwise";
 
 impl TokenStates {
@@ -83,6 +88,31 @@ impl TokenStates {
                 states.remove(namespace);
             }
         }
+    }
+
+    /// `conditions{ready, reason}`: how many tokens are in each state, counted at scrape
+    /// time (a few series, whatever N is).
+    fn encode_conditions(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        {
+            let states = self
+                .0
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for state in states.values().flat_map(BTreeMap::values) {
+                if !state.reason.is_empty() {
+                    let ready = if state.ready { "True" } else { "False" };
+                    *counts.entry((ready, state.reason)).or_default() += 1;
+                }
+            }
+        }
+        let mut family =
+            encoder.encode_descriptor("conditions", CONDITIONS_HELP, None, MetricType::Gauge)?;
+        for ((ready, reason), count) in counts {
+            let labels = [("ready", ready), ("reason", reason)];
+            family.encode_family(&labels)?.encode_gauge(&count)?;
+        }
+        Ok(())
     }
 
     /// One gauge family: `value` of each token that has one.
@@ -122,7 +152,8 @@ impl Collector for TokenStates {
         })?;
         self.encode_family(&mut encoder, "failing", FAILING_HELP, |s| {
             s.failing.then_some(1_i64)
-        })
+        })?;
+        self.encode_conditions(&mut encoder)
     }
 }
 
@@ -275,11 +306,13 @@ impl Metrics {
         expires_at: Option<i64>,
         ready: bool,
         failing: bool,
+        reason: Option<&str>,
     ) {
         let state = TokenState {
             expires_at,
             ready,
             failing,
+            reason: reason.map_or("", crate::failure::reason::known),
         };
         self.tokens.set(namespace, name, state);
     }
@@ -336,7 +369,14 @@ mod tests {
             "success",
             Duration::from_millis(30),
         );
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
+        metrics.token_state(
+            "team-a",
+            "orders",
+            Some(1_800_000_000),
+            true,
+            false,
+            Some("Issued"),
+        );
         metrics.reconciled(true);
         metrics.refresh_rotated("TokenIssuer/team-a/idp");
         metrics.set_leader(true);
@@ -346,6 +386,7 @@ mod tests {
             r#"audience_token_request_duration_seconds_count{issuer="TokenIssuer/team-a/idp"} 1"#,
             r#"audience_token_expiry_timestamp_seconds{namespace="team-a",name="orders"} 1800000000.0"#,
             r#"audience_token_ready{namespace="team-a",name="orders"} 1"#,
+            r#"audience_token_conditions{ready="True",reason="Issued"} 1"#,
             r#"audience_token_reconcile_total{result="success"} 1"#,
             r#"audience_token_refresh_rotations_total{issuer="TokenIssuer/team-a/idp"} 1"#,
             "audience_token_leader 1",
@@ -357,7 +398,14 @@ mod tests {
     #[test]
     fn a_deleted_token_leaves_no_series() {
         let metrics = Metrics::new();
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
+        metrics.token_state(
+            "team-a",
+            "orders",
+            Some(1_800_000_000),
+            true,
+            false,
+            Some("Issued"),
+        );
         metrics.forget_token("team-a", "orders");
         let text = metrics.encode().unwrap();
         assert!(!text.contains(r#"name="orders""#), "{text}");
@@ -366,15 +414,63 @@ mod tests {
     #[test]
     fn a_token_without_expiry_has_no_expiry_series_but_a_ready_one() {
         let metrics = Metrics::new();
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
-        metrics.token_state("team-a", "orders", None, false, true);
+        metrics.token_state(
+            "team-a",
+            "orders",
+            Some(1_800_000_000),
+            true,
+            false,
+            Some("Issued"),
+        );
+        metrics.token_state(
+            "team-a",
+            "orders",
+            None,
+            false,
+            true,
+            Some("TokenRequestFailed"),
+        );
         let text = metrics.encode().unwrap();
         assert!(!text.contains("expiry_timestamp_seconds{"), "{text}");
         assert!(text.contains(r#"audience_token_ready{namespace="team-a",name="orders"} 0"#));
         assert!(text.contains(r#"audience_token_failing{namespace="team-a",name="orders"} 1"#));
-        metrics.token_state("team-a", "orders", Some(1_800_000_000), true, false);
+        metrics.token_state(
+            "team-a",
+            "orders",
+            Some(1_800_000_000),
+            true,
+            false,
+            Some("Issued"),
+        );
         let text = metrics.encode().unwrap();
         assert!(!text.contains("audience_token_failing{"), "{text}");
+    }
+
+    #[test]
+    fn tokens_are_counted_by_ready_status_and_reason_with_fixed_words() {
+        let metrics = Metrics::new();
+        metrics.token_state("a", "one", Some(1), true, false, Some("Issued"));
+        metrics.token_state("a", "two", Some(1), true, true, Some("AudienceMismatch"));
+        metrics.token_state("b", "three", None, false, true, Some("AudienceMismatch"));
+        metrics.token_state("b", "four", None, false, true, Some("edited by hand"));
+        metrics.token_state("b", "five", None, false, false, None);
+        let text = metrics.encode().unwrap();
+        for line in [
+            r#"audience_token_conditions{ready="True",reason="Issued"} 1"#,
+            r#"audience_token_conditions{ready="True",reason="AudienceMismatch"} 1"#,
+            r#"audience_token_conditions{ready="False",reason="AudienceMismatch"} 1"#,
+            r#"audience_token_conditions{ready="False",reason="Other"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert_eq!(
+            text.matches("audience_token_conditions{").count(),
+            4,
+            "{text}"
+        );
+        metrics.forget_token("a", "one");
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains(r#"reason="Issued""#), "{text}");
     }
 
     #[test]

@@ -309,7 +309,11 @@ pub async fn run(mode: Mode, kubeconfig: &str) {
         "",
     );
     report.row("  CPU meanwhile", &floors[0].1, "");
-    report.row("  the client's own CPU (its thread)", &format!("{:.1} s", floors[0].2), "");
+    report.row(
+        "  the client's own CPU (its thread)",
+        &format!("{:.1} s", floors[0].2),
+        "",
+    );
     report.row(
         "minimal client making the operator's calls",
         &format!(
@@ -320,7 +324,11 @@ pub async fn run(mode: Mode, kubeconfig: &str) {
         "",
     );
     report.row("  CPU meanwhile", &floors[1].1, "");
-    report.row("  the client's own CPU (its thread)", &format!("{:.1} s", floors[1].2), "");
+    report.row(
+        "  the client's own CPU (its thread)",
+        &format!("{:.1} s", floors[1].2),
+        "",
+    );
     if let Some(operator_cpu) = operator_cpu_cold {
         report.row(
             "operator CPU, cold issuance",

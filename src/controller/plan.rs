@@ -470,6 +470,15 @@ pub fn last_reason_is(status: &AudienceTokenStatus, reason: &str) -> bool {
         .any(|c| c.type_ == READY && c.reason == reason)
 }
 
+/// The Ready condition's reason, if there is one.
+pub fn ready_reason(status: &AudienceTokenStatus) -> Option<&str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| c.reason.as_str())
+}
+
 /// Whether the Ready condition in `status` is True.
 pub fn ready_is_true(status: &AudienceTokenStatus) -> bool {
     status

@@ -450,6 +450,7 @@ async fn write_status(
         expires_at,
         plan::ready_is_true(next),
         next.failed_attempts > 0,
+        plan::ready_reason(next),
     );
     if previous == next {
         return Ok(());
