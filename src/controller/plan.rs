@@ -730,10 +730,13 @@ pub fn foreign_at_publish(o: &Observed) -> Outcome {
 /// Blocked on something the operator cannot watch closely: record why (not as an attempt,
 /// no next attempt time) and look again after [`BLOCKED_RECHECK`].
 fn blocked(o: &Observed, failure: &Failure) -> Outcome {
+    // Woken at the published token's expiry if that comes first, so Ready turns False
+    // (Expired) when the token does, not up to a recheck later.
+    let recheck = o.now + BLOCKED_RECHECK;
     Outcome {
         status: StatusWrite::Full(status_failed(o.status, failure, None, false, o)),
         events: new_failure_warning(o.status, failure).into_iter().collect(),
-        requeue_after: BLOCKED_RECHECK,
+        requeue_after: requeue_after(wake_time(o, recheck), o.now),
     }
 }
 
@@ -1617,6 +1620,43 @@ mod tests {
             outcome.status,
             StatusWrite::Full(status_failed(&none, &failure, None, false, &o))
         );
+        assert_eq!(
+            outcome.requeue_after, BLOCKED_RECHECK,
+            "nothing expires sooner"
+        );
+    }
+
+    #[test]
+    fn a_blocked_token_is_looked_at_again_when_its_token_expires() {
+        // Issued at 40, due for renewal by 100, expiring at 106, the issuer gone: woken at
+        // 106, not a recheck later; then Ready is False, Expired.
+        let none = AudienceTokenStatus::default();
+        let token = published(40, 106, "h1");
+        let failure = Failure::issuer_not_ready("TokenIssuer ns/x not found");
+        let o = observed(100, Some(&token), &none);
+        let Step::Done(outcome) = before_request::<()>(&o, Err(failure.clone()), false) else {
+            panic!("an unresolvable issuer blocks")
+        };
+        assert_eq!(outcome.requeue_after, Duration::from_secs(6));
+        let (_, Some(status)) = write_of(&outcome.status) else {
+            panic!("a status is written")
+        };
+        assert_eq!(status.conditions[0].status, "True", "still valid");
+        let o = observed(106, Some(&token), status);
+        let Step::Done(outcome) = before_request::<()>(&o, Err(failure), false) else {
+            panic!("still blocked")
+        };
+        let (_, Some(status)) = write_of(&outcome.status) else {
+            panic!("a status is written")
+        };
+        assert_eq!(
+            (
+                status.conditions[0].status.as_str(),
+                status.conditions[0].reason.as_str()
+            ),
+            ("False", reason::EXPIRED)
+        );
+        assert_eq!(outcome.requeue_after, BLOCKED_RECHECK);
     }
 
     struct FailureCase {
