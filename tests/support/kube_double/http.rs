@@ -261,9 +261,15 @@ fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
 
 type Outcome = Result<(u16, Value), ApiError>;
 
-fn selector(query: &HashMap<String, String>) -> Result<Selector, ApiError> {
+fn selector(query: &HashMap<String, String>, route: &Route) -> Result<Selector, ApiError> {
     let get = |k: &str| query.get(k).map(String::as_str);
-    Selector::parse(get("labelSelector"), get("fieldSelector")).map_err(ApiError::bad_request)
+    let (group, plural) = &route.gr;
+    Selector::parse(
+        get("labelSelector"),
+        get("fieldSelector"),
+        (group.as_str(), plural.as_str()),
+    )
+    .map_err(ApiError::bad_request)
 }
 
 fn list(
@@ -272,7 +278,7 @@ fn list(
     query: &HashMap<String, String>,
     metadata_only: bool,
 ) -> Outcome {
-    let sel = selector(query)?;
+    let sel = selector(query, route)?;
     // Pagination: `limit` caps a page; `continue` (from the previous page) is
     // `{resourceVersion of the first page}/{namespace}/{name of the last item}`. Later pages
     // come from the live store, not a snapshot, and report the first page's
@@ -506,7 +512,7 @@ fn watch_response(
     query: &HashMap<String, String>,
     metadata_only: bool,
 ) -> Response {
-    let sel = match selector(query) {
+    let sel = match selector(query, &route) {
         Ok(sel) => sel,
         Err(e) => return error(e),
     };

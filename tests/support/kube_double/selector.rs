@@ -16,6 +16,17 @@ enum Req {
 /// `metadata.name` and `metadata.namespace`, Secrets also `type`. Anything else is a 400.
 const FIELDS: [&str; 3] = ["metadata.name", "metadata.namespace", "type"];
 
+/// events.k8s.io Events also take these (the API server maps them to the core Event's
+/// `involvedObject.*` fields).
+const EVENT_FIELDS: [&str; 6] = [
+    "regarding.uid",
+    "regarding.name",
+    "regarding.namespace",
+    "regarding.kind",
+    "reason",
+    "reportingController",
+];
+
 /// A parsed label selector and field selector (all requirements ANDed).
 #[derive(Debug, Clone, Default)]
 pub struct Selector {
@@ -24,7 +35,13 @@ pub struct Selector {
 }
 
 impl Selector {
-    pub fn parse(labels: Option<&str>, fields: Option<&str>) -> Result<Self, String> {
+    /// The selectors of a request for `plural` in API group `group`.
+    pub fn parse(
+        labels: Option<&str>,
+        fields: Option<&str>,
+        (group, plural): (&str, &str),
+    ) -> Result<Self, String> {
+        let events = group == "events.k8s.io" && plural == "events";
         let mut sel = Selector::default();
         for part in split_top(labels.unwrap_or("")) {
             sel.labels.push(parse_label(part)?);
@@ -38,7 +55,7 @@ impl Selector {
                 return Err(format!("invalid field selector requirement {part:?}"));
             };
             let path = path.trim();
-            if !FIELDS.contains(&path) {
+            if !(FIELDS.contains(&path) || events && EVENT_FIELDS.contains(&path)) {
                 return Err(format!("field label not supported: {path}"));
             }
             sel.fields
