@@ -24,6 +24,7 @@ pub mod failure;
 pub mod issuer;
 pub mod leader;
 pub mod login;
+pub mod plugin;
 pub mod rate_limit;
 pub mod rbac;
 pub mod renewal;

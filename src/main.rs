@@ -282,6 +282,15 @@ const IN_CLUSTER_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/servicea
 async fn main() -> anyhow::Result<()> {
     // One process-wide rustls provider for kube and reqwest alike.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // Installed or linked as `kubectl-audtoken`, the binary is the kubectl plugin.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .first()
+        .is_some_and(|program| audience_token_operator::plugin::called_as_plugin(program))
+    {
+        let code = audience_token_operator::plugin::run(args).await;
+        std::process::exit(i32::from(code));
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { write_dir: None } => {

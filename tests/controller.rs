@@ -14,7 +14,7 @@ use support::oidc;
 use support::operator::{OperatorProcess, Options};
 use support::scenarios::{
     READY_TIMEOUT, TestEnv, authorization_details, dpop, eventually, failures, lifecycle, login,
-    mtls, private_key_jwt, rate_limit, refresh_chain, secretless, signature,
+    mtls, plugin, private_key_jwt, rate_limit, refresh_chain, secretless, signature,
 };
 
 /// A fresh API double, OAuth server, namespace, and a running operator.
@@ -436,4 +436,15 @@ async fn an_issuance_makes_two_api_writes_without_events() {
         env.events_for("orders").await.is_empty(),
         "no Renewed Event"
     );
+}
+
+/// `kubectl audtoken` (the binary linked as `kubectl-audtoken`) with a user's kubeconfig:
+/// status of a healthy, a failing and an expired token, renew --wait, inspect, list.
+#[tokio::test]
+async fn kubectl_plugin_status_renew_inspect_list() {
+    let h = start("plugin").await;
+    let kubeconfig = std::env::temp_dir().join(format!("ato-plugin-user-{}", std::process::id()));
+    std::fs::write(&kubeconfig, h.double.kubeconfig_yaml()).expect("write user kubeconfig");
+    plugin::kubectl_plugin(&h.env, &kubeconfig).await;
+    let _ = std::fs::remove_file(&kubeconfig);
 }

@@ -22,8 +22,8 @@ use support::certs::{TestPki, self_signed};
 use support::oidc::{self, OidcServer};
 use support::operator::OperatorProcess;
 use support::scenarios::{
-    TestEnv, authorization_details, dpop, failures, lifecycle, login, mtls, private_key_jwt,
-    rate_limit, refresh_chain, secretless, signature,
+    TestEnv, authorization_details, dpop, failures, lifecycle, login, mtls, plugin,
+    private_key_jwt, rate_limit, refresh_chain, secretless, signature,
 };
 
 #[tokio::test]
@@ -96,6 +96,8 @@ async fn scenarios_on_a_real_cluster() {
         authorization_details::details_through_the_refresh_chain(&env).await;
         authorization_details::details_in_the_client_assertion(&env).await;
         rate_limit::rate_limit_spaces_requests(&env).await;
+        // The kubectl plugin with the same (the user's) kubeconfig.
+        plugin::kubectl_plugin(&env, &kubeconfig_path).await;
         // Mutual TLS: the same namespace and operator, an OAuth server in its mTLS mode.
         let pki = TestPki::generate();
         let self_signed = self_signed("m2m-self-signed");

@@ -50,6 +50,7 @@ pub mod failures;
 pub mod lifecycle;
 pub mod login;
 pub mod mtls;
+pub mod plugin;
 pub mod private_key_jwt;
 pub mod rate_limit;
 pub mod refresh_chain;
