@@ -267,7 +267,8 @@ start_operator() {
   fi
   [[ -x $bin ]] || die "$bin is not an executable"
   # Only the example's namespace: an operator already in that cluster keeps the others.
-  nohup "$bin" run --namespace "$NAMESPACE" \
+  # NO_COLOR: a log file without terminal colour codes.
+  NO_COLOR=1 nohup "$bin" run --namespace "$NAMESPACE" \
     --metrics-addr "$OPERATOR_ADDR" --health-addr "$OPERATOR_ADDR" \
     >"$STATE/operator.log" 2>&1 </dev/null &
   pid=$!
@@ -423,12 +424,19 @@ down() {
   tool=$(recorded cluster || true)
   if [[ -n $tool ]]; then
     # Everything else went into that cluster.
-    say "deleting the $tool cluster $CLUSTER_NAME, which up created"
-    case $tool in
-      kind) kind delete cluster --name "$CLUSTER_NAME" ;;
-      k3d) k3d cluster delete "$CLUSTER_NAME" ;;
-      *) die "$STATE/cluster names an unknown tool: $tool" ;;
-    esac
+    [[ $tool == kind || $tool == k3d ]] || die "$STATE/cluster names an unknown tool: $tool"
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      die "up created a $tool cluster named $CLUSTER_NAME, and $tool is not installed any more"
+    elif cluster_exists "$tool"; then
+      say "deleting the $tool cluster $CLUSTER_NAME, which up created"
+      case $tool in
+        kind) kind delete cluster --name "$CLUSTER_NAME" ;;
+        k3d) k3d cluster delete "$CLUSTER_NAME" ;;
+      esac
+    else
+      # Its creation failed, or it is gone already.
+      say "$tool lists no cluster named $CLUSTER_NAME: nothing to delete"
+    fi
   elif [[ -n $context && (-e $STATE/applied || -s $STATE/crds-created) ]]; then
     reachable "$context" ||
       die "context $context does not reach its cluster, so what up made there is still there;" \

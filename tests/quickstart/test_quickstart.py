@@ -162,6 +162,9 @@ if args == ["get", "clusters"]:
     if cluster.get("kind"):
         print("ato")
 elif args[:4] == ["create", "cluster", "--name", "ato"]:
+    if os.environ.get("STUB_KIND_CREATE_FAILS"):
+        print("ERROR: failed to create cluster: Docker is not running", file=sys.stderr)
+        sys.exit(1)
     cluster.update(kind=True, reachable=True, context="kind-ato")
 elif args == ["delete", "cluster", "--name", "ato"]:
     cluster.update(kind=False, reachable=False, context=None)
@@ -555,6 +558,21 @@ def test_up_creates_a_kind_cluster_and_down_deletes_it(make_env):
     assert env.calls("kind")[-1] == ["delete", "cluster", "--name", "ato"]
     # The cluster goes as a whole: nothing is deleted from it first.
     assert [c for c in env.calls("kubectl")[before:] if "delete" in c] == []
+    assert not env.state.exists()
+
+
+def test_down_after_a_failed_cluster_creation(make_env):
+    env = make_env(kind=True, cluster={"context": None, "reachable": False})
+    env.vars["STUB_KIND_CREATE_FAILS"] = "1"
+    result = env.run("up")
+    assert result.returncode == 1, explain(result)
+    assert "Docker is not running" in result.stderr
+    assert "scripts/quickstart.sh down removes it" in result.stderr
+    assert (env.state / "cluster").read_text() == "kind\n"
+    down = env.run("down")
+    assert down.returncode == 0, explain(down)
+    assert "kind lists no cluster named ato: nothing to delete" in down.stdout
+    assert ["delete", "cluster", "--name", "ato"] not in env.calls("kind")
     assert not env.state.exists()
 
 
