@@ -97,7 +97,8 @@ our_process() {
   { read -r pid && read -r started && read -r marker; } <"$file" || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [[ -n $started && $(start_time "$pid") == "$started" ]] || return 1
-  [[ $(ps -o args= -p "$pid" 2>/dev/null || true) == *"$marker"* ]] || return 1
+  # -ww: the whole command line (ps cuts it to the terminal's width when one is near).
+  [[ $(ps -ww -o args= -p "$pid" 2>/dev/null || true) == *"$marker"* ]] || return 1
   printf '%s\n' "$pid"
 }
 stop_process() {

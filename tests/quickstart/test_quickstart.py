@@ -288,7 +288,7 @@ class Env:
                 pid = int(path.read_text().split("\n")[0])
                 marker = path.read_text().split("\n")[2]
                 try:
-                    args = subprocess.run(["ps", "-o", "args=", "-p", str(pid)],
+                    args = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)],
                                           capture_output=True, text=True).stdout
                 except OSError:
                     continue
