@@ -42,7 +42,8 @@ const WATCH: &[&str] = &["list", "watch"];
 const STATUS: &[&str] = &["patch"];
 /// Owned Secrets: watched metadata-only, read (`get`: client secrets, refresh state, a
 /// Secret of the right name that is not in the cache); `kubernetes.io/tls` Secrets are
-/// watched metadata-only too (client certificates renewed under an issuer); created (refresh state), replaced
+/// watched metadata-only too (client certificates renewed under an issuer); created (refresh
+/// state, a new token's Secret: a create never touches an existing one), replaced
 /// with a resourceVersion precondition (refresh state) and server-side applied (tokens).
 /// Never deleted: owner references let the garbage collector do that.
 const SECRETS: &[&str] = &["get", "list", "watch", "create", "update", "patch"];
