@@ -442,9 +442,44 @@ async fn an_issuance_makes_two_api_writes_without_events() {
 /// status of a healthy, a failing and an expired token, renew --wait, inspect, list.
 #[tokio::test]
 async fn kubectl_plugin_status_renew_inspect_list() {
+    const USER: &str = "plugin-user";
     let h = start("plugin").await;
     let kubeconfig = std::env::temp_dir().join(format!("ato-plugin-user-{}", std::process::id()));
-    std::fs::write(&kubeconfig, h.double.kubeconfig_yaml()).expect("write user kubeconfig");
+    std::fs::write(&kubeconfig, h.double.kubeconfig_yaml_with_token(USER))
+        .expect("write user kubeconfig");
+    let mark = h.double.request_count();
     plugin::kubectl_plugin(&h.env, &kubeconfig).await;
+    // Only what a user of AudienceTokens may do: get/list/patch them, get their issuers,
+    // list Events, get the Secret (inspect only).
+    let mut calls: Vec<String> = h
+        .double
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.bearer_token.as_deref() == Some(USER))
+        .map(|r| format!("{} {}", r.verb, r.plural))
+        .collect();
+    calls.sort();
+    calls.dedup();
+    let allowed = [
+        "get audiencetokens",
+        "get secrets",
+        "get tokenissuers",
+        "list audiencetokens",
+        "list events",
+        "patch audiencetokens",
+    ];
+    assert_eq!(calls, allowed, "the plugin's calls");
+    // `status` reads no Secret: a user who may not read it still gets the status.
+    let user = plugin::Plugin::install(&kubeconfig);
+    let mark = h.double.request_count();
+    let status = user.run("plugin", &["status", "plugin-healthy"]).await;
+    assert_eq!(status.code, 0, "{status}");
+    let secrets_read = h
+        .double
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.bearer_token.as_deref() == Some(USER) && r.plural == "secrets")
+        .count();
+    assert_eq!(secrets_read, 0, "status read a Secret");
     let _ = std::fs::remove_file(&kubeconfig);
 }
