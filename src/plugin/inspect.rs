@@ -41,11 +41,7 @@ struct Inspection {
 }
 
 pub(super) async fn run(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
-    let tokens: Api<AudienceToken> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let token = tokens
-        .get(name)
-        .await
-        .map_err(|e| api_error(&format!("AudienceToken {}/{name}", ctx.namespace), e))?;
+    let token = ctx.token(name).await?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let secret = secrets.get(token.secret_name()).await.map_err(|e| {
         api_error(

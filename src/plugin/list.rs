@@ -4,13 +4,11 @@
 use clap::{Args, ValueEnum};
 use jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use super::status::Health;
 use super::{
-    Ctx, Output, api_error, exit, print_structured, ready_condition, relative, seconds,
-    short_duration, table,
+    Ctx, Output, exit, print_structured, ready_condition, relative, seconds, short_duration, table,
 };
 use crate::api::AudienceToken;
 
@@ -53,20 +51,10 @@ struct Row {
 }
 
 pub(super) async fn run(ctx: &Ctx, args: ListArgs) -> anyhow::Result<u8> {
-    let api: Api<AudienceToken> = if args.all_namespaces {
-        Api::all(ctx.client.clone())
-    } else {
-        Api::namespaced(ctx.client.clone(), &ctx.namespace)
-    };
-    let mut params = ListParams::default();
-    if let Some(selector) = &args.selector {
-        params = params.labels(selector);
-    }
-    let list = api
-        .list(&params)
-        .await
-        .map_err(|e| api_error("listing AudienceTokens", e))?;
-    let mut rows: Vec<Row> = list.items.iter().map(|t| row(t, ctx.now)).collect();
+    let tokens = ctx
+        .tokens(args.all_namespaces, args.selector.as_deref())
+        .await?;
+    let mut rows: Vec<Row> = tokens.iter().map(|t| row(t, ctx.now)).collect();
     match args.sort_by {
         SortBy::Expiry => rows.sort_by_key(|r| {
             (

@@ -26,7 +26,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde::Serialize;
 
-use crate::api::Condition;
+use crate::api::{AudienceToken, Condition};
 
 /// The name the binary answers to as a kubectl plugin.
 pub const PLUGIN_NAME: &str = "kubectl-audtoken";
@@ -171,6 +171,39 @@ struct Ctx {
     output: Output,
     /// When the command started: relative times are counted from it.
     now: Timestamp,
+}
+
+impl Ctx {
+    /// AudienceToken `name` of the namespace.
+    async fn token(&self, name: &str) -> anyhow::Result<AudienceToken> {
+        let api: Api<AudienceToken> = Api::namespaced(self.client.clone(), &self.namespace);
+        api.get(name)
+            .await
+            .map_err(|e| api_error(&format!("AudienceToken {}/{name}", self.namespace), e))
+    }
+
+    /// The AudienceTokens of the namespace (or of all, with `all_namespaces`), those with
+    /// the labels of `selector` if given.
+    async fn tokens(
+        &self,
+        all_namespaces: bool,
+        selector: Option<&str>,
+    ) -> anyhow::Result<Vec<AudienceToken>> {
+        let api: Api<AudienceToken> = if all_namespaces {
+            Api::all(self.client.clone())
+        } else {
+            Api::namespaced(self.client.clone(), &self.namespace)
+        };
+        let mut params = ListParams::default();
+        if let Some(selector) = selector {
+            params = params.labels(selector);
+        }
+        let list = api
+            .list(&params)
+            .await
+            .map_err(|e| api_error("listing AudienceTokens", e))?;
+        Ok(list.items)
+    }
 }
 
 /// The client and namespace from the user's kubeconfig (or in-cluster config), as kubectl

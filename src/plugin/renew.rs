@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 
 use super::status::Health;
@@ -131,21 +131,10 @@ async fn targets(ctx: &Ctx, args: &RenewArgs) -> anyhow::Result<Vec<(String, Str
             .map(|name| (ctx.namespace.clone(), name.clone()))
             .collect());
     }
-    let api: Api<AudienceToken> = if args.all_namespaces {
-        Api::all(ctx.client.clone())
-    } else {
-        Api::namespaced(ctx.client.clone(), &ctx.namespace)
-    };
-    let mut params = ListParams::default();
-    if let Some(selector) = &args.selector {
-        params = params.labels(selector);
-    }
-    let list = api
-        .list(&params)
-        .await
-        .map_err(|e| api_error("listing AudienceTokens", e))?;
-    Ok(list
-        .items
+    let tokens = ctx
+        .tokens(args.all_namespaces, args.selector.as_deref())
+        .await?;
+    Ok(tokens
         .iter()
         .map(|t| (t.namespace().unwrap_or_default(), t.name_any()))
         .collect())

@@ -115,11 +115,7 @@ struct StatusReport {
 }
 
 pub(super) async fn run(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
-    let tokens: Api<AudienceToken> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let token = tokens
-        .get(name)
-        .await
-        .map_err(|e| api_error(&format!("AudienceToken {}/{name}", ctx.namespace), e))?;
+    let token = ctx.token(name).await?;
     let issuer = issuer_view(&ctx.client, &token).await;
     // Events help, but a user who may not list them still gets the status.
     let events = match events_about(
