@@ -60,6 +60,7 @@ pub fn called_as_plugin(program: &std::ffi::OsStr) -> bool {
 #[derive(Parser)]
 #[command(
     name = "kubectl audtoken",
+    bin_name = "kubectl audtoken",
     version,
     about = "Everyday AudienceToken tasks: why is it (not) Ready, renew it now, what is in its token, list them",
     after_help = "Exit codes: 0 healthy; 1 the command failed (not found, forbidden, unreachable); 2 not Ready; 3 Ready but the last renewal failed; 4 (inspect) the token is not what was asked for; 5 (renew --wait) timed out."

@@ -20,6 +20,7 @@ const POLL: Duration = Duration::from_millis(500);
 #[derive(Args)]
 pub(super) struct RenewArgs {
     /// The AudienceTokens to renew.
+    #[arg(required_unless_present = "all")]
     names: Vec<String>,
     /// Renew every AudienceToken in the namespace (with -A: in every namespace), or those
     /// `-l` selects.
