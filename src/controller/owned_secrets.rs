@@ -155,6 +155,22 @@ impl OwnedSecrets {
         self.read().is_empty()
     }
 
+    /// Records what the operator just wrote to Secret `namespace/name` (its metadata as
+    /// written, and the resourceVersion the API server answered), so the next reconcile
+    /// plans on it even before the watch event arrives: a reconcile woken in between (an
+    /// issuer became Ready) would otherwise see the previous token and request another.
+    /// The watch event replaces it, a deletion removes it.
+    pub fn remember_write(&self, mut meta: ObjectMeta, resource_version: Option<String>) {
+        let key = key(
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
+        );
+        meta.resource_version = resource_version;
+        if let Some(owned) = OwnedSecret::from_meta(meta) {
+            self.write().insert(key, Arc::new(owned));
+        }
+    }
+
     /// Resolves once the first list is in.
     pub async fn wait_until_ready(&self) {
         let mut ready = self.ready.subscribe();
@@ -423,6 +439,14 @@ mod tests {
         cache.apply(&mut pending, watcher::Event::InitDone);
         assert_eq!(cache.len(), 1);
         assert!(cache.get("shop", "b").is_none());
+        // What the operator wrote is known before its watch event; the event replaces it.
+        let mut written = secret("d", "td");
+        written.metadata.resource_version = None;
+        cache.remember_write(written.metadata.clone(), Some("9".into()));
+        let remembered = cache.get("shop", "d").expect("remembered");
+        assert_eq!(remembered.metadata().resource_version.as_deref(), Some("9"));
+        cache.apply(&mut pending, watcher::Event::Delete(secret("d", "td")));
+        assert!(cache.get("shop", "d").is_none(), "a deletion removes it");
         // The label taken off: no longer ours.
         let mut relabelled = secret("c", "tc");
         relabelled.metadata.labels = None;

@@ -360,7 +360,10 @@ async fn write_secret(
             };
             let body = serde_json::to_vec(secret).map_err(kube::Error::SerdeError)?;
             match send_write(ctx, request.create(&params, body)).await {
-                Ok(()) => return Ok(true),
+                Ok(version) => {
+                    ctx.secrets.remember_write(secret.metadata.clone(), version);
+                    return Ok(true);
+                }
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
                 Err(error) => return Err(error.into()),
             }
@@ -377,7 +380,8 @@ async fn write_secret(
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(secret),
         );
-        send_write(ctx, apply).await?;
+        let version = send_write(ctx, apply).await?;
+        ctx.secrets.remember_write(secret.metadata.clone(), version);
     } else {
         debug!(
             namespace = token.namespace().unwrap_or_default(),
@@ -396,20 +400,33 @@ async fn write_secret(
             &PatchParams::default(),
             &Patch::Merge(&patch),
         );
-        send_write(ctx, merge).await?;
+        let version = send_write(ctx, merge).await?;
+        ctx.secrets.remember_write(secret.metadata.clone(), version);
     }
     Ok(true)
 }
 
-/// Sends one of the operator's writes. The answer (the whole object, a Secret's `data`
-/// too) is checked for an error but never turned into an object: nothing in it is needed,
-/// and at 10,000 tokens deserializing it was a good part of each write's CPU.
+/// Sends one of the operator's writes and returns the written object's resourceVersion.
+/// The rest of the answer (the whole object, a Secret's `data` too) is never turned into
+/// an object: at 10,000 tokens deserializing it was a good part of each write's CPU.
 async fn send_write(
     ctx: &Context,
     request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
+    #[derive(serde::Deserialize)]
+    struct Written {
+        metadata: WrittenMeta,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct WrittenMeta {
+        resource_version: Option<String>,
+    }
     let request = request.map_err(kube::Error::BuildRequest)?;
-    ctx.client.request_text(request).await.map(drop)
+    let answer = ctx.client.request_text(request).await?;
+    Ok(serde_json::from_str::<Written>(&answer)
+        .ok()
+        .and_then(|w| w.metadata.resource_version))
 }
 
 /// Carries out an outcome: status, then Events, then the requeue.
@@ -419,9 +436,25 @@ async fn finish(
     previous: &AudienceTokenStatus,
     outcome: Outcome,
 ) -> Result<Action, Error> {
-    write_status(ctx, token, previous, &outcome.status).await?;
+    if write_status(ctx, token, previous, &outcome.status).await? == StatusWritten::Stale {
+        // Planned on an older view of the AudienceToken: plan again once the cache has
+        // the newer one.
+        return Ok(Action::requeue(STALE_VIEW_RETRY));
+    }
     publish_events(ctx, token, outcome.events).await;
     Ok(Action::requeue(outcome.requeue_after))
+}
+
+/// How soon a reconcile that planned on a stale view runs again.
+const STALE_VIEW_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What became of a status write.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusWritten {
+    /// Written, or nothing to write.
+    Done,
+    /// Refused: the AudienceToken changed since the view the status was derived from.
+    Stale,
 }
 
 async fn publish_events(ctx: &Context, token: &AudienceToken, events: Vec<plan::Event>) {
@@ -438,11 +471,40 @@ async fn write_status(
     token: &AudienceToken,
     previous: &AudienceTokenStatus,
     write: &StatusWrite,
-) -> Result<(), Error> {
-    let Some((next, patch)) = write.patch() else {
-        return Ok(());
+) -> Result<StatusWritten, Error> {
+    let Some((next, mut patch)) = write.patch() else {
+        return Ok(StatusWritten::Done);
     };
     let namespace = token.namespace().unwrap_or_default();
+    if previous != next {
+        // A status derived from the caches alone (a kept token, a backoff) is written only
+        // while the AudienceToken is the one the caches showed: a reconcile that ran on a
+        // view older than the last status write must not put that write's conditions back.
+        // A status after a token request carries new facts and is written as it is.
+        let derived = matches!(write, StatusWrite::Derived(_));
+        if derived {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": token.resource_version() });
+        }
+        let request = Request::new(AudienceToken::url_path(&(), Some(&namespace)))
+            .patch_subresource(
+                "status",
+                &token.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            );
+        match send_write(ctx, request).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if derived && status.code == 409 => {
+                debug!(
+                    namespace,
+                    name = token.name_any(),
+                    "status planned on a stale view; planning again"
+                );
+                return Ok(StatusWritten::Stale);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let expires_at = next.expires_at.as_ref().map(|t| t.0.as_second());
     ctx.metrics.token_state(
         &namespace,
@@ -452,15 +514,5 @@ async fn write_status(
         next.failed_attempts > 0,
         plan::ready_reason(next),
     );
-    if previous == next {
-        return Ok(());
-    }
-    let request = Request::new(AudienceToken::url_path(&(), Some(&namespace))).patch_subresource(
-        "status",
-        &token.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    );
-    send_write(ctx, request).await?;
-    Ok(())
+    Ok(StatusWritten::Done)
 }
