@@ -139,12 +139,13 @@ fn inspect(token: &AudienceToken, secret: &Secret, now: Timestamp) -> Inspection
             ),
         );
     }
-    let published_for = secret.annotations().get(SPEC_HASH_ANNOTATION).cloned();
+    let current = spec_hash(&token.spec);
+    let published_for = secret.annotations().get(SPEC_HASH_ANNOTATION);
     check(
         "issued for the current spec",
-        published_for.as_deref() == Some(spec_hash(&token.spec).as_str()),
+        published_for == Some(&current),
         match published_for {
-            Some(_) if published_for.as_deref() == Some(spec_hash(&token.spec).as_str()) => {
+            Some(hash) if *hash == current => {
                 "the Secret's spec-hash matches the AudienceToken's spec".into()
             }
             Some(_) => "the spec changed since this token was issued; a new one is due".into(),

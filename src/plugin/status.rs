@@ -198,7 +198,7 @@ async fn issuer_view(client: &Client, token: &AudienceToken) -> IssuerView {
             // A ClusterTokenIssuer's Events are in the namespace its Secrets live in, which
             // the user may not see; a TokenIssuer's are in the token's namespace.
             if let (IssuerKind::TokenIssuer, Some(uid)) = (reference.kind, uid) {
-                view.events = events_about(client, &namespace, &uid, super::status::EVENTS)
+                view.events = events_about(client, &namespace, &uid, EVENTS)
                     .await
                     .unwrap_or_default();
             }
