@@ -28,7 +28,7 @@ pub mod signals;
 mod watches;
 
 pub use context::{Context, Error, IssuerRevision, Settings};
-use watches::{Tasks, changed, spawn_reflector, spec_changed, strip_token, token_trigger_hash};
+use watches::{Tasks, changed, spawn_reflector, spec_changed, strip_token, token_trigger};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -218,8 +218,7 @@ pub async fn run(
         .modify(strip_token)
         .reflect(writer)
         .inspect_ok(forget_deleted)
-        .applied_objects()
-        .predicate_filter(token_trigger_hash, Default::default());
+        .try_filter_map(|event| futures::future::ready(Ok(token_trigger(event))));
 
     let by_issuer = {
         let reader = reader.clone();
