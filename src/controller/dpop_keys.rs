@@ -75,12 +75,20 @@ impl DpopKeys {
         };
         let key = match stored {
             Some(key) => Arc::new(key),
-            _ => Arc::new(DpopKey::generate(wanted).map_err(|e| {
-                Failure::new(
-                    reason::TOKEN_REQUEST_FAILED,
-                    format!("cannot make a DPoP key: {e}"),
-                )
-            })?),
+            // An RSA key takes tens of milliseconds of CPU: off the async workers, which
+            // the other tokens' reconciles share.
+            _ => Arc::new(
+                tokio::task::spawn_blocking(move || DpopKey::generate(wanted))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|generated| generated.map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        Failure::new(
+                            reason::TOKEN_REQUEST_FAILED,
+                            format!("cannot make a DPoP key: {e}"),
+                        )
+                    })?,
+            ),
         };
         self.lock().insert(id, key.clone());
         Ok(key)
