@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 #
 # The operator image: `docker build -t audience-token-operator .`
-# Build stage: Rust on Debian 12 (bookworm); the runtime is distroless Debian 12 with glibc
-# and libgcc (the binary links glibc dynamically; aws-lc-rs is built from C by the cc crate,
-# no cmake needed), CA certificates (system roots for token endpoints) and no shell.
+# Build stage: Rust on Debian 12 (bookworm), whose gcc and make build aws-lc-rs (cc crate,
+# no cmake) and jemalloc, the allocator. The runtime is distroless Debian 12 with glibc and
+# libgcc (the binary links glibc dynamically), CA certificates (system roots for token
+# endpoints) and no shell.
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /build

@@ -146,6 +146,7 @@ def test_default_render(chart):
         "--metrics-addr=0.0.0.0:8080",
         "--health-addr=0.0.0.0:8081",
         "--concurrency=16",
+        "--worker-threads=1",
         "--log-format=text",
         "--leader-elect",
         f"--leader-elect-lease-name={FULLNAME}",
@@ -217,6 +218,7 @@ def test_values_reach_the_container(chart):
     args = container["args"]
     assert "--concurrency=64" in args and "--log-format=json" in args
     assert "--issuance-events=false" not in args, "on by default: no flag"
+    assert "--worker-threads=3" in container_args(render(chart, {"workerThreads": 3}))
     assert "--issuance-events=false" in container_args(render(chart, {"issuanceEvents": False}))
     assert "--metrics-addr=0.0.0.0:9090" in args and "--health-addr=0.0.0.0:9091" in args
     assert "--leader-elect-lease-duration=30s" in args
@@ -304,7 +306,7 @@ def test_probes_use_the_named_health_port(chart, values):
     [
         {},
         {"watchNamespace": "team-a", "leaderElection": {"enabled": False}, "logFormat": "json"},
-        {"clusterResourceNamespace": "shared", "concurrency": 1000, "leaderElection": {"leaseDuration": "1m30s"}, "issuanceEvents": False},
+        {"clusterResourceNamespace": "shared", "concurrency": 1000, "workerThreads": 4, "leaderElection": {"leaseDuration": "1m30s"}, "issuanceEvents": False},
     ],
     ids=["defaults", "single-namespace-json", "tuned"],
 )
@@ -387,6 +389,7 @@ def test_several_replicas_without_leader_election_fail(chart):
         ({"replicaCount": 0}, "replicaCount"),
         ({"concurrency": 0}, "concurrency"),
         ({"concurrency": 1001}, "concurrency"),
+        ({"workerThreads": 0}, "workerThreads"),
         ({"image": {"tagg": "v1"}}, "tagg"),
         ({"leaderElection": {"enabled": "yes"}}, "enabled"),
         ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
