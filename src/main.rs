@@ -310,16 +310,26 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => usize::from(args.worker_threads),
         _ => 1,
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(dispatch(cli))
+        .context("starting the async runtime")?;
+    // On the workers, not on this thread: the controllers' streams and the reconciles they
+    // spawn then share a thread, instead of waking each other across two for every token.
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => tokio::spawn(run(args))
+                .await
+                .context("the operator's main task failed")?,
+            command => dispatch(command).await,
+        }
+    })
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// The commands other than `run`.
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Crds { write_dir: None } => {
             print!("{}", api::crds_yaml().context("rendering CRDs")?);
             Ok(())
