@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
-use kube::core::PartialObjectMeta;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::PostParams;
+use kube::core::{PartialObjectMeta, Request};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -270,17 +273,81 @@ impl Context {
         };
         // Issued/Renewed come once per token per renewal: through the shared recorder, 10,000
         // tokens would keep 10,000 Events in its cache (37 MiB in the scale benchmark) for
-        // nothing to fold. A recorder of its own per Event keeps nothing.
+        // nothing to fold. They are created as they are, and the answer is not read back.
         let published = match type_ {
-            EventType::Normal => {
-                Recorder::new(self.client.clone(), self.reporter.clone())
-                    .publish(&event, &token.object_ref(&()))
-                    .await
-            }
+            EventType::Normal => self.create_event(&event, &token.object_ref(&())).await,
             EventType::Warning => self.recorder.publish(&event, &token.object_ref(&())).await,
         };
         if let Err(e) = published {
             warn!(namespace = token.namespace(), name = token.name_any(), error = %e, "cannot publish event");
         }
+    }
+
+    /// Creates an Event as kube's `Recorder` makes a first occurrence (the same name,
+    /// reporter and fields), without its cache and without deserializing the answer.
+    async fn create_event(
+        &self,
+        event: &Event,
+        regarding: &ObjectReference,
+    ) -> Result<(), kube::Error> {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = regarding.namespace.as_deref().unwrap_or("default");
+        let controller = &self.reporter.controller;
+        let body = K8sEvent {
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: event.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding.clone()),
+            related: event.secondary.clone(),
+            metadata: ObjectMeta {
+                namespace: Some(namespace.to_string()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_ref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..ObjectMeta::default()
+            },
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| controller.clone()),
+            ),
+            type_: Some(match event.type_ {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            ..K8sEvent::default()
+        };
+        let body = serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?;
+        let request = Request::new(K8sEvent::url_path(&(), Some(namespace)))
+            .create(&PostParams::default(), body);
+        self.send_write(request).await.map(|_| ())
+    }
+
+    /// Sends one of the operator's writes and returns the written object's resourceVersion.
+    /// The rest of the answer (the whole object, a Secret's `data` too) is never turned into
+    /// an object: at 10,000 tokens deserializing it was a good part of each write's CPU.
+    pub(super) async fn send_write(
+        &self,
+        request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<Option<String>, kube::Error> {
+        #[derive(serde::Deserialize)]
+        struct Written {
+            metadata: WrittenMeta,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct WrittenMeta {
+            resource_version: Option<String>,
+        }
+        let request = request.map_err(kube::Error::BuildRequest)?;
+        let answer = self.client.request_text(request).await?;
+        Ok(serde_json::from_str::<Written>(&answer)
+            .ok()
+            .and_then(|w| w.metadata.resource_version))
     }
 }

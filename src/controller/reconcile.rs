@@ -359,7 +359,7 @@ async fn write_secret(
                 ..PostParams::default()
             };
             let body = serde_json::to_vec(secret).map_err(kube::Error::SerdeError)?;
-            match send_write(ctx, request.create(&params, body)).await {
+            match ctx.send_write(request.create(&params, body)).await {
                 Ok(version) => {
                     ctx.secrets.remember_write(secret.metadata.clone(), version);
                     return Ok(true);
@@ -380,7 +380,7 @@ async fn write_secret(
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(secret),
         );
-        let version = send_write(ctx, apply).await?;
+        let version = ctx.send_write(apply).await?;
         ctx.secrets.remember_write(secret.metadata.clone(), version);
     } else {
         debug!(
@@ -400,33 +400,10 @@ async fn write_secret(
             &PatchParams::default(),
             &Patch::Merge(&patch),
         );
-        let version = send_write(ctx, merge).await?;
+        let version = ctx.send_write(merge).await?;
         ctx.secrets.remember_write(secret.metadata.clone(), version);
     }
     Ok(true)
-}
-
-/// Sends one of the operator's writes and returns the written object's resourceVersion.
-/// The rest of the answer (the whole object, a Secret's `data` too) is never turned into
-/// an object: at 10,000 tokens deserializing it was a good part of each write's CPU.
-async fn send_write(
-    ctx: &Context,
-    request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
-) -> Result<Option<String>, kube::Error> {
-    #[derive(serde::Deserialize)]
-    struct Written {
-        metadata: WrittenMeta,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct WrittenMeta {
-        resource_version: Option<String>,
-    }
-    let request = request.map_err(kube::Error::BuildRequest)?;
-    let answer = ctx.client.request_text(request).await?;
-    Ok(serde_json::from_str::<Written>(&answer)
-        .ok()
-        .and_then(|w| w.metadata.resource_version))
 }
 
 /// Carries out an outcome: status, then Events, then the requeue.
@@ -492,7 +469,7 @@ async fn write_status(
                 &PatchParams::default(),
                 &Patch::Merge(patch),
             );
-        match send_write(ctx, request).await {
+        match ctx.send_write(request).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if derived && status.code == 409 => {
                 debug!(
