@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::{AudienceToken, AudienceTokenSpec, DeletionPolicy, RENEW_REQUESTED_AT_ANNOTATION};
+use crate::api::{
+    AudienceToken, AudienceTokenSpec, DeletionPolicy, RENEW_REQUESTED_AT_ANNOTATION, SecretTemplate,
+};
 use crate::oauth::IssuedToken;
 use crate::oauth::dpop::DpopKey;
 
@@ -114,14 +116,7 @@ pub fn desired_secret(
         .clone()
         .unwrap_or_default();
 
-    let template_keys =
-        (!template.labels.is_empty() || !template.annotations.is_empty()).then(|| {
-            serde_json::json!({
-                "labels": template.labels.keys().collect::<Vec<_>>(),
-                "annotations": template.annotations.keys().collect::<Vec<_>>(),
-            })
-            .to_string()
-        });
+    let template_keys = template_record(&template);
     let mut labels = template.labels;
     labels.insert(MANAGED_BY_LABEL.into(), MANAGER.into());
     labels.insert(NAME_LABEL.into(), name);
@@ -302,18 +297,7 @@ pub fn stale_fields(current: &ObjectMeta, desired: &Secret, owner_uid: &str) -> 
         if !desired_annotations.contains_key(TEMPLATE_KEYS_ANNOTATION) {
             stale.annotations.push(TEMPLATE_KEYS_ANNOTATION.to_string());
         }
-        // Unreadable (edited by hand): nothing is known to be ours, nothing is removed.
-        let recorded: serde_json::Value = serde_json::from_str(recorded).unwrap_or_default();
-        let keys_of = |kind: &str| -> Vec<String> {
-            recorded[kind]
-                .as_array()
-                .map(|keys| {
-                    keys.iter()
-                        .filter_map(|k| k.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let keys_of = |kind: &str| recorded_template_keys(recorded, kind);
         stale.labels = keys_of("labels")
             .into_iter()
             .filter(|k| current_labels.contains_key(k) && !desired_labels.contains_key(k))
@@ -341,6 +325,165 @@ pub fn stale_fields(current: &ObjectMeta, desired: &Secret, owner_uid: &str) -> 
         );
     }
     stale
+}
+
+/// The `audiencetoken.io/template-keys` record of a `secretTemplate`: which label and
+/// annotation keys it put on the Secret, so that a key dropped from it later is known to
+/// be the operator's to remove. `None` for an empty template.
+fn template_record(template: &SecretTemplate) -> Option<String> {
+    (!template.labels.is_empty() || !template.annotations.is_empty()).then(|| {
+        serde_json::json!({
+            "labels": template.labels.keys().collect::<Vec<_>>(),
+            "annotations": template.annotations.keys().collect::<Vec<_>>(),
+        })
+        .to_string()
+    })
+}
+
+/// The `kind` ("labels" or "annotations") keys of a template record. An unreadable record
+/// (edited by hand) names none: nothing is known to be ours, nothing is removed.
+fn recorded_template_keys(record: &str, kind: &str) -> Vec<String> {
+    let record: serde_json::Value = serde_json::from_str(record).unwrap_or_default();
+    record[kind]
+        .as_array()
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Keys the operator writes for itself, which a template neither sets nor removes.
+fn reserved_key(key: &str) -> bool {
+    key == MANAGED_BY_LABEL || key.starts_with("audiencetoken.io/")
+}
+
+/// A change to a Secret's metadata alone: the metadata after it, and the JSON merge patch
+/// (RFC 7386) that makes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetadataUpdate {
+    /// The metadata once the patch is applied.
+    pub metadata: ObjectMeta,
+    /// The merge patch.
+    pub patch: serde_json::Value,
+}
+
+/// What the metadata of the Secret holding `token_resource`'s token (`current`) must change
+/// for the spec as it is now, where that needs no new token: the ownerReference that
+/// `deletionPolicy` asks for, and the `secretTemplate`'s labels and annotations (with their
+/// record, and without the keys a dropped entry put there). `None` when nothing differs.
+///
+/// Without it a change of these reached the Secret only with the next token: a Secret
+/// switched to `Retain` and its AudienceToken deleted before the renewal was still
+/// garbage-collected. A changed ownerReferences list is replaced whole, under `current`'s
+/// resourceVersion.
+pub fn metadata_update(
+    current: &ObjectMeta,
+    token_resource: &AudienceToken,
+) -> Option<MetadataUpdate> {
+    let template = token_resource
+        .spec
+        .secret_template
+        .clone()
+        .unwrap_or_default();
+    let mut after = current.clone();
+    let labels = after.labels.get_or_insert_with(BTreeMap::new);
+    let annotations = after.annotations.get_or_insert_with(BTreeMap::new);
+    let mut label_patch = serde_json::Map::new();
+    let mut annotation_patch = serde_json::Map::new();
+
+    let record = annotations.get(TEMPLATE_KEYS_ANNOTATION).cloned();
+    let dropped = |kind: &str, wanted: &BTreeMap<String, String>| -> Vec<String> {
+        record
+            .as_deref()
+            .map(|record| recorded_template_keys(record, kind))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|key| !wanted.contains_key(key) && !reserved_key(key))
+            .collect()
+    };
+    for key in dropped("labels", &template.labels) {
+        if labels.remove(&key).is_some() {
+            label_patch.insert(key, serde_json::Value::Null);
+        }
+    }
+    for key in dropped("annotations", &template.annotations) {
+        if annotations.remove(&key).is_some() {
+            annotation_patch.insert(key, serde_json::Value::Null);
+        }
+    }
+    for (key, value) in template.labels.iter().filter(|(k, _)| !reserved_key(k)) {
+        if labels.get(key) != Some(value) {
+            labels.insert(key.clone(), value.clone());
+            label_patch.insert(key.clone(), value.clone().into());
+        }
+    }
+    for (key, value) in template
+        .annotations
+        .iter()
+        .filter(|(k, _)| !reserved_key(k))
+    {
+        if annotations.get(key) != Some(value) {
+            annotations.insert(key.clone(), value.clone());
+            annotation_patch.insert(key.clone(), value.clone().into());
+        }
+    }
+    let wanted_record = template_record(&template);
+    if record != wanted_record {
+        match &wanted_record {
+            Some(value) => {
+                annotations.insert(TEMPLATE_KEYS_ANNOTATION.into(), value.clone());
+            }
+            None => {
+                annotations.remove(TEMPLATE_KEYS_ANNOTATION);
+            }
+        }
+        annotation_patch.insert(
+            TEMPLATE_KEYS_ANNOTATION.into(),
+            wanted_record.map_or(serde_json::Value::Null, Into::into),
+        );
+    }
+
+    let uid = token_resource.metadata.uid.as_deref().unwrap_or_default();
+    let owners = current.owner_references.clone().unwrap_or_default();
+    let ours = owners.iter().any(|r| r.uid == uid);
+    let owners_after = match (&token_resource.spec.deletion_policy, ours) {
+        (DeletionPolicy::Delete, false) => owner_reference(token_resource).map(|reference| {
+            let mut owners = owners.clone();
+            owners.push(reference);
+            owners
+        }),
+        (DeletionPolicy::Retain, true) => {
+            Some(owners.iter().filter(|r| r.uid != uid).cloned().collect())
+        }
+        _ => None,
+    };
+
+    if label_patch.is_empty() && annotation_patch.is_empty() && owners_after.is_none() {
+        return None;
+    }
+    let mut metadata = serde_json::Map::new();
+    if !label_patch.is_empty() {
+        metadata.insert("labels".into(), label_patch.into());
+    }
+    if !annotation_patch.is_empty() {
+        metadata.insert("annotations".into(), annotation_patch.into());
+    }
+    if let Some(owners) = owners_after {
+        metadata.insert(
+            "ownerReferences".into(),
+            serde_json::to_value(&owners).unwrap_or_default(),
+        );
+        if let Some(version) = &current.resource_version {
+            metadata.insert("resourceVersion".into(), version.clone().into());
+        }
+        after.owner_references = (!owners.is_empty()).then_some(owners);
+    }
+    Some(MetadataUpdate {
+        metadata: after,
+        patch: serde_json::json!({ "metadata": metadata }),
+    })
 }
 
 impl StaleFields {
@@ -721,5 +864,100 @@ mod tests {
             published_token(&secret.metadata).unwrap().spec_hash,
             spec_hash(&at.spec)
         );
+    }
+
+    /// The metadata the API server keeps for `secret` as written.
+    fn stored(secret: &Secret) -> ObjectMeta {
+        ObjectMeta {
+            resource_version: Some("41".into()),
+            ..secret.metadata.clone()
+        }
+    }
+
+    #[test]
+    fn deletion_policy_reaches_the_secret_without_a_new_token() {
+        let delete = token_resource(DeletionPolicy::Delete);
+        let retain = token_resource(DeletionPolicy::Retain);
+        let written_for_delete = stored(&desired_secret(&delete, &issued(), None));
+        assert_eq!(metadata_update(&written_for_delete, &delete), None);
+
+        let update = metadata_update(&written_for_delete, &retain).expect("ours goes");
+        assert_eq!(
+            update.patch,
+            serde_json::json!({"metadata": {"ownerReferences": [], "resourceVersion": "41"}})
+        );
+        assert_eq!(update.metadata.owner_references, None);
+        assert_eq!(
+            metadata_update(&update.metadata, &retain),
+            None,
+            "done once"
+        );
+
+        let back = metadata_update(&update.metadata, &delete).expect("ours comes back");
+        let owners = &back.patch["metadata"]["ownerReferences"];
+        assert_eq!(owners[0]["uid"], "uid-1");
+        assert_eq!(owners[0]["controller"], true);
+        assert_eq!(back.patch["metadata"]["resourceVersion"], "41");
+        assert_eq!(metadata_update(&back.metadata, &delete), None);
+        // The published token's annotations stay as they are.
+        assert_eq!(
+            published_token(&back.metadata),
+            published_token(&written_for_delete)
+        );
+    }
+
+    #[test]
+    fn secret_template_changes_reach_the_secret_without_a_new_token() {
+        let mut token = token_resource(DeletionPolicy::Delete);
+        let written = stored(&desired_secret(&token, &issued(), None));
+        token.spec.secret_template = Some(SecretTemplate {
+            labels: BTreeMap::from([
+                ("team".into(), "web".into()),
+                ("tier".into(), "gold".into()),
+                (NAME_LABEL.into(), "not-this".into()),
+            ]),
+            annotations: BTreeMap::new(),
+        });
+        let update = metadata_update(&written, &token).expect("labels changed");
+        let patch = &update.patch["metadata"];
+        assert_eq!(patch["labels"]["team"], "web");
+        assert_eq!(patch["labels"]["tier"], "gold");
+        assert!(
+            patch["labels"].get(NAME_LABEL).is_none(),
+            "the operator's own"
+        );
+        assert_eq!(patch["annotations"]["note"], serde_json::Value::Null);
+        assert!(
+            patch["annotations"][TEMPLATE_KEYS_ANNOTATION]
+                .as_str()
+                .is_some_and(|record| record.contains("tier") && !record.contains("note"))
+        );
+        assert!(patch.get("ownerReferences").is_none());
+        assert!(
+            patch.get("resourceVersion").is_none(),
+            "labels merge; no list replaced"
+        );
+        assert_eq!(metadata_update(&update.metadata, &token), None);
+
+        // No template at all: what the last one put there goes, with its record; what
+        // someone else added stays.
+        let mut with_extra = update.metadata.clone();
+        with_extra
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert("added-by-hand".into(), "x".into());
+        token.spec.secret_template = None;
+        let cleared = metadata_update(&with_extra, &token).expect("template dropped");
+        let patch = &cleared.patch["metadata"];
+        assert_eq!(patch["labels"]["team"], serde_json::Value::Null);
+        assert_eq!(patch["labels"]["tier"], serde_json::Value::Null);
+        assert!(patch["labels"].get("added-by-hand").is_none());
+        assert_eq!(
+            patch["annotations"][TEMPLATE_KEYS_ANNOTATION],
+            serde_json::Value::Null
+        );
+        let labels = cleared.metadata.labels.unwrap();
+        assert!(labels.contains_key("added-by-hand") && labels.contains_key(NAME_LABEL));
+        assert!(!labels.contains_key("team"));
     }
 }

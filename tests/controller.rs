@@ -28,6 +28,7 @@ async fn issues_reissues_renews_and_survives_restart() {
     lifecycle::issues_one_token_per_audience(&h.env).await;
     lifecycle::reissues_on_spec_change(&h.env).await;
     lifecycle::dropped_fields_leave_the_secret(&h.env).await;
+    lifecycle::metadata_follows_the_spec_without_a_new_token(&h.env).await;
     lifecycle::forced_renewal(&h.env).await;
     lifecycle::renews_before_expiry(&h.env).await;
     lifecycle::restart_makes_no_token_requests(&h.env, &mut h.operator).await;

@@ -86,12 +86,14 @@ pub struct AudienceTokenSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 90").message("renewBeforePercentage must be between 1 and 90"))]
     pub renew_before_percentage: Option<i32>,
 
-    /// Labels and annotations added to the Secret.
+    /// Labels and annotations added to the Secret. A change reaches the Secret at once,
+    /// without a new token; keys dropped from it are removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_template: Option<SecretTemplate>,
 
     /// What happens to the Secret when the AudienceToken is deleted: `Delete` (default; the
-    /// Secret is owned by the AudienceToken) or `Retain`.
+    /// Secret is owned by the AudienceToken) or `Retain`. A change reaches the Secret's
+    /// ownerReferences at once, without a new token.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 

@@ -21,10 +21,11 @@ use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use super::watches::Tasks;
-use crate::api::AudienceToken;
+use crate::api::{AudienceToken, RENEW_REQUESTED_AT_ANNOTATION};
 use crate::secret::{
-    CERTIFICATE_THUMBPRINT_ANNOTATION, DPOP_JKT_ANNOTATION, MANAGED_BY_LABEL, MANAGER, NAME_LABEL,
-    PublishedToken, TEMPLATE_KEYS_ANNOTATION, managed_selector, published_token,
+    CERTIFICATE_THUMBPRINT_ANNOTATION, DPOP_JKT_ANNOTATION, EXPIRES_AT_ANNOTATION,
+    ISSUED_AT_ANNOTATION, MANAGED_BY_LABEL, MANAGER, NAME_LABEL, PublishedToken,
+    SPEC_HASH_ANNOTATION, TEMPLATE_KEYS_ANNOTATION, managed_selector, published_token, rfc3339,
 };
 
 /// What the operator knows about one Secret it owns.
@@ -77,8 +78,9 @@ impl OwnedSecret {
     }
 
     /// The metadata as far as the operator wrote it: what [`crate::secret::stale_fields`]
-    /// looks at (labels, annotations and ownerReferences of the operator's, the
-    /// resourceVersion).
+    /// and [`crate::secret::metadata_update`] look at (labels, annotations and
+    /// ownerReferences of the operator's, the resourceVersion); [`OwnedSecret::from_meta`]
+    /// of it is this entry again.
     pub fn metadata(&self) -> ObjectMeta {
         if let Some(whole) = &self.whole {
             let mut meta = (**whole).clone();
@@ -87,6 +89,21 @@ impl OwnedSecret {
         }
         let mut annotations = BTreeMap::new();
         if let Some(published) = &self.published {
+            annotations.insert(
+                EXPIRES_AT_ANNOTATION.to_string(),
+                rfc3339(published.expires_at),
+            );
+            annotations.insert(
+                ISSUED_AT_ANNOTATION.to_string(),
+                rfc3339(published.issued_at),
+            );
+            annotations.insert(
+                SPEC_HASH_ANNOTATION.to_string(),
+                published.spec_hash.clone(),
+            );
+            if let Some(requested) = &published.renew_requested_at {
+                annotations.insert(RENEW_REQUESTED_AT_ANNOTATION.to_string(), requested.clone());
+            }
             if let Some(jkt) = &published.dpop_jkt {
                 annotations.insert(DPOP_JKT_ANNOTATION.to_string(), jkt.clone());
             }
@@ -278,7 +295,7 @@ mod tests {
     use crate::oauth::IssuedToken;
     use crate::oauth::dpop::{DpopAlgorithm, DpopKey};
     use crate::redact::SecretString;
-    use crate::secret::{desired_secret, stale_fields};
+    use crate::secret::{desired_secret, metadata_update, stale_fields};
     use jiff::Timestamp;
 
     fn token_resource(policy: DeletionPolicy, template: bool) -> AudienceToken {
@@ -356,6 +373,11 @@ mod tests {
             compact += usize::from(owned.whole.is_none());
             assert_eq!(owned.token_name, "orders");
             assert_eq!(owned.metadata().resource_version.as_deref(), Some("7"));
+            assert_eq!(
+                OwnedSecret::from_meta(owned.metadata()).as_ref(),
+                Some(&owned),
+                "its metadata is the entry again"
+            );
             for after in &shapes {
                 assert_eq!(
                     stale_fields(&owned.metadata(), after, "uid-1"),
@@ -364,6 +386,19 @@ mod tests {
                     before.metadata,
                     after.metadata
                 );
+            }
+            for policy in [DeletionPolicy::Delete, DeletionPolicy::Retain] {
+                for template in [false, true] {
+                    let spec_now = token_resource(policy, template);
+                    let patch =
+                        |meta: &ObjectMeta| metadata_update(meta, &spec_now).map(|u| u.patch);
+                    assert_eq!(
+                        patch(&owned.metadata()),
+                        patch(&stored),
+                        "from {:?} to {policy:?}, template {template}",
+                        before.metadata
+                    );
+                }
             }
         }
         assert_eq!(compact, 3, "only the templated Secret is kept whole");

@@ -75,6 +75,10 @@ pub struct Observed<'a> {
     /// Publish a Normal Event (`Issued`, `Renewed`) for each token written (`run
     /// --issuance-events`, default on). Warnings are published regardless.
     pub issuance_events: bool,
+    /// The Secret's metadata lags the spec where that needs no new token: the
+    /// ownerReference `deletionPolicy` asks for, the `secretTemplate`
+    /// ([`crate::secret::metadata_update`]).
+    pub secret_metadata_behind: bool,
 }
 
 /// Why a token is requested now.
@@ -619,6 +623,14 @@ pub fn before_request<Issuer>(
     }
 }
 
+/// Whether a reconcile that writes no token brings the Secret's metadata to the spec
+/// (deletionPolicy, secretTemplate) now: when the Secret holds a token of ours. A token
+/// written carries the metadata anyway; a Secret switched to `Retain` must not wait for it
+/// to outlive its AudienceToken.
+pub fn update_secret_metadata(o: &Observed) -> bool {
+    o.secret_metadata_behind && o.published.is_some() && !o.foreign_secret
+}
+
 /// Plans what the rate limiter's `admission` means: short waits are slept through, longer
 /// ones defer the request by between one and two times the wait, spread per object and
 /// moment so deferred requests do not all come back at once.
@@ -847,6 +859,7 @@ mod tests {
             foreign_secret: false,
             client_certificate: None,
             issuance_events: true,
+            secret_metadata_behind: false,
         }
     }
 
@@ -2074,6 +2087,30 @@ mod tests {
             deferrals.len() > 40,
             "deferrals spread: {}",
             deferrals.len()
+        );
+    }
+
+    #[test]
+    fn secret_metadata_follows_the_spec_only_for_a_secret_holding_our_token() {
+        let fresh = published(0, 3600, "h1");
+        let none = AudienceTokenStatus::default();
+        let behind = |published, foreign| Observed {
+            secret_metadata_behind: true,
+            foreign_secret: foreign,
+            ..observed(10, published, &none)
+        };
+        assert!(update_secret_metadata(&behind(Some(&fresh), false)));
+        assert!(
+            !update_secret_metadata(&behind(None, false)),
+            "no Secret of ours"
+        );
+        assert!(
+            !update_secret_metadata(&behind(Some(&fresh), true)),
+            "someone else's"
+        );
+        assert!(
+            !update_secret_metadata(&observed(10, Some(&fresh), &none)),
+            "up to date"
         );
     }
 }

@@ -24,7 +24,8 @@ use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Binding, ClientCertificate, IssuedToken, TokenError, TokenRequest, issue};
 use crate::renewal::RenewBefore;
 use crate::secret::{
-    MANAGER, PublishedToken, desired_secret, is_owned_by, spec_hash, stale_fields,
+    MANAGER, MetadataUpdate, PublishedToken, desired_secret, is_owned_by, metadata_update,
+    spec_hash, stale_fields,
 };
 
 /// Who holds the Secret an AudienceToken wants to write.
@@ -61,6 +62,9 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         SecretState::Absent => (None, None, false),
         SecretState::Foreign => (None, None, true),
     };
+    let metadata_update = existing_secret
+        .as_deref()
+        .and_then(|owned| metadata_update(&owned.metadata(), &token));
     let resolved = issuer::resolve(&ctx, &token);
     let backoff_waived = match &resolved {
         Ok(issuer) => ctx.issuer_changed_since_failure(&token, issuer.revision(&ctx)),
@@ -93,10 +97,14 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         foreign_secret,
         client_certificate: client_certificate.as_deref(),
         issuance_events: ctx.settings.issuance_events,
+        secret_metadata_behind: metadata_update.is_some(),
     };
+    // Carried out with any outcome that writes no token (a token written carries it).
+    let metadata_update = metadata_update.filter(|_| plan::update_secret_metadata(&observed));
+    let carry_out = |outcome| finish(&ctx, &token, &status, outcome, metadata_update.as_ref());
 
     let (why, issuer) = match plan::before_request(&observed, resolved, backoff_waived) {
-        Step::Done(outcome) => return finish(&ctx, &token, &status, outcome).await,
+        Step::Done(outcome) => return carry_out(outcome).await,
         Step::Request { reason, issuer } => (reason, issuer),
     };
     if let Some(limit) = &issuer.spec.rate_limit {
@@ -108,7 +116,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             Admitted::AfterSleep(wait) => tokio::time::sleep(wait).await,
             Admitted::Deferred(outcome) => {
                 debug!(namespace, name, issuer = issuer.key, resource = token.spec.resource, retry_in = ?outcome.requeue_after, "rateLimit reached; token request deferred");
-                return finish(&ctx, &token, &status, outcome).await;
+                return carry_out(outcome).await;
             }
         }
     }
@@ -137,7 +145,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
                     secret = token.secret_name(),
                     "the Secret to create exists and is someone else's; the token is dropped"
                 );
-                return finish(&ctx, &token, &status, outcome).await;
+                return finish(&ctx, &token, &status, outcome, None).await;
             }
             ctx.forget_failure(&token);
             write_status(&ctx, &token, &status, &outcome.status).await?;
@@ -162,7 +170,7 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
         } => {
             ctx.record_failure(&token, issuer.revision(&ctx));
             warn!(namespace, name, issuer = issuer.key, resource = token.spec.resource, error = %failure.message, retry_in = ?delay, "token request failed");
-            finish(&ctx, &token, &status, outcome).await
+            carry_out(outcome).await
         }
     }
 }
@@ -406,13 +414,18 @@ async fn write_secret(
     Ok(true)
 }
 
-/// Carries out an outcome: status, then Events, then the requeue.
+/// Carries out an outcome that writes no token: the Secret's metadata if the plan said so,
+/// status, then Events, then the requeue.
 async fn finish(
     ctx: &Context,
     token: &AudienceToken,
     previous: &AudienceTokenStatus,
     outcome: Outcome,
+    metadata_update: Option<&MetadataUpdate>,
 ) -> Result<Action, Error> {
+    if let Some(update) = metadata_update {
+        write_secret_metadata(ctx, token, update).await?;
+    }
     if write_status(ctx, token, previous, &outcome.status).await? == StatusWritten::Stale {
         // Planned on an older view of the AudienceToken: plan again once the cache has
         // the newer one.
@@ -420,6 +433,32 @@ async fn finish(
     }
     publish_events(ctx, token, outcome.events).await;
     Ok(Action::requeue(outcome.requeue_after))
+}
+
+/// Writes a Secret's metadata alone (deletionPolicy's ownerReference, secretTemplate),
+/// keeping the token it holds.
+async fn write_secret_metadata(
+    ctx: &Context,
+    token: &AudienceToken,
+    update: &MetadataUpdate,
+) -> Result<(), Error> {
+    let namespace = token.namespace().unwrap_or_default();
+    debug!(
+        namespace,
+        secret = token.secret_name(),
+        "bringing the Secret's ownerReference and template labels and annotations to the spec"
+    );
+    let request = Request::new(Secret::url_path(&(), Some(&namespace))).patch(
+        token.secret_name(),
+        &PatchParams::default(),
+        &Patch::Merge(&update.patch),
+    );
+    let version = ctx.send_write(request).await?;
+    let mut written = update.metadata.clone();
+    written.namespace = Some(namespace);
+    written.name = Some(token.secret_name().to_string());
+    ctx.secrets.remember_write(written, version);
+    Ok(())
 }
 
 /// How soon a reconcile that planned on a stale view runs again.

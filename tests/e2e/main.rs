@@ -68,6 +68,7 @@ async fn scenarios_on_a_real_cluster() {
         lifecycle::issues_one_token_per_audience(&env).await;
         lifecycle::reissues_on_spec_change(&env).await;
         lifecycle::dropped_fields_leave_the_secret(&env).await;
+        lifecycle::metadata_follows_the_spec_without_a_new_token(&env).await;
         lifecycle::forced_renewal(&env).await;
         lifecycle::renews_before_expiry(&env).await;
         lifecycle::restart_makes_no_token_requests(&env, &mut operator).await;

@@ -191,6 +191,89 @@ pub async fn dropped_fields_leave_the_secret(env: &TestEnv) {
         .expect("clean up");
 }
 
+/// `deletionPolicy` and `secretTemplate` reach the Secret at once, without a new token: a
+/// Secret switched to `Retain` loses its ownerReference before its AudienceToken can be
+/// deleted (it waited for the next renewal before), and the template's labels and
+/// annotations come and go, while the token and the token requests stay as they are.
+pub async fn metadata_follows_the_spec_without_a_new_token(env: &TestEnv) {
+    env.submit_token(
+        "kept",
+        TestEnv::token_spec("idp", oidc::ORDERS, &["orders/read"]),
+    )
+    .await;
+    let issued = env
+        .wait_condition("kept", "True", "Issued", READY_TIMEOUT)
+        .await;
+    let uid = issued.uid().expect("uid");
+    let token = env.token_in("kept").await;
+    let requests = env.idp.token_requests().await.for_resource(oidc::ORDERS);
+
+    env.tokens()
+        .patch(
+            "kept",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "deletionPolicy": "Retain",
+                "secretTemplate": {"labels": {"team": "shop"}, "annotations": {"note": "hi"}},
+            }})),
+        )
+        .await
+        .expect("retain the Secret, add a template");
+    let secret = env
+        .wait_secret(
+            "kept",
+            "no ownerReference, the template's label and annotation",
+            |s| {
+                s.owner_references().is_empty()
+                    && s.labels().get("team").map(String::as_str) == Some("shop")
+                    && s.annotations().get("note").map(String::as_str) == Some("hi")
+            },
+        )
+        .await;
+    assert_eq!(data(&secret, keys::TOKEN), token, "the same token");
+    assert_eq!(
+        secret.labels().get(NAME_LABEL).map(String::as_str),
+        Some("kept")
+    );
+
+    env.tokens()
+        .patch(
+            "kept",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"deletionPolicy": "Delete", "secretTemplate": null}})),
+        )
+        .await
+        .expect("back to Delete, no template");
+    let secret = env
+        .wait_secret(
+            "kept",
+            "our ownerReference back, the template's keys gone",
+            |s| {
+                s.owner_references().iter().any(|r| r.uid == uid)
+                    && !s.labels().contains_key("team")
+                    && !s.annotations().contains_key("note")
+            },
+        )
+        .await;
+    assert_eq!(data(&secret, keys::TOKEN), token, "still the same token");
+    let token_resource = env
+        .wait_condition("kept", "True", "Issued", READY_TIMEOUT)
+        .await;
+    assert_eq!(
+        token_resource.status.unwrap().observed_generation,
+        token_resource.metadata.generation
+    );
+    assert_eq!(
+        env.idp.token_requests().await.for_resource(oidc::ORDERS),
+        requests,
+        "no token request for metadata"
+    );
+    env.tokens()
+        .delete("kept", &Default::default())
+        .await
+        .expect("delete AudienceToken");
+}
+
 /// `audiencetoken.io/renew-requested-at` forces exactly one renewal for each new value.
 pub async fn forced_renewal(env: &TestEnv) {
     let before = env.idp.token_requests().await.for_resource(oidc::PAYMENTS);
