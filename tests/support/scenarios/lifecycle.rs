@@ -256,13 +256,27 @@ pub async fn metadata_follows_the_spec_without_a_new_token(env: &TestEnv) {
         )
         .await;
     assert_eq!(data(&secret, keys::TOKEN), token, "still the same token");
-    let token_resource = env
-        .wait_condition("kept", "True", "Issued", READY_TIMEOUT)
-        .await;
-    assert_eq!(
-        token_resource.status.unwrap().observed_generation,
-        token_resource.metadata.generation
-    );
+    // The status write follows the Secret's: wait for it to observe the new generation.
+    env.wait_token(
+        "kept",
+        "Ready=True, Issued, for the current generation",
+        READY_TIMEOUT,
+        |t| {
+            let status = t.status.clone().unwrap_or_default();
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+            match ready {
+                Some(c)
+                    if c.status == "True"
+                        && c.reason == "Issued"
+                        && status.observed_generation == t.metadata.generation =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("{ready:?} at {:?}", status.observed_generation)),
+            }
+        },
+    )
+    .await;
     assert_eq!(
         env.idp.token_requests().await.for_resource(oidc::ORDERS),
         requests,
