@@ -424,7 +424,20 @@ async fn finish(
     metadata_update: Option<&MetadataUpdate>,
 ) -> Result<Action, Error> {
     if let Some(update) = metadata_update {
-        write_secret_metadata(ctx, token, update).await?;
+        match write_secret_metadata(ctx, token, update).await {
+            Ok(()) => {}
+            // The Secret changed since the cached view its ownerReferences were read from:
+            // plan again once the cache has the newer one.
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {
+                debug!(
+                    namespace = token.namespace().unwrap_or_default(),
+                    secret = token.secret_name(),
+                    "Secret metadata planned on a stale view; planning again"
+                );
+                return Ok(Action::requeue(STALE_VIEW_RETRY));
+            }
+            Err(e) => return Err(e),
+        }
     }
     if write_status(ctx, token, previous, &outcome.status).await? == StatusWritten::Stale {
         // Planned on an older view of the AudienceToken: plan again once the cache has
