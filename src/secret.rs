@@ -354,9 +354,22 @@ fn recorded_template_keys(record: &str, kind: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Keys the operator writes for itself, which a template neither sets nor removes.
+/// Label and annotation keys the operator writes for itself (over a template's value of
+/// the same key, in [`desired_secret`]), which a template therefore neither sets nor
+/// removes.
 fn reserved_key(key: &str) -> bool {
-    key == MANAGED_BY_LABEL || key.starts_with("audiencetoken.io/")
+    [
+        MANAGED_BY_LABEL,
+        NAME_LABEL,
+        EXPIRES_AT_ANNOTATION,
+        ISSUED_AT_ANNOTATION,
+        SPEC_HASH_ANNOTATION,
+        TEMPLATE_KEYS_ANNOTATION,
+        RENEW_REQUESTED_AT_ANNOTATION,
+        DPOP_JKT_ANNOTATION,
+        CERTIFICATE_THUMBPRINT_ANNOTATION,
+    ]
+    .contains(&key)
 }
 
 /// A change to a Secret's metadata alone: the metadata after it, and the JSON merge patch
