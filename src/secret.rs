@@ -929,7 +929,10 @@ mod tests {
                 ("tier".into(), "gold".into()),
                 (NAME_LABEL.into(), "not-this".into()),
             ]),
-            annotations: BTreeMap::new(),
+            annotations: BTreeMap::from([
+                ("audiencetoken.io/owner-team".into(), "web".into()),
+                (SPEC_HASH_ANNOTATION.into(), "not-this".into()),
+            ]),
         });
         let update = metadata_update(&written, &token).expect("labels changed");
         let patch = &update.patch["metadata"];
@@ -940,6 +943,11 @@ mod tests {
             "the operator's own"
         );
         assert_eq!(patch["annotations"]["note"], serde_json::Value::Null);
+        assert_eq!(patch["annotations"]["audiencetoken.io/owner-team"], "web");
+        assert!(
+            patch["annotations"].get(SPEC_HASH_ANNOTATION).is_none(),
+            "the operator's own"
+        );
         assert!(
             patch["annotations"][TEMPLATE_KEYS_ANNOTATION]
                 .as_str()
@@ -964,6 +972,11 @@ mod tests {
         let patch = &cleared.patch["metadata"];
         assert_eq!(patch["labels"]["team"], serde_json::Value::Null);
         assert_eq!(patch["labels"]["tier"], serde_json::Value::Null);
+        assert_eq!(
+            patch["annotations"]["audiencetoken.io/owner-team"],
+            serde_json::Value::Null
+        );
+        assert!(patch["annotations"].get(SPEC_HASH_ANNOTATION).is_none());
         assert!(patch["labels"].get("added-by-hand").is_none());
         assert_eq!(
             patch["annotations"][TEMPLATE_KEYS_ANNOTATION],
