@@ -130,10 +130,17 @@ pub fn desired_secret(
         annotations.insert(TEMPLATE_KEYS_ANNOTATION.into(), keys);
     }
     // Any token issued after a forced-renewal request satisfies it; recorded here too so a
-    // lost status does not repeat the renewal.
+    // lost status does not repeat the renewal. The operator's cache drops a request once
+    // status shows it acted on, so the status's record stands in for it then.
     if let Some(requested) = token_resource
         .annotations()
         .get(RENEW_REQUESTED_AT_ANNOTATION)
+        .or_else(|| {
+            token_resource
+                .status
+                .as_ref()
+                .and_then(|status| status.last_renew_requested_at.as_ref())
+        })
     {
         annotations.insert(RENEW_REQUESTED_AT_ANNOTATION.into(), requested.clone());
     }
@@ -985,5 +992,20 @@ mod tests {
         let labels = cleared.metadata.labels.unwrap();
         assert!(labels.contains_key("added-by-hand") && labels.contains_key(NAME_LABEL));
         assert!(!labels.contains_key("team"));
+    }
+
+    #[test]
+    fn a_renewal_request_acted_on_stays_recorded_on_later_tokens() {
+        let mut token = token_resource(DeletionPolicy::Delete);
+        token.status = Some(crate::api::AudienceTokenStatus {
+            last_renew_requested_at: Some("2026-12-01T10:00:00Z".into()),
+            ..Default::default()
+        });
+        // As the operator caches it once the request is acted on: without the annotation.
+        let secret = desired_secret(&token, &issued(), None);
+        assert_eq!(
+            published_token(&secret.metadata).and_then(|p| p.renew_requested_at),
+            Some("2026-12-01T10:00:00Z".to_string())
+        );
     }
 }
