@@ -442,6 +442,8 @@ async fn label_selected_metadata_watch_sees_only_labelled_secrets_and_never_data
         (Some("ADDED"), Some("raw"))
     );
     assert!(lines.iter().all(no_data_anywhere), "{body}");
+    // As the API server writes it: the type first, so a client need not buffer the object.
+    assert!(body.starts_with(r#"{"type":"ADDED","object":{"#), "{body}");
     double.shutdown().await;
 }
 

@@ -559,8 +559,14 @@ struct WatchOptions {
     timeout: Option<Duration>,
 }
 
+/// One watch event line, `type` before `object` as the API server writes it: `json!` would
+/// sort `object` first, which makes a client buffer the whole object before it knows the
+/// event's type, work no real API server causes.
 fn line(kind: &str, object: Value) -> Bytes {
-    Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
+    Bytes::from(format!(
+        "{{\"type\":{},\"object\":{object}}}\n",
+        Value::from(kind)
+    ))
 }
 
 async fn run_watch(
