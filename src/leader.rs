@@ -54,6 +54,42 @@ pub enum LeaderError {
 /// A shutdown request that any number of waiters can await.
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
 
+/// `stop` as a future that is cheap to poll, for a controller's `graceful_shutdown_on`. A
+/// controller polls that future every time it wakes, for every watch event and every
+/// finished reconcile; polling the shared signal future itself each time (its lock, its
+/// waker slot, then the signal handlers and Lease futures inside) cost about 1% of the
+/// operator's CPU at 10,000 tokens. Here it is awaited once, in a task of its own, and each
+/// poll reads a flag. Call it inside the runtime.
+pub fn cheap_to_poll(stop: Shutdown) -> impl Future<Output = ()> + Send + Unpin + 'static {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::Poll;
+
+    #[derive(Default)]
+    struct Stopped {
+        flag: AtomicBool,
+        waker: futures::task::AtomicWaker,
+    }
+    let state = Arc::new(Stopped::default());
+    let setter = Arc::clone(&state);
+    tokio::spawn(async move {
+        stop.await;
+        setter.flag.store(true, Ordering::Release);
+        setter.waker.wake();
+    });
+    futures::future::poll_fn(move |cx| {
+        if state.flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        state.waker.register(cx.waker());
+        // The flag may have been set between the first look and the registration.
+        if state.flag.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
 /// Waits to lead, then runs `work` until `shutdown` or lost leadership (whichever is first,
 /// passed to `work` as its stop signal). Releases the Lease on shutdown so that a standby
 /// takes over at once instead of after the Lease expires.
@@ -200,4 +236,30 @@ async fn confirm_holder(leases: Api<Lease>, lease: LeaseSettings, deadline: Dura
 /// The Lease's holder, if it has one.
 fn held_by(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_cheap_stop_resolves_once_the_shutdown_does_and_not_before() {
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        let stop: Shutdown = async move {
+            let _ = rx.await;
+        }
+        .boxed()
+        .shared();
+        let mut cheap = cheap_to_poll(stop.clone());
+        let waited = tokio::time::timeout(Duration::from_millis(50), &mut cheap).await;
+        assert!(waited.is_err(), "resolved before the shutdown");
+        tx.send(()).expect("receiver alive");
+        tokio::time::timeout(Duration::from_secs(5), cheap)
+            .await
+            .expect("resolves after the shutdown");
+        // A view taken after the shutdown resolved resolves too.
+        tokio::time::timeout(Duration::from_secs(5), cheap_to_poll(stop))
+            .await
+            .expect("resolves when taken late");
+    }
 }

@@ -49,7 +49,7 @@ use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{AudienceToken, ClusterTokenIssuer, IssuerKind, TokenIssuer};
-use crate::leader::Shutdown;
+use crate::leader::{self, Shutdown};
 use crate::oauth::TokenClient;
 use crate::server::Health;
 use crate::telemetry::Metrics;
@@ -302,7 +302,7 @@ pub async fn run(
         .watches_stream(namespace_triggers, namespace_mapper)
         .reconcile_on(deleted_secrets)
         .reconcile_on(tokens_of_issuer)
-        .graceful_shutdown_on(stop.clone())
+        .graceful_shutdown_on(leader::cheap_to_poll(stop.clone()))
         .run(reconcile::reconcile, error_policy, ctx.clone())
         .for_each(|result| {
             match result {
@@ -320,7 +320,7 @@ pub async fn run(
         });
     let issuer_statuses = Controller::for_stream(issuer_status_triggers, ctx.issuers.clone())
         .reconcile_on(signal_streams.token_issuer_status)
-        .graceful_shutdown_on(stop.clone())
+        .graceful_shutdown_on(leader::cheap_to_poll(stop.clone()))
         .run(
             issuer_status::reconcile_token_issuer,
             issuer_status::error_policy,
@@ -330,7 +330,7 @@ pub async fn run(
     let cluster_issuer_statuses =
         Controller::for_stream(cluster_issuer_status_triggers, ctx.cluster_issuers.clone())
             .reconcile_on(signal_streams.cluster_issuer_status)
-            .graceful_shutdown_on(stop)
+            .graceful_shutdown_on(leader::cheap_to_poll(stop))
             .run(
                 issuer_status::reconcile_cluster_issuer,
                 issuer_status::error_policy,
