@@ -188,6 +188,10 @@ async fn leader_election_hands_over() {
         .await;
     h.env.wait_token_change("orders", &first).await;
     assert!(b.logs().contains("published token"));
+    // Text logs to a file, as in a pod: plain, no terminal colour codes, so a WARN line reads
+    // " WARN " to grep and `kubectl logs`.
+    assert!(!b.logs().contains('\x1b'), "escape codes in {}", b.logs());
+    assert!(b.logs().contains(" INFO "), "{}", b.logs());
 
     // A crashed leader releases nothing: the standby waits for the Lease to expire.
     let mut a = OperatorProcess::start_with(&kubeconfig, "leader", elect("op-a"));
