@@ -2,6 +2,7 @@
 //! the operator reads back what it published from the Secret's metadata alone.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
@@ -70,29 +71,51 @@ pub fn managed_selector() -> String {
 
 /// A hash of the spec fields that decide which token is wanted. A token published under
 /// another hash is replaced at once. Scopes are a set: order and duplicates do not matter.
+///
+/// What is hashed is compact JSON with the members in key order: `audience`,
+/// `authorizationDetails` (only when set), `dpop` (its algorithm, only when set),
+/// `issuerKind`, `issuerName`, `resource`, `scopes` (sorted, without duplicates). It must not
+/// change: a new hash re-issues every token at an upgrade. It is written straight from the
+/// spec (every reconcile hashes its token's spec); the tests check it against the same JSON
+/// built as a `serde_json::Value`, whose maps sort their keys.
 pub fn spec_hash(spec: &AudienceTokenSpec) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Canonical<'a> {
+        audience: &'a Option<String>,
+        // JSON values from the manifest: their maps are sorted already (serde_json's map
+        // without `preserve_order`), so the order the manifest wrote members in does not
+        // matter; the order of the list does.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        authorization_details: &'a [serde_json::Value],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dpop: Option<&'a crate::api::DpopAlgorithmName>,
+        issuer_kind: &'a crate::api::IssuerKind,
+        issuer_name: &'a str,
+        resource: &'a str,
+        scopes: Vec<&'a str>,
+    }
     let mut scopes: Vec<&str> = spec.scopes.iter().map(String::as_str).collect();
     scopes.sort_unstable();
     scopes.dedup();
-    let canonical = serde_json::json!({
-        "issuerKind": spec.issuer_ref.kind,
-        "issuerName": spec.issuer_ref.name,
-        "resource": spec.resource,
-        "audience": spec.audience,
-        "scopes": scopes,
-    });
-    // Only when set: adding a field to every hash would re-issue every token at an upgrade.
-    let mut canonical = canonical;
-    if let Some(dpop) = &spec.dpop {
-        canonical["dpop"] = serde_json::json!(dpop.algorithm);
+    let canonical = Canonical {
+        audience: &spec.audience,
+        authorization_details: &spec.authorization_details,
+        dpop: spec.dpop.as_ref().map(|dpop| &dpop.algorithm),
+        issuer_kind: &spec.issuer_ref.kind,
+        issuer_name: &spec.issuer_ref.name,
+        resource: &spec.resource,
+        scopes,
+    };
+    // Serializing these types cannot fail (no maps with non-string keys).
+    let json = serde_json::to_vec(&canonical).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        // Writing to a String cannot fail.
+        let _ = write!(hex, "{byte:02x}");
     }
-    // As JSON values: object members in key order (serde_json's map is sorted), so the
-    // order in which the manifest wrote them does not matter; the order of the list does.
-    if !spec.authorization_details.is_empty() {
-        canonical["authorizationDetails"] = serde_json::json!(spec.authorization_details);
-    }
-    let digest = Sha256::digest(canonical.to_string().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hex
 }
 
 /// RFC 3339 with whole seconds, as written to annotations and status.
@@ -103,9 +126,11 @@ pub fn rfc3339(at: Timestamp) -> String {
 }
 
 /// The Secret to server-side apply for a freshly issued token (with the DPoP key it is bound
-/// to, if any).
+/// to, if any). `spec_hash` is [`spec_hash`] of the AudienceToken's spec, which the caller
+/// has computed already to plan.
 pub fn desired_secret(
     token_resource: &AudienceToken,
+    spec_hash: &str,
     token: &IssuedToken,
     dpop: Option<&DpopKey>,
 ) -> Secret {
@@ -125,7 +150,7 @@ pub fn desired_secret(
     let mut annotations = template.annotations;
     annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires_at.clone());
     annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(token.issued_at));
-    annotations.insert(SPEC_HASH_ANNOTATION.into(), spec_hash(&token_resource.spec));
+    annotations.insert(SPEC_HASH_ANNOTATION.into(), spec_hash.to_string());
     if let Some(keys) = template_keys {
         annotations.insert(TEMPLATE_KEYS_ANNOTATION.into(), keys);
     }
@@ -550,6 +575,10 @@ mod tests {
     use crate::api::{AudienceTokenSpec, IssuerRef, SecretTemplate};
     use crate::redact::SecretString;
 
+    /// [`desired_secret`] with the spec hash computed here, as reconcile does.
+    fn desired(at: &AudienceToken, token: &IssuedToken, dpop: Option<&DpopKey>) -> Secret {
+        desired_secret(at, &spec_hash(&at.spec), token, dpop)
+    }
     fn token_resource(policy: DeletionPolicy) -> AudienceToken {
         let mut at = AudienceToken::new(
             "orders",
@@ -597,7 +626,7 @@ mod tests {
 
     #[test]
     fn renders_the_documented_layout() {
-        let secret = desired_secret(&token_resource(DeletionPolicy::Delete), &issued(), None);
+        let secret = desired(&token_resource(DeletionPolicy::Delete), &issued(), None);
         assert_eq!(secret.metadata.name.as_deref(), Some("orders-api-token"));
         assert_eq!(secret.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(secret.type_.as_deref(), Some("Opaque"));
@@ -653,8 +682,8 @@ mod tests {
     #[test]
     fn an_unchanged_shape_has_nothing_stale() {
         let at = token_resource(DeletionPolicy::Delete);
-        let first = desired_secret(&at, &issued(), None);
-        let renewed = desired_secret(&at, &issued(), None);
+        let first = desired(&at, &issued(), None);
+        let renewed = desired(&at, &issued(), None);
         let stale = stale_fields(&written(&first), &renewed, "uid-1");
         assert!(stale.is_empty(), "{stale:?}");
     }
@@ -666,7 +695,7 @@ mod tests {
             certificate_thumbprint: Some("thumb".into()),
             ..issued()
         };
-        let first = desired_secret(&token_resource(DeletionPolicy::Delete), &bound, Some(&key));
+        let first = desired(&token_resource(DeletionPolicy::Delete), &bound, Some(&key));
         assert!(
             first.metadata.annotations.as_ref().unwrap()[TEMPLATE_KEYS_ANNOTATION].contains("team")
         );
@@ -675,7 +704,7 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: BTreeMap::from([("note".into(), "hi".into())]),
         });
-        let next = desired_secret(&at, &issued(), None);
+        let next = desired(&at, &issued(), None);
         let stale = stale_fields(&written(&first), &next, "uid-1");
         assert_eq!(stale.labels, ["team"]);
         let mut annotations = stale.annotations.clone();
@@ -715,10 +744,10 @@ mod tests {
 
     #[test]
     fn an_emptied_template_drops_its_record_too() {
-        let first = desired_secret(&token_resource(DeletionPolicy::Delete), &issued(), None);
+        let first = desired(&token_resource(DeletionPolicy::Delete), &issued(), None);
         let mut at = token_resource(DeletionPolicy::Delete);
         at.spec.secret_template = None;
-        let next = desired_secret(&at, &issued(), None);
+        let next = desired(&at, &issued(), None);
         assert!(
             !next
                 .metadata
@@ -748,14 +777,14 @@ mod tests {
 
     #[test]
     fn retain_policy_has_no_owner_reference() {
-        let secret = desired_secret(&token_resource(DeletionPolicy::Retain), &issued(), None);
+        let secret = desired(&token_resource(DeletionPolicy::Retain), &issued(), None);
         assert!(secret.metadata.owner_references.is_none());
     }
 
     #[test]
     fn published_token_reads_back_what_was_written() {
         let at = token_resource(DeletionPolicy::Delete);
-        let secret = desired_secret(&at, &issued(), None);
+        let secret = desired(&at, &issued(), None);
         let published = published_token(&secret.metadata).unwrap();
         assert_eq!(published.issued_at, issued().issued_at);
         assert_eq!(published.expires_at, issued().expires_at);
@@ -773,7 +802,7 @@ mod tests {
             certificate_thumbprint: Some("x5t-of-the-cert".into()),
             ..issued()
         };
-        let secret = desired_secret(&at, &bound, None);
+        let secret = desired(&at, &bound, None);
         assert_eq!(
             data(&secret, keys::CERTIFICATE_THUMBPRINT),
             "x5t-of-the-cert"
@@ -864,6 +893,68 @@ mod tests {
         );
     }
 
+    /// The canonical JSON as it was first defined: a `serde_json::Value` (its maps sorted),
+    /// printed compactly. [`spec_hash`] writes the same bytes without building it.
+    fn spec_hash_as_first_defined(spec: &AudienceTokenSpec) -> String {
+        let mut scopes: Vec<&str> = spec.scopes.iter().map(String::as_str).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        let mut canonical = serde_json::json!({
+            "issuerKind": spec.issuer_ref.kind,
+            "issuerName": spec.issuer_ref.name,
+            "resource": spec.resource,
+            "audience": spec.audience,
+            "scopes": scopes,
+        });
+        if let Some(dpop) = &spec.dpop {
+            canonical["dpop"] = serde_json::json!(dpop.algorithm);
+        }
+        if !spec.authorization_details.is_empty() {
+            canonical["authorizationDetails"] = serde_json::json!(spec.authorization_details);
+        }
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn spec_hash_is_the_hash_of_the_canonical_json_as_first_defined() {
+        let base = token_resource(DeletionPolicy::Delete).spec;
+        let variants = [
+            base.clone(),
+            AudienceTokenSpec {
+                audience: Some("orders-api".into()),
+                scopes: vec!["b".into(), "a".into(), "b".into()],
+                ..base.clone()
+            },
+            AudienceTokenSpec {
+                scopes: Vec::new(),
+                issuer_ref: IssuerRef {
+                    kind: crate::api::IssuerKind::ClusterTokenIssuer,
+                    name: "shared \"idp\"".into(),
+                },
+                ..base.clone()
+            },
+            AudienceTokenSpec {
+                dpop: Some(
+                    serde_json::from_value(serde_json::json!({"algorithm": "RS256"})).unwrap(),
+                ),
+                authorization_details: vec![helseid("NO:ORGNR:1:2"), helseid("x")],
+                ..base.clone()
+            },
+            AudienceTokenSpec {
+                dpop: Some(serde_json::from_value(serde_json::json!({})).unwrap()),
+                ..base
+            },
+        ];
+        for spec in &variants {
+            assert_eq!(
+                spec_hash(spec),
+                spec_hash_as_first_defined(spec),
+                "{spec:?}"
+            );
+        }
+    }
+
     #[test]
     fn authorization_details_are_not_written_into_the_secret() {
         let mut at = token_resource(DeletionPolicy::Delete);
@@ -872,7 +963,7 @@ mod tests {
             authorization_details: vec![helseid("NO:ORGNR:1:2")],
             ..issued()
         };
-        let secret = desired_secret(&at, &granted, None);
+        let secret = desired(&at, &granted, None);
         assert_eq!(
             secret.data.as_ref().unwrap().len(),
             5,
@@ -898,7 +989,7 @@ mod tests {
     fn deletion_policy_reaches_the_secret_without_a_new_token() {
         let delete = token_resource(DeletionPolicy::Delete);
         let retain = token_resource(DeletionPolicy::Retain);
-        let written_for_delete = stored(&desired_secret(&delete, &issued(), None));
+        let written_for_delete = stored(&desired(&delete, &issued(), None));
         assert_eq!(metadata_update(&written_for_delete, &delete), None);
 
         let update = metadata_update(&written_for_delete, &retain).expect("ours goes");
@@ -929,7 +1020,7 @@ mod tests {
     #[test]
     fn secret_template_changes_reach_the_secret_without_a_new_token() {
         let mut token = token_resource(DeletionPolicy::Delete);
-        let written = stored(&desired_secret(&token, &issued(), None));
+        let written = stored(&desired(&token, &issued(), None));
         token.spec.secret_template = Some(SecretTemplate {
             labels: BTreeMap::from([
                 ("team".into(), "web".into()),
@@ -1002,7 +1093,7 @@ mod tests {
             ..Default::default()
         });
         // As the operator caches it once the request is acted on: without the annotation.
-        let secret = desired_secret(&token, &issued(), None);
+        let secret = desired(&token, &issued(), None);
         assert_eq!(
             published_token(&secret.metadata).and_then(|p| p.renew_requested_at),
             Some("2026-12-01T10:00:00Z".to_string())

@@ -325,7 +325,7 @@ impl Context {
         let body = serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?;
         let request = Request::new(K8sEvent::url_path(&(), Some(namespace)))
             .create(&PostParams::default(), body);
-        self.send_write(request).await.map(|_| ())
+        self.send_unread(request).await.map(|_| ())
     }
 
     /// Sends one of the operator's writes and returns the written object's resourceVersion.
@@ -344,10 +344,19 @@ impl Context {
         struct WrittenMeta {
             resource_version: Option<String>,
         }
-        let request = request.map_err(kube::Error::BuildRequest)?;
-        let answer = self.client.request_text(request).await?;
+        let answer = self.send_unread(request).await?;
         Ok(serde_json::from_str::<Written>(&answer)
             .ok()
             .and_then(|w| w.metadata.resource_version))
+    }
+
+    /// Sends a write whose answer nothing reads (a status patch, an Event): only whether
+    /// it succeeded matters, so the answer is not even scanned for its resourceVersion.
+    pub(super) async fn send_unread(
+        &self,
+        request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<String, kube::Error> {
+        let request = request.map_err(kube::Error::BuildRequest)?;
+        self.client.request_text(request).await
     }
 }

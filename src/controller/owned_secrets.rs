@@ -295,8 +295,13 @@ mod tests {
     use crate::oauth::IssuedToken;
     use crate::oauth::dpop::{DpopAlgorithm, DpopKey};
     use crate::redact::SecretString;
-    use crate::secret::{desired_secret, metadata_update, stale_fields};
+    use crate::secret::{desired_secret, metadata_update, spec_hash, stale_fields};
     use jiff::Timestamp;
+
+    /// [`desired_secret`] with the spec hash computed here, as reconcile does.
+    fn desired(at: &AudienceToken, token: &IssuedToken, dpop: Option<&DpopKey>) -> Secret {
+        desired_secret(at, &spec_hash(&at.spec), token, dpop)
+    }
 
     fn token_resource(policy: DeletionPolicy, template: bool) -> AudienceToken {
         let mut at = AudienceToken::new(
@@ -345,22 +350,22 @@ mod tests {
         let bearer = issued(None);
         let bound = issued(Some("thumb"));
         let shapes = [
-            desired_secret(
+            desired(
                 &token_resource(DeletionPolicy::Delete, false),
                 &bearer,
                 None,
             ),
-            desired_secret(
+            desired(
                 &token_resource(DeletionPolicy::Retain, false),
                 &bearer,
                 None,
             ),
-            desired_secret(
+            desired(
                 &token_resource(DeletionPolicy::Delete, false),
                 &bound,
                 Some(&key),
             ),
-            desired_secret(
+            desired(
                 &token_resource(DeletionPolicy::Delete, true),
                 &bearer,
                 Some(&key),
@@ -406,7 +411,7 @@ mod tests {
 
     #[test]
     fn secrets_not_labelled_as_ours_are_not_entries_and_odd_ones_are_kept_whole() {
-        let secret = desired_secret(
+        let secret = desired(
             &token_resource(DeletionPolicy::Delete, false),
             &issued(None),
             None,
@@ -449,7 +454,7 @@ mod tests {
             at.metadata.name = Some(token.into());
             at.spec.secret_name = Some(name.into());
             PartialObjectMeta::<Secret> {
-                metadata: as_stored(&desired_secret(&at, &issued(None), None)),
+                metadata: as_stored(&desired(&at, &issued(None), None)),
                 ..Default::default()
             }
         };

@@ -457,13 +457,69 @@ pub fn last_failure_reason(status: &AudienceTokenStatus) -> Option<&str> {
 /// The JSON merge patch that makes the stored status equal `status`: fields the new status
 /// leaves out are set to `null` so stale values (an old failure message) are removed.
 pub fn status_patch(status: &AudienceTokenStatus) -> serde_json::Value {
-    let mut value = serde_json::to_value(status).unwrap_or_else(|_| serde_json::json!({}));
-    if let Some(object) = value.as_object_mut() {
-        for field in STATUS_FIELDS {
-            object.entry(field).or_insert(serde_json::Value::Null);
+    serde_json::to_value(FullStatusPatch(status)).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+/// [`status_patch`] as it is serialized: every field of [`STATUS_FIELDS`], `null` where the
+/// status leaves it out. Written straight to the request body, without the JSON tree
+/// [`status_patch`] builds: every issuance writes one, and building the tree first cost about
+/// 3% of the operator's CPU at 10,000 tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct FullStatusPatch<'a>(pub &'a AudienceTokenStatus);
+
+impl serde::Serialize for FullStatusPatch<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        struct Fields<'a>(&'a AudienceTokenStatus);
+        impl serde::Serialize for Fields<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                // `null` where the status's own serialization leaves the field out.
+                fn listed<T>(list: &[T]) -> Option<&[T]> {
+                    (!list.is_empty()).then_some(list)
+                }
+                let s = self.0;
+                let failed_attempts = (s.failed_attempts != 0).then_some(s.failed_attempts);
+                let mut map = serializer.serialize_map(Some(STATUS_FIELDS.len()))?;
+                map.serialize_entry("conditions", &listed(&s.conditions))?;
+                map.serialize_entry("observedGeneration", &s.observed_generation)?;
+                map.serialize_entry("audience", &listed(&s.audience))?;
+                map.serialize_entry("scopes", &listed(&s.scopes))?;
+                map.serialize_entry("tokenType", &s.token_type)?;
+                map.serialize_entry("issuedAt", &s.issued_at)?;
+                map.serialize_entry("expiresAt", &s.expires_at)?;
+                map.serialize_entry("renewalTime", &s.renewal_time)?;
+                map.serialize_entry("failedAttempts", &failed_attempts)?;
+                map.serialize_entry("lastFailureTime", &s.last_failure_time)?;
+                map.serialize_entry("lastFailureMessage", &s.last_failure_message)?;
+                map.serialize_entry("nextAttemptTime", &s.next_attempt_time)?;
+                map.serialize_entry("lastRenewRequestedAt", &s.last_renew_requested_at)?;
+                map.serialize_entry("authorizationDetails", &listed(&s.authorization_details))?;
+                map.end()
+            }
+        }
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry("status", &Fields(self.0))?;
+        map.end()
+    }
+}
+
+/// A status merge patch, ready to send.
+#[derive(Debug)]
+pub enum StatusPatch<'a> {
+    /// [`FullStatusPatch`].
+    Full(FullStatusPatch<'a>),
+    /// [`derived_status_patch`].
+    Derived(serde_json::Value),
+}
+
+impl serde::Serialize for StatusPatch<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StatusPatch::Full(full) => full.serialize(serializer),
+            StatusPatch::Derived(derived) => derived.serialize(serializer),
         }
     }
-    serde_json::json!({ "status": value })
 }
 
 /// Whether the Ready condition in `status` has this reason.
@@ -507,11 +563,13 @@ pub enum StatusWrite {
 impl StatusWrite {
     /// The status to write and the merge patch that writes it; `None` for
     /// [`StatusWrite::Unchanged`].
-    pub fn patch(&self) -> Option<(&AudienceTokenStatus, serde_json::Value)> {
+    pub fn patch(&self) -> Option<(&AudienceTokenStatus, StatusPatch<'_>)> {
         match self {
             StatusWrite::Unchanged => None,
-            StatusWrite::Full(status) => Some((status, status_patch(status))),
-            StatusWrite::Derived(status) => Some((status, derived_status_patch(status))),
+            StatusWrite::Full(status) => Some((status, StatusPatch::Full(FullStatusPatch(status)))),
+            StatusWrite::Derived(status) => {
+                Some((status, StatusPatch::Derived(derived_status_patch(status))))
+            }
         }
     }
 }
@@ -1163,6 +1221,19 @@ mod tests {
         keys.sort_unstable();
         listed.sort_unstable();
         assert_eq!(keys, listed);
+        // The patch written straight to the request says what the status says, field by
+        // field, and null for every field an empty status leaves out.
+        assert_eq!(status_patch(&full), serde_json::json!({ "status": value }));
+        let empty = status_patch(&AudienceTokenStatus::default());
+        let empty = empty["status"].as_object().unwrap();
+        assert_eq!(empty.len(), STATUS_FIELDS.len());
+        assert!(empty.values().all(serde_json::Value::is_null), "{empty:?}");
+        let bytes =
+            serde_json::to_vec(&StatusWrite::Full(full.clone()).patch().unwrap().1).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            status_patch(&full)
+        );
     }
 
     #[test]

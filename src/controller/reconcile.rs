@@ -14,7 +14,9 @@ use tracing::{debug, info, warn};
 
 use super::issuer::{self, ResolvedIssuer};
 use super::owned_secrets::OwnedSecret;
-use super::plan::{self, Admitted, AfterRequest, Failure, Observed, Outcome, StatusWrite, Step};
+use super::plan::{
+    self, Admitted, AfterRequest, Failure, Observed, Outcome, StatusPatch, StatusWrite, Step,
+};
 use super::refresh_chain::ChainRequest;
 use super::{Context, Error};
 use crate::api::{
@@ -132,8 +134,8 @@ pub async fn reconcile(token: Arc<AudienceToken>, ctx: Arc<Context>) -> Result<A
             renewed,
             outcome,
         } => {
-            let secret = desired_secret(&token, issued, dpop.as_deref());
-            if !write_secret(&ctx, &token, &secrets, &secret, existing_secret.as_deref()).await? {
+            let secret = desired_secret(&token, &spec_hash, issued, dpop.as_deref());
+            if !write_secret(&ctx, &token, &secrets, secret, existing_secret.as_deref()).await? {
                 let outcome = plan::foreign_at_publish(&Observed {
                     foreign_secret: true,
                     ..observed
@@ -354,7 +356,7 @@ async fn write_secret(
     ctx: &Context,
     token: &AudienceToken,
     secrets: &Api<Secret>,
-    secret: &Secret,
+    secret: Secret,
     existing: Option<&OwnedSecret>,
 ) -> Result<bool, Error> {
     let namespace = token.namespace().unwrap_or_default();
@@ -366,10 +368,10 @@ async fn write_secret(
                 field_manager: Some(MANAGER.to_string()),
                 ..PostParams::default()
             };
-            let body = serde_json::to_vec(secret).map_err(kube::Error::SerdeError)?;
+            let body = serde_json::to_vec(&secret).map_err(kube::Error::SerdeError)?;
             match ctx.send_write(request.create(&params, body)).await {
                 Ok(version) => {
-                    ctx.secrets.remember_write(secret.metadata.clone(), version);
+                    ctx.secrets.remember_write(secret.metadata, version);
                     return Ok(true);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
@@ -381,15 +383,15 @@ async fn write_secret(
             }
         }
     };
-    let stale = stale_fields(&existing, secret, &token.uid().unwrap_or_default());
+    let stale = stale_fields(&existing, &secret, &token.uid().unwrap_or_default());
     if stale.is_empty() {
         let apply = request.patch(
             token.secret_name(),
             &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(secret),
+            &Patch::Apply(&secret),
         );
         let version = ctx.send_write(apply).await?;
-        ctx.secrets.remember_write(secret.metadata.clone(), version);
+        ctx.secrets.remember_write(secret.metadata, version);
     } else {
         debug!(
             namespace = token.namespace().unwrap_or_default(),
@@ -401,7 +403,7 @@ async fn write_secret(
             "removing fields the operator no longer writes"
         );
         let patch = stale
-            .merge_patch(secret, existing.resource_version.as_deref())
+            .merge_patch(&secret, existing.resource_version.as_deref())
             .map_err(kube::Error::SerdeError)?;
         let merge = request.patch(
             token.secret_name(),
@@ -409,7 +411,7 @@ async fn write_secret(
             &Patch::Merge(&patch),
         );
         let version = ctx.send_write(merge).await?;
-        ctx.secrets.remember_write(secret.metadata.clone(), version);
+        ctx.secrets.remember_write(secret.metadata, version);
     }
     Ok(true)
 }
@@ -510,8 +512,8 @@ async fn write_status(
         // while the AudienceToken is the one the caches showed: a reconcile that ran on a
         // view older than the last status write must not put that write's conditions back.
         // A status after a token request carries new facts and is written as it is.
-        let derived = matches!(write, StatusWrite::Derived(_));
-        if derived {
+        let derived = matches!(patch, StatusPatch::Derived(_));
+        if let StatusPatch::Derived(patch) = &mut patch {
             patch["metadata"] = serde_json::json!({ "resourceVersion": token.resource_version() });
         }
         let request = Request::new(AudienceToken::url_path(&(), Some(&namespace)))
@@ -521,7 +523,7 @@ async fn write_status(
                 &PatchParams::default(),
                 &Patch::Merge(patch),
             );
-        match ctx.send_write(request).await {
+        match ctx.send_unread(request).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if derived && status.code == 409 => {
                 debug!(

@@ -333,7 +333,13 @@ impl ClientKey {
 /// A fresh `jti`: 128 random bits, hex.
 pub fn new_jti() -> String {
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut jti = String::with_capacity(32);
+    for byte in bytes {
+        // Writing to a String cannot fail; one String, not one per byte (every token
+        // request makes one).
+        let _ = std::fmt::Write::write_fmt(&mut jti, format_args!("{byte:02x}"));
+    }
+    jti
 }
 
 /// A `jsonwebtoken` error by kind only: some kinds carry input text.
