@@ -157,7 +157,12 @@ impl fmt::Debug for PreparedRequest {
 /// Builds the form body and headers of a token request, with a new client assertion (fresh
 /// `jti`, `iat` now) when the client authenticates with `private_key_jwt`.
 pub fn prepare(endpoint: &Endpoint, request: &TokenRequest) -> Result<PreparedRequest, TokenError> {
-    prepare_at(endpoint, request, Timestamp::now(), &new_jti())
+    // Only a private_key_jwt assertion carries the jti: the other methods skip making one.
+    let jti = match endpoint.credentials {
+        ClientCredentials::PrivateKeyJwt { .. } => new_jti(),
+        _ => String::new(),
+    };
+    prepare_at(endpoint, request, Timestamp::now(), &jti)
 }
 
 /// [`prepare`] with the assertion's time and `jti` given (only `private_key_jwt` uses them).
