@@ -71,12 +71,18 @@ pub fn cheap_to_poll(stop: Shutdown) -> impl Future<Output = ()> + Send + Unpin 
     }
     let state = Arc::new(Stopped::default());
     let setter = Arc::clone(&state);
+    // The task ends with this view too: it must not keep `stop` (and, while leading, the
+    // Lease watch inside it, whose receivers must all close for the Lease to be released)
+    // alive after the controller that polled the view is gone.
+    let (alive, dropped) = futures::channel::oneshot::channel::<()>();
     tokio::spawn(async move {
-        stop.await;
-        setter.flag.store(true, Ordering::Release);
-        setter.waker.wake();
+        if let futures::future::Either::Left(_) = futures::future::select(stop, dropped).await {
+            setter.flag.store(true, Ordering::Release);
+            setter.waker.wake();
+        }
     });
     futures::future::poll_fn(move |cx| {
+        let _alive = &alive;
         if state.flag.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
@@ -261,5 +267,36 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), cheap_to_poll(stop))
             .await
             .expect("resolves when taken late");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_view_lets_go_of_the_shutdown_future() {
+        // The shutdown future holds `held` (as the Lease watch's receiver is held while
+        // leading); once the view and every other clone are gone, nothing may hold it.
+        let held = Arc::new(());
+        let inner = Arc::clone(&held);
+        let stop: Shutdown = async move {
+            let _inner = inner;
+            futures::future::pending::<()>().await;
+        }
+        .boxed()
+        .shared();
+        let view = cheap_to_poll(stop.clone());
+        drop(stop);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            Arc::strong_count(&held),
+            2,
+            "the view's task holds the future"
+        );
+        drop(view);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&held) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the shutdown future is still held"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
