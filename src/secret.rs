@@ -579,6 +579,7 @@ mod tests {
     fn desired(at: &AudienceToken, token: &IssuedToken, dpop: Option<&DpopKey>) -> Secret {
         desired_secret(at, &spec_hash(&at.spec), token, dpop)
     }
+
     fn token_resource(policy: DeletionPolicy) -> AudienceToken {
         let mut at = AudienceToken::new(
             "orders",
