@@ -108,8 +108,13 @@ pub fn spec_hash(spec: &AudienceTokenSpec) -> String {
         scopes,
     };
     // Serializing these types cannot fail (no maps with non-string keys).
-    let json = serde_json::to_vec(&canonical).unwrap_or_default();
-    let digest = Sha256::digest(&json);
+    short_sha256(&serde_json::to_vec(&canonical).unwrap_or_default())
+}
+
+/// The first 8 bytes of the SHA-256 of `bytes`, as 16 lowercase hex digits: the short
+/// hashes the operator records in annotations (spec hash, bootstrap hash).
+pub fn short_sha256(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
     let mut hex = String::with_capacity(16);
     for byte in &digest[..8] {
         // Writing to a String cannot fail.

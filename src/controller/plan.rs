@@ -561,6 +561,14 @@ pub enum StatusWrite {
 }
 
 impl StatusWrite {
+    /// The status to write; `None` for [`StatusWrite::Unchanged`].
+    pub fn status(&self) -> Option<&AudienceTokenStatus> {
+        match self {
+            StatusWrite::Unchanged => None,
+            StatusWrite::Full(status) | StatusWrite::Derived(status) => Some(status),
+        }
+    }
+
     /// The status to write and the merge patch that writes it; `None` for
     /// [`StatusWrite::Unchanged`].
     pub fn patch(&self) -> Option<(&AudienceTokenStatus, StatusPatch<'_>)> {

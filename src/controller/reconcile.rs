@@ -504,11 +504,13 @@ async fn write_status(
     previous: &AudienceTokenStatus,
     write: &StatusWrite,
 ) -> Result<StatusWritten, Error> {
-    let Some((next, mut patch)) = write.patch() else {
+    let Some(next) = write.status() else {
         return Ok(StatusWritten::Done);
     };
     let namespace = token.namespace().unwrap_or_default();
-    if previous != next {
+    // The patch is built only for a status that changed: a restart reconciles every token
+    // and most keep theirs as it is.
+    if let Some((_, mut patch)) = (previous != next).then(|| write.patch()).flatten() {
         // A status derived from the caches alone (a kept token, a backoff) is written only
         // while the AudienceToken is the one the caches showed: a reconcile that ran on a
         // view older than the last status write must not put that write's conditions back.

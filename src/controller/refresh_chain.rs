@@ -29,7 +29,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::context::Context;
@@ -42,7 +41,7 @@ use crate::oauth::dpop::DpopKey;
 use crate::oauth::{AuthorizationDetails, Grant, TokenRequest, TokenResponse};
 
 use crate::redact::SecretString;
-use crate::secret::{MANAGED_BY_LABEL, MANAGER};
+use crate::secret::{MANAGED_BY_LABEL, MANAGER, short_sha256};
 
 /// Suffix of the state Secret's name: `<issuer>-refresh-state`.
 pub const STATE_SECRET_SUFFIX: &str = "-refresh-state";
@@ -151,8 +150,7 @@ pub fn state_secret_name(issuer_name: &str) -> String {
 /// The hash of a bootstrap value that the state Secret records as the chain's start
 /// ([`BOOTSTRAP_HASH_ANNOTATION`]); `login` compares it before it overwrites a value.
 pub fn bootstrap_hash(value: &SecretString) -> String {
-    let digest = Sha256::digest(value.expose().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    short_sha256(value.expose().as_bytes())
 }
 
 impl ChainState {
